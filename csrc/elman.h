@@ -1,0 +1,39 @@
+// The Elman cell's math for one element, shared by every backend.
+//
+// General notes (shape letters are fixed here and used everywhere):
+//   T  time steps            B  batch (sequences)
+//   I  input features        H  hidden units
+//   O  head outputs / classes
+// A layer runs h_t = act(z_t),  z_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh.
+// Backward needs act'(z_t); for both supported activations it is a function of
+// the output h_t = act(z_t), so the forward pass never stores z.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RNNKERN_HD __host__ __device__ __forceinline__
+#else
+#define RNNKERN_HD inline
+#endif
+
+namespace rnnkern {
+
+// The integer values are part of the op schema (the `activation` argument is
+// passed as the nonlinearity's name and mapped here once, in parse_activation).
+enum class Activation : int64_t { kTanh = 0, kRelu = 1 };
+
+template <typename T>
+RNNKERN_HD T act_forward(Activation a, T z) {
+  return a == Activation::kTanh ? std::tanh(z) : (z > T(0) ? z : T(0));
+}
+
+// act'(z) written in terms of h = act(z).
+//   tanh: 1 - h^2      relu: 1 if h > 0 else 0
+template <typename T>
+RNNKERN_HD T act_grad_from_output(Activation a, T h) {
+  return a == Activation::kTanh ? T(1) - h * h : (h > T(0) ? T(1) : T(0));
+}
+
+}  // namespace rnnkern

@@ -1,0 +1,49 @@
+// Plain structs between the ATen glue and the kernels: pointers and sizes only,
+// so a kernel never sees an at::Tensor. Every pointer is to contiguous memory
+// in the layout given beside it.
+#pragma once
+
+#include <cstdint>
+
+#include "elman.h"
+
+namespace rnnkern {
+
+// What a layer's time loop needs to know, whatever the dtype.
+struct ElmanShape {
+  int64_t T = 0, B = 0, I = 0, H = 0;
+  Activation act = Activation::kTanh;
+  // Run each sequence from its last valid step back to step 0 (the reverse
+  // direction of a bidirectional layer). Step s of sequence b then reads time
+  // t = len_b - 1 - s; otherwise t = s.
+  bool reverse = false;
+  // Truncated BPTT: cut the gradient through h between steps jK-1 and jK,
+  // counted in processing order from step 0. 0 means no truncation.
+  int64_t truncate = 0;
+  const int64_t* lengths = nullptr;  // [B], 0 <= len <= T; nullptr: all T
+};
+
+template <typename scalar_t>
+struct ElmanFwdParams {
+  ElmanShape shape;
+  const scalar_t* h0;    // [B,H]
+  const scalar_t* w_hh;  // [H,H]
+  scalar_t* out;         // [T,B,H] holds x W_ih^T + b on entry, every h_t on exit
+  scalar_t* h_n;         // [B,H]
+  scalar_t* state;       // [B,H] scratch, used with lengths only
+  scalar_t* gemm;        // [B,H] scratch, used with lengths only
+};
+
+template <typename scalar_t>
+struct ElmanBwdParams {
+  ElmanShape shape;
+  const scalar_t* w_hh;      // [H,H]
+  const scalar_t* out;       // [T,B,H] every h_t from forward
+  const scalar_t* grad_out;  // [T,B,H] dL/dh_t from outside the recurrence
+  scalar_t* carry;           // [B,H] holds dL/dh_n on entry, dL/dh0 on exit
+  scalar_t* grad_z;          // [T,B,H] dL/dz_t on exit; zero where t >= len_b
+  scalar_t* grad_z_first;    // [B,H] dL/dz at each sequence's first processed step
+  scalar_t* gemm;            // [B,H] scratch
+};
+
+}  // namespace rnnkern

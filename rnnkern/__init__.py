@@ -1,0 +1,11 @@
+"""rnnkern: fused C++ kernels for recurrent networks under PyTorch.
+
+The forward pass and the whole backpropagation through time of an Elman RNN
+each run as one kernel call, with variable lengths and truncated BPTT built in.
+"""
+
+from . import functional, reference
+from ._ops import cpu_capability
+
+__all__ = ["functional", "reference", "cpu_capability"]
+__version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Build rnnkern's C++ extension, rnnkern._C.
+
+RNNKERN_CUDA decides whether the CUDA backend is built:
+  auto (default)  build it when nvcc is found (CUDA_HOME), the installed torch
+                  is a CUDA build, and csrc/cuda/ has sources;
+  1               build it or fail saying why (a GPU-less machine can build it);
+  0               CPU only.
+It never asks torch.cuda.is_available(): a build machine need not have a GPU.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda(cuda_sources):
+    mode = os.environ.get("RNNKERN_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"RNNKERN_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False
+    import torch
+
+    missing = []
+    if cpp_extension.CUDA_HOME is None:
+        missing.append("nvcc was not found (set CUDA_HOME)")
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is a CPU-only build")
+    if not cuda_sources:
+        missing.append("csrc/cuda/ has no sources yet")
+    if mode == "1" and missing:
+        sys.exit("RNNKERN_CUDA=1 but the CUDA backend cannot be built: " + "; ".join(missing))
+    return not missing
+
+
+def extension():
+    cpu_sources = ["csrc/rnnkern.cpp"] + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden"]
+    if _want_cuda(cuda_sources):
+        return cpp_extension.CUDAExtension(
+            "rnnkern._C",
+            cpu_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DRNNKERN_WITH_CUDA"], "nvcc": ["-O3"]},
+        )
+    return cpp_extension.CppExtension(
+        "rnnkern._C",
+        cpu_sources,
+        # libgomp is not linked: the OpenMP runtime is the one libtorch_cpu loads.
+        extra_compile_args={"cxx": cxx},
+    )
+
+
+setup(
+    packages=find_packages(include=["rnnkern", "rnnkern.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
