@@ -29,6 +29,7 @@ def rnn(
     lengths: LengthsLike = None,
     truncate: Optional[int] = None,
     reverse: bool = False,
+    _cut=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Elman layer, one direction: h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh).
 
@@ -45,6 +46,8 @@ def rnn(
             ``h = h.detach()`` every K steps. None: full BPTT. Forward is unchanged.
         reverse: run each sequence from its last valid step (len_b - 1) down to
             0, the reverse direction of a bidirectional layer.
+        _cut: for tests only: ``_cut(step, h)`` replaces ``h.detach()`` at each
+            truncation boundary (so a test can hold the boundary states fixed).
 
     Returns:
         output: (T, B, H) or (B, T, H), zero at padded steps.
@@ -65,7 +68,7 @@ def rnn(
     step_outputs = []  # [B,H] each, in processing order
     for s in range(T):
         if truncate is not None and s > 0 and s % truncate == 0:
-            h = h.detach()
+            h = h.detach() if _cut is None else _cut(s, h)
         t = (lens - 1 - s).clamp(min=0) if reverse else torch.full_like(lens, s)  # [B]
         z = x[t, rows] @ weight_ih.T + h @ weight_hh.T  # [B,H]
         if bias_ih is not None:

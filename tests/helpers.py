@@ -1,0 +1,94 @@
+"""Shared test helpers: random inputs, error measures, nn.RNN with given weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+# Relative error bounds, as max|a-b| / max|b| over a tensor.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def product(**axes):
+    """itertools.product over named axes, as dicts (for pytest.mark.parametrize)."""
+    names = list(axes)
+    return [dict(zip(names, values)) for values in itertools.product(*axes.values())]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if b.numel() == 0:
+        return 0.0
+    scale = b.abs().max().item()
+    err = (a - b).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def assert_close(a, b, tol, what=""):
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def relu_kinks_differ(out_a: torch.Tensor, out_b: torch.Tensor) -> bool:
+    """True where two relu runs disagree on which units are active (h > 0).
+
+    relu' jumps from 0 to 1 at z = 0, so when float32 rounding puts one
+    pre-activation on different sides of 0 in two implementations, their
+    gradients differ by O(1) there although both are right. Tests in float32
+    redraw such inputs (a handful of times at most) instead of loosening tolerances;
+    the outputs are still compared on every draw."""
+    return bool(((out_a > 0) != (out_b > 0)).any())
+
+
+def make_layer(T, B, I, H, *, dtype=torch.float64, bias=True, hx=True, seed=None,
+               batch_first=False, scale=1.0):
+    """Fresh random inputs of one layer, all requiring grad. Returns a dict."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, dtype=dtype, generator=g) * s).requires_grad_()
+
+    k = 1.0 / H**0.5
+    x_shape = (B, T, I) if batch_first else (T, B, I)
+    return dict(
+        input=rnd(*x_shape),
+        hx=rnd(B, H) if hx else None,
+        weight_ih=rnd(H, I, s=k * scale),
+        weight_hh=rnd(H, H, s=k * scale),
+        bias_ih=rnd(H, s=k) if bias else None,
+        bias_hh=rnd(H, s=k) if bias else None,
+    )
+
+
+def random_lengths(B, T, *, low=0, g=None):
+    return torch.randint(low, T + 1, (B,), generator=g)
+
+
+def grads_of(outputs, inputs, seed=0):
+    """Gradients of a random linear functional of `outputs` w.r.t. the tensors in
+    `inputs` that require grad (None where not)."""
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    got = iter(torch.autograd.grad(loss, wanted, allow_unused=True))
+    return [next(got) if (t is not None and t.requires_grad) else None for t in inputs]
+
+
+def nn_rnn_like(layer, nonlinearity, batch_first, bidirectional=False, reverse_layer=None):
+    """A torch.nn.RNN holding `layer`'s weights (and `reverse_layer`'s as _reverse)."""
+    w_ih = layer["weight_ih"]
+    H, I = w_ih.shape
+    bias = layer["bias_ih"] is not None
+    m = torch.nn.RNN(I, H, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first,
+                     bidirectional=bidirectional, dtype=w_ih.dtype)
+    with torch.no_grad():
+        for suffix, src in (("", layer), ("_reverse", reverse_layer)):
+            if src is None:
+                continue
+            getattr(m, f"weight_ih_l0{suffix}").copy_(src["weight_ih"])
+            getattr(m, f"weight_hh_l0{suffix}").copy_(src["weight_hh"])
+            if bias:
+                getattr(m, f"bias_ih_l0{suffix}").copy_(src["bias_ih"])
+                getattr(m, f"bias_hh_l0{suffix}").copy_(src["bias_hh"])
+    return m

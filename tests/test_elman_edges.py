@@ -1,0 +1,177 @@
+"""Odd sizes, degenerate lengths, strides, determinism, threads, the portable
+CPU path and inference mode."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import assert_close, grads_of, make_layer, product
+from rnnkern import functional, reference
+
+NAMES = ["input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+
+
+def both(layer, **kw):
+    a = functional.rnn(*(layer[k] for k in NAMES), **kw)
+    b = reference.rnn(*(layer[k] for k in NAMES), **kw)
+    inputs = [layer[k] for k in NAMES]
+    return a, b, grads_of(list(a), inputs), grads_of(list(b), inputs)
+
+
+def check_both(layer, tol=1e-10, **kw):
+    (out_a, h_a), (out_b, h_b), ga, gb = both(layer, **kw)
+    assert_close(out_a, out_b, tol, "output")
+    assert_close(h_a, h_b, tol, "h_n")
+    for name, x, y in zip(NAMES, ga, gb):
+        if y is not None:
+            assert_close(x, y, tol, f"grad {name}")
+    return (out_a, h_a), ga
+
+
+@pytest.mark.parametrize("case", product(TBIH=[(1, 4, 3, 5), (6, 1, 3, 5), (6, 4, 3, 1), (6, 4, 1, 7),
+                                              (9, 3, 5, 7), (3, 2, 4, 33)],
+                                         lengths=[False, True], reverse=[False, True]), ids=str)
+def test_odd_sizes(case):
+    T, B, I, H = case["TBIH"]
+    layer = make_layer(T, B, I, H)
+    lengths = torch.randint(0, T + 1, (B,)) if case["lengths"] else None
+    check_both(layer, lengths=lengths, truncate=2, reverse=case["reverse"])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_all_lengths_zero(reverse):
+    T, B, I, H = 5, 4, 3, 6
+    layer = make_layer(T, B, I, H)
+    (out, h_n), grads = check_both(layer, lengths=torch.zeros(B, dtype=torch.int64), reverse=reverse)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(h_n, layer["hx"])
+    g_in, g_hx = grads[0], grads[1]
+    assert torch.equal(g_in, torch.zeros_like(g_in))
+    # the state never moves, so dL/dh0 is dL/dh_n: nonzero
+    assert g_hx.abs().max() > 0
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_all_lengths_T_equals_no_lengths(reverse):
+    T, B, I, H = 7, 4, 3, 6
+    layer = make_layer(T, B, I, H)
+    (out_l, h_l), g_l = check_both(layer, lengths=torch.full((B,), T), reverse=reverse)
+    (out, h), g = check_both(layer, reverse=reverse)
+    assert_close(out_l, out, 1e-14, "output")
+    assert_close(h_l, h, 1e-14, "h_n")
+    for a, b in zip(g_l, g):
+        assert_close(a, b, 1e-14, "grad")
+
+
+def test_padded_steps_are_zero_and_get_no_gradient():
+    T, B, I, H = 8, 3, 2, 5
+    layer = make_layer(T, B, I, H)
+    lengths = torch.tensor([8, 2, 5])
+    out, h_n = functional.rnn(*(layer[k] for k in NAMES), lengths=lengths)
+    g_in = grads_of([out, h_n], [layer["input"]])[0]
+    for b, L in enumerate(lengths.tolist()):
+        assert torch.equal(out[L:, b], torch.zeros_like(out[L:, b]))
+        assert torch.equal(g_in[L:, b], torch.zeros_like(g_in[L:, b]))
+        assert g_in[:L, b].abs().min() > 0
+        assert torch.equal(h_n[b], out[L - 1, b])
+
+
+def test_empty_sequence_T0():
+    layer = make_layer(1, 3, 2, 4)
+    x = layer["input"][:0]
+    out, h_n = functional.rnn(x, layer["hx"], layer["weight_ih"], layer["weight_hh"])
+    assert out.shape == (0, 3, 4)
+    assert torch.equal(h_n, layer["hx"])
+
+
+def test_non_contiguous_inputs():
+    T, B, I, H = 6, 5, 4, 7
+    layer = make_layer(T, B, I, H)
+    # the same values, through transposed / strided views
+    strided = dict(layer)
+    strided["input"] = layer["input"].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    big = torch.randn(H, 2 * I, dtype=torch.float64)
+    big[:, ::2] = layer["weight_ih"].detach()
+    strided["weight_ih"] = big[:, ::2].requires_grad_()
+    strided["weight_hh"] = layer["weight_hh"].detach().t().contiguous().t().requires_grad_()
+    strided["hx"] = layer["hx"].detach().t().contiguous().t().requires_grad_()
+    assert not strided["weight_ih"].is_contiguous() and not strided["input"].is_contiguous()
+    (out_s, h_s), g_s = check_both(strided, lengths=torch.tensor([6, 2, 0, 5, 1]))
+    (out, h), g = check_both(layer, lengths=torch.tensor([6, 2, 0, 5, 1]))
+    assert torch.equal(out_s, out) and torch.equal(h_s, h)
+
+
+def test_deterministic_bitwise():
+    T, B, I, H = 50, 16, 8, 64
+    layer = make_layer(T, B, I, H, dtype=torch.float32)
+    lengths = torch.randint(0, T + 1, (B,))
+    runs = []
+    for _ in range(3):
+        out, h_n = functional.rnn(*(layer[k] for k in NAMES), lengths=lengths, truncate=9)
+        runs.append([out, h_n, *grads_of([out, h_n], [layer[k] for k in NAMES])])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_respects_thread_count():
+    """Results agree (to rounding) whatever torch.set_num_threads says."""
+    T, B, I, H = 20, 64, 16, 256  # big enough for the row passes to split
+    layer = make_layer(T, B, I, H, dtype=torch.float32)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, h_n = functional.rnn(*(layer[k] for k in NAMES), lengths=torch.randint(1, T + 1, (B,),
+                                      generator=torch.Generator().manual_seed(0)))
+            results.append([out, h_n, *grads_of([out, h_n], [layer[k] for k in NAMES])])
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert_close(a, b, 1e-5)
+
+
+def test_portable_cpu_path_in_subprocess():
+    """RNNKERN_CPU_CAPABILITY=DEFAULT runs the portable element-wise passes."""
+    code = (
+        "import torch, rnnkern, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from helpers import make_layer, assert_close\n"
+        "assert rnnkern.cpu_capability() == 'DEFAULT', rnnkern.cpu_capability()\n"
+        "from rnnkern import functional, reference\n"
+        "for nl in ('tanh', 'relu'):\n"
+        "    l = make_layer(9, 5, 3, 19)\n"
+        "    args = [l[k] for k in ('input','hx','weight_ih','weight_hh','bias_ih','bias_hh')]\n"
+        "    kw = dict(nonlinearity=nl, lengths=torch.tensor([9, 0, 4, 1, 7]))\n"
+        "    a, b = functional.rnn(*args, **kw), reference.rnn(*args, **kw)\n"
+        "    assert_close(a[0], b[0], 1e-12)\n"
+        "    ga = torch.autograd.grad(a[0].sum(), args)\n"
+        "    gb = torch.autograd.grad(b[0].sum(), args)\n"
+        "    [assert_close(x, y, 1e-10) for x, y in zip(ga, gb)]\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, RNNKERN_CPU_CAPABILITY="DEFAULT")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_no_grad_builds_no_graph():
+    layer = make_layer(5, 3, 2, 4)
+    with torch.no_grad():
+        out, h_n = functional.rnn(*(layer[k] for k in NAMES))
+    assert out.grad_fn is None and h_n.grad_fn is None
+    ref, _ = reference.rnn(*(layer[k] for k in NAMES))
+    assert_close(out, ref.detach(), 1e-12)
+
+
+
+
+def test_create_graph_refused():
+    layer = make_layer(4, 2, 3, 5)
+    out, _ = functional.rnn(*(layer[k] for k in NAMES))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.pow(2).sum(), layer["weight_hh"], create_graph=True)
