@@ -44,6 +44,7 @@ struct ElmanBwdParams {
   scalar_t* grad_z;          // [T,B,H] dL/dz_t on exit; zero where t >= len_b
   scalar_t* grad_z_first;    // [B,H] dL/dz at each sequence's first processed step
   scalar_t* gemm;            // [B,H] scratch
+  scalar_t* grad_h_norm;     // [T,B] ||dL/dh_t|| per sequence (0 where t >= len_b), or nullptr
 };
 
 }  // namespace rnnkern

@@ -19,6 +19,7 @@
 
 #include "../checks.h"
 #include "../params.h"
+#include "elman_cpu.h"
 #include "vec_kernels.h"
 
 #if AT_MKL_ENABLED()
@@ -115,6 +116,17 @@ int64_t max_length(const ElmanShape& s) {
   return m;
 }
 
+// ||g + c|| over n elements: the whole gradient reaching h_t.
+template <typename T>
+T norm_of_sum(const T* g, const T* c, int64_t n) {
+  double acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = double(g[i]) + double(c[i]);
+    acc += v * v;
+  }
+  return T(std::sqrt(acc));
+}
+
 // ---------------------------------------------------------------------------
 // Time loops
 // ---------------------------------------------------------------------------
@@ -173,6 +185,10 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
       T* dz = p.grad_z + t * BH;
       for_rows(B, H, [&](int64_t b0, int64_t b1) {
         const int64_t o = t * BH + b0 * H, n = (b1 - b0) * H;
+        if (p.grad_h_norm) {
+          for (int64_t b = b0; b < b1; ++b)
+            p.grad_h_norm[t * B + b] = norm_of_sum(p.grad_out + t * BH + b * H, p.carry + b * H, H);
+        }
         vk.grad_z(s.act, dz + b0 * H, p.grad_out + o, p.carry + b0 * H, p.out + o, n);
       });
       if (cut_before(s, step)) std::memset(p.carry, 0, sizeof(T) * BH);
@@ -191,13 +207,15 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
         const int64_t len = s.lengths[b];
         T* d = dz_step + b * H;
         if (step < len) {
-          const int64_t o = (time_of(s, step, len) * B + b) * H;
+          const int64_t t = time_of(s, step, len), o = (t * B + b) * H;
+          if (p.grad_h_norm) p.grad_h_norm[t * B + b] = norm_of_sum(p.grad_out + o, p.carry + b * H, H);
           vk.grad_z(s.act, d, p.grad_out + o, p.carry + b * H, p.out + o, H);
           std::memcpy(p.grad_z + o, d, sizeof(T) * H);
         } else {
           // A frozen state passes its gradient through unchanged (carry stays).
           std::memset(d, 0, sizeof(T) * H);
           std::memset(p.grad_z + (step * B + b) * H, 0, sizeof(T) * H);
+          if (p.grad_h_norm) p.grad_h_norm[step * B + b] = T(0);
         }
       }
     });
@@ -213,8 +231,11 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
   }
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------
-// ATen glue
+// ATen glue (elman_cpu.h), shared by the ops below and by fused ops built on a
+// layer (the per-step loss)
 // ---------------------------------------------------------------------------
 
 at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
@@ -224,19 +245,12 @@ at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<a
   return at::Tensor();
 }
 
-std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
-    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
-    const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
-    const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& lengths,
-    c10::string_view nonlinearity, bool reverse) {
-  ElmanShape s = check_elman_args("rnnkern.elman_fwd", input, hx, weight_ih, weight_hh, bias_ih,
-                                  bias_hh, lengths, nonlinearity, reverse, 0);
-  const auto x = input.contiguous();      // [T,B,I]
-  const auto h0 = hx.contiguous();        // [B,H]
+std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::Tensor& x,
+                                                 const at::Tensor& hx, const at::Tensor& weight_ih,
+                                                 const at::Tensor& weight_hh,
+                                                 const at::Tensor& bias) {
+  const auto h0 = hx.contiguous();  // [B,H]
   const auto w_hh = weight_hh.contiguous();
-  at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
-  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-
   auto out = at::empty({s.T, s.B, s.H}, x.options());  // [T,B,H]
   auto h_n = at::empty({s.B, s.H}, x.options());        // [B,H]
   if (s.T * s.B == 0) {
@@ -246,8 +260,7 @@ std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
   // The input projection of every step, bias included, as one GEMM.
   const auto x2 = x.view({s.T * s.B, s.I});
   auto out2 = out.view({s.T * s.B, s.H});
-  const at::Tensor b = bias_sum(bias_ih, bias_hh);
-  if (b.defined()) at::addmm_out(out2, b, x2, weight_ih.t());
+  if (bias.defined()) at::addmm_out(out2, bias, x2, weight_ih.t());
   else at::mm_out(out2, x2, weight_ih.t());
 
   at::Tensor state, gemm_buf;
@@ -255,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
     state = at::empty({s.B, s.H}, x.options());
     gemm_buf = at::empty({s.B, s.H}, x.options());
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elman_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elman_forward", [&] {
     ElmanFwdParams<scalar_t> p;
     p.shape = s;
     p.h0 = h0.const_data_ptr<scalar_t>();
@@ -269,6 +282,74 @@ std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
   return {out, h_n};
 }
 
+ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
+                          const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& hx,
+                          const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                          const at::Tensor& output, const at::Tensor& grad_h_norm) {
+  const auto h0 = hx.contiguous();
+  const auto w_hh = weight_hh.contiguous();
+  const auto out = output.contiguous();
+  const auto g_out = grad_output.contiguous();
+  const int64_t T = s.T, B = s.B, H = s.H, I = s.I;
+  auto carry = grad_h_n.contiguous().clone();         // [B,H] -> dL/dh0
+  auto grad_z = at::empty({T, B, H}, x.options());     // [T,B,H]
+  auto grad_z_first = at::empty({B, H}, x.options());  // [B,H]
+  auto gemm_buf = at::empty({B, H}, x.options());      // [B,H]
+  TORCH_INTERNAL_ASSERT(!grad_h_norm.defined() ||
+                        (grad_h_norm.is_contiguous() && grad_h_norm.sizes().equals({T, B}) &&
+                         grad_h_norm.scalar_type() == x.scalar_type()));
+  if (T * B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elman_backward", [&] {
+      ElmanBwdParams<scalar_t> p;
+      p.shape = s;
+      p.w_hh = w_hh.const_data_ptr<scalar_t>();
+      p.out = out.const_data_ptr<scalar_t>();
+      p.grad_out = g_out.const_data_ptr<scalar_t>();
+      p.carry = carry.data_ptr<scalar_t>();
+      p.grad_z = grad_z.data_ptr<scalar_t>();
+      p.grad_z_first = grad_z_first.data_ptr<scalar_t>();
+      p.gemm = gemm_buf.data_ptr<scalar_t>();
+      p.grad_h_norm = grad_h_norm.defined() ? grad_h_norm.data_ptr<scalar_t>() : nullptr;
+      elman_bwd_kernel(p);
+    });
+  } else {
+    grad_z.zero_();
+  }
+  ElmanGrads g;
+  // Every parameter gradient is one GEMM or reduction over all T*B rows.
+  const auto gz2 = grad_z.view({T * B, H});
+  g.input = at::mm(gz2, weight_ih).view({T, B, I});
+  g.weight_ih = at::mm(gz2.t(), x.view({T * B, I}));
+  g.bias = gz2.sum(0);
+  // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
+  // or h0 at each sequence's first processed step (dz_first).
+  const at::Tensor dz_first =
+      s.lengths ? grad_z_first : (T > 0 ? grad_z[s.reverse ? T - 1 : 0] : grad_z_first.zero_());
+  g.weight_hh = at::mm(dz_first.t(), h0);
+  if (T > 1) {
+    const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
+    const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
+    g.weight_hh.addmm_(dz_rest.reshape({(T - 1) * B, H}).t(), h_prev.reshape({(T - 1) * B, H}));
+  }
+  g.hx = carry;
+  return g;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
+    const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& lengths,
+    c10::string_view nonlinearity, bool reverse) {
+  ElmanShape s = check_elman_args("rnnkern.elman_fwd", input, hx, weight_ih, weight_hh, bias_ih,
+                                  bias_hh, lengths, nonlinearity, reverse, 0);
+  const auto x = input.contiguous();  // [T,B,I]
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  return elman_forward(s, x, hx, weight_ih, weight_hh, bias_sum(bias_ih, bias_hh));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elman_bwd_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& hx, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
@@ -279,49 +360,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elman_bwd
                                   truncate);
   check_elman_bwd_args(s, input, grad_output, grad_h_n, output);
   const auto x = input.contiguous();
-  const auto h0 = hx.contiguous();
-  const auto w_hh = weight_hh.contiguous();
-  const auto out = output.contiguous();
-  const auto g_out = grad_output.contiguous();
-  at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-
-  const int64_t T = s.T, B = s.B, H = s.H, I = s.I;
-  auto carry = grad_h_n.contiguous().clone();         // [B,H] -> dL/dh0
-  auto grad_z = at::empty({T, B, H}, x.options());     // [T,B,H]
-  auto grad_z_first = at::empty({B, H}, x.options());  // [B,H]
-  auto gemm_buf = at::empty({B, H}, x.options());      // [B,H]
-  if (T * B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elman_bwd_cpu", [&] {
-      ElmanBwdParams<scalar_t> p;
-      p.shape = s;
-      p.w_hh = w_hh.const_data_ptr<scalar_t>();
-      p.out = out.const_data_ptr<scalar_t>();
-      p.grad_out = g_out.const_data_ptr<scalar_t>();
-      p.carry = carry.data_ptr<scalar_t>();
-      p.grad_z = grad_z.data_ptr<scalar_t>();
-      p.grad_z_first = grad_z_first.data_ptr<scalar_t>();
-      p.gemm = gemm_buf.data_ptr<scalar_t>();
-      elman_bwd_kernel(p);
-    });
-  } else {
-    grad_z.zero_();
-  }
-  // Every parameter gradient is one GEMM or reduction over all T*B rows.
-  const auto gz2 = grad_z.view({T * B, H});
-  auto grad_input = at::mm(gz2, weight_ih).view({T, B, I});
-  auto grad_w_ih = at::mm(gz2.t(), x.view({T * B, I}));
-  auto grad_bias = gz2.sum(0);
-  // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
-  // or h0 at each sequence's first processed step (dz_first).
-  at::Tensor dz_first = s.lengths ? grad_z_first : (T > 0 ? grad_z[reverse ? T - 1 : 0] : grad_z_first.zero_());
-  auto grad_w_hh = at::mm(dz_first.t(), h0);
-  if (T > 1) {
-    const auto dz_rest = reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
-    const auto h_prev = reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
-    grad_w_hh.addmm_(dz_rest.reshape({(T - 1) * B, H}).t(), h_prev.reshape({(T - 1) * B, H}));
-  }
-  return {grad_input, carry, grad_w_ih, grad_w_hh, grad_bias};
+  ElmanGrads g = elman_backward(s, grad_output, grad_h_n, x, hx, weight_ih, weight_hh, output);
+  return {g.input, g.hx, g.weight_ih, g.weight_hh, g.bias};
 }
 
 }  // namespace
