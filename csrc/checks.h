@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
 
+#include "loss.h"
 #include "params.h"
 
 namespace rnnkern {
@@ -28,5 +29,29 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
 void check_elman_bwd_args(const ElmanShape& shape, const at::Tensor& input,
                           const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                           const at::Tensor& output);
+
+// The per-step loss's arguments (time-major, after check_elman_args gave `s`):
+//   target [T,B] int64 (cross_entropy) or [T,B,O] of the input's dtype (mse);
+//   weight_out [O,H]; bias_out [O] or None; loss_mask [T,B] bool or floating, >= 0, or None.
+// Also checks the data: cross-entropy targets in [0, O) unless ignore_index, and
+// with steps='last' every length >= 1 (a sequence needs a last step).
+LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& input,
+                         const at::Tensor& target, const at::Tensor& weight_out,
+                         const c10::optional<at::Tensor>& bias_out,
+                         const c10::optional<at::Tensor>& lengths,
+                         const c10::optional<at::Tensor>& loss_mask, c10::string_view loss,
+                         c10::string_view steps, c10::string_view reduction,
+                         int64_t ignore_index, double label_smoothing, int64_t chunk_rows);
+
+// The loss backward's extra tensors: grad_loss [] ([T,B] for 'none'), grad_h_n
+// [B,H], output [T,B,H], weight [T,B]; for a scalar reduction also what the
+// forward computed: grad_output [T,B,H], grad_weight_out [O,H], grad_bias_out [O]
+// (or [0] without bias_out).
+void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& spec,
+                         const at::Tensor& input, const at::Tensor& grad_loss,
+                         const at::Tensor& grad_h_n, const at::Tensor& output,
+                         const at::Tensor& weight, const at::Tensor& grad_output,
+                         const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
+                         bool has_bias_out);
 
 }  // namespace rnnkern

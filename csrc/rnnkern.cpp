@@ -43,6 +43,41 @@ TORCH_LIBRARY(rnnkern, m) {
       "str nonlinearity, bool reverse, int truncate) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // The layer with a loss at every step through the head y_t = h_t W_out^T + b_out,
+  // reduced with per-step weights inside the kernel (csrc/loss.h). The head runs
+  // over the T*B rows a [C,O] chunk at a time: the [T,B,O] logits never exist.
+  //   target [T,B] int64 (cross_entropy) or [T,B,O] (mse); loss_mask [T,B] or None
+  //   -> loss [] ([T,B] = w*l for 'none'), output [T,B,H], h_n [B,H],
+  //      step_loss [T,B] (l; 0 where w = 0: those rows are never computed),
+  //      weight [T,B] (w),
+  //      and, with compute_grad and a scalar reduction, the loss's gradients
+  //      computed in the same sweep: grad_output [T,B,H] (through the head at
+  //      step t only), grad_weight_out [O,H], grad_bias_out [O]. Each is [0]
+  //      when not computed (grad_bias_out also without bias_out).
+  // chunk_rows: rows per chunk, 0 for automatic (about 8 MB of logits).
+  m.def(
+      "elman_loss_fwd(Tensor input, Tensor target, Tensor hx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor weight_out, Tensor? bias_out, "
+      "Tensor? lengths, Tensor? loss_mask, str nonlinearity, str loss, str steps, "
+      "str reduction, int ignore_index, float label_smoothing, bool compute_grad, "
+      "int chunk_rows) -> (Tensor loss, Tensor output, Tensor h_n, Tensor step_loss, "
+      "Tensor weight, Tensor grad_output, Tensor grad_weight_out, Tensor grad_bias_out)",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: the head's gradients (scaled by grad_loss [] for a scalar
+  // reduction; recomputed chunk by chunk with coefficients grad_loss * weight
+  // [T,B] for 'none'), then the layer's whole BPTT. grad_bias is the gradient
+  // of bias_ih and of bias_hh alike. grad_norm [T,B] (with want_grad_norm,
+  // else [0]) is ||dL/dh_t|| per sequence, 0 where t >= len_b.
+  m.def(
+      "elman_loss_bwd(Tensor grad_loss, Tensor grad_h_n, Tensor input, Tensor target, "
+      "Tensor hx, Tensor weight_ih, Tensor weight_hh, Tensor weight_out, Tensor? bias_out, "
+      "Tensor? lengths, Tensor output, Tensor weight, Tensor grad_output, "
+      "Tensor grad_weight_out, Tensor grad_bias_out, str nonlinearity, str loss, "
+      "str reduction, int ignore_index, float label_smoothing, int truncate, "
+      "bool want_grad_norm, int chunk_rows) -> (Tensor grad_input, Tensor grad_hx, "
+      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_weight_out, Tensor grad_bias_out, Tensor grad_norm)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace rnnkern {
@@ -144,6 +179,135 @@ void check_elman_bwd_args(const ElmanShape& s, const at::Tensor& input,
   check_shape(op, "output", output, {s.T, s.B, s.H}, "[T, B, H]");
   check_float_like(op, "grad_h_n", grad_h_n, input);
   check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[B, H]");
+}
+
+LossKind parse_loss(c10::string_view loss) {
+  if (loss == "cross_entropy") return LossKind::kCrossEntropy;
+  if (loss == "mse") return LossKind::kMse;
+  TORCH_CHECK_VALUE(false, "loss must be 'cross_entropy' or 'mse', got '", std::string(loss), "'");
+  return LossKind::kCrossEntropy;  // unreachable
+}
+
+Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "mean") return Reduction::kMean;
+  if (reduction == "seq_mean") return Reduction::kSeqMean;
+  if (reduction == "seq_sum") return Reduction::kSeqSum;
+  if (reduction == "none") return Reduction::kNone;
+  TORCH_CHECK_VALUE(false,
+                    "reduction must be one of 'mean', 'sum', 'seq_mean', 'seq_sum', 'none', got '",
+                    std::string(reduction), "'");
+  return Reduction::kMean;  // unreachable
+}
+
+Steps parse_steps(c10::string_view steps) {
+  if (steps == "all") return Steps::kAll;
+  if (steps == "last") return Steps::kLast;
+  TORCH_CHECK_VALUE(false, "steps must be 'all' or 'last', got '", std::string(steps), "'");
+  return Steps::kAll;  // unreachable
+}
+
+LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& input,
+                         const at::Tensor& target, const at::Tensor& weight_out,
+                         const c10::optional<at::Tensor>& bias_out,
+                         const c10::optional<at::Tensor>& lengths,
+                         const c10::optional<at::Tensor>& loss_mask, c10::string_view loss,
+                         c10::string_view steps, c10::string_view reduction,
+                         int64_t ignore_index, double label_smoothing, int64_t chunk_rows) {
+  LossSpec spec;
+  spec.kind = parse_loss(loss);
+  spec.reduction = parse_reduction(reduction);
+  spec.steps = parse_steps(steps);
+  spec.ignore_index = ignore_index;
+  spec.label_smoothing = label_smoothing;
+  spec.chunk_rows = chunk_rows;
+  TORCH_CHECK_VALUE(chunk_rows >= 0, op, ": chunk_rows must be >= 0 (0: automatic), got ",
+                    chunk_rows);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(spec.kind == LossKind::kCrossEntropy || label_smoothing == 0.0, op,
+                    ": label_smoothing applies to loss='cross_entropy' only, got ",
+                    label_smoothing, " with loss='mse'");
+  TORCH_CHECK_VALUE(weight_out.dim() == 2, op, ": weight_out must be 2-D [O, H], got shape ",
+                    shape_str(weight_out.sizes()));
+  spec.O = weight_out.size(0);
+  TORCH_CHECK_VALUE(spec.O >= 1, op, ": the head needs O >= 1 outputs, got weight_out of shape ",
+                    shape_str(weight_out.sizes()));
+  check_float_like(op, "weight_out", weight_out, input);
+  check_shape(op, "weight_out", weight_out, {spec.O, s.H}, "[O, H]");
+  if (bias_out.has_value()) {
+    check_float_like(op, "bias_out", *bias_out, input);
+    check_shape(op, "bias_out", *bias_out, {spec.O}, "[O]");
+  }
+  TORCH_CHECK(target.device() == input.device(), op, ": target must be on the input's device ",
+              input.device(), ", got ", target.device());
+  if (spec.kind == LossKind::kCrossEntropy) {
+    TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
+                     ": target must be int64 class indices for loss='cross_entropy', got ",
+                     target.scalar_type());
+    check_shape(op, "target", target, {s.T, s.B}, "[T, B]");
+    const auto bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(spec.O)));
+    if (bad.any().item<bool>()) {
+      const auto where = bad.nonzero()[0];
+      const int64_t t = where[0].item<int64_t>(), b = where[1].item<int64_t>();
+      TORCH_CHECK_VALUE(false, op, ": target must hold class indices in [0, O=", spec.O,
+                        ") or ignore_index=", ignore_index, ", got ",
+                        target[t][b].item<int64_t>(), " at [t=", t, ", b=", b, "]");
+    }
+  } else {
+    TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), op,
+                     ": target must have the input's dtype ", input.scalar_type(),
+                     " for loss='mse', got ", target.scalar_type());
+    check_shape(op, "target", target, {s.T, s.B, spec.O}, "[T, B, O]");
+  }
+  if (loss_mask.has_value()) {
+    const at::Tensor& m = *loss_mask;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
+                     ": loss_mask must be bool or floating, got ", m.scalar_type());
+    TORCH_CHECK(m.device() == input.device(), op, ": loss_mask must be on the input's device ",
+                input.device(), ", got ", m.device());
+    check_shape(op, "loss_mask", m, {s.T, s.B}, "[T, B]");
+    if (m.scalar_type() != at::kBool && m.numel() > 0) {
+      // NaN fails `>= 0` too: a NaN weight would make every reduction NaN.
+      const auto ok = m.ge(0);
+      TORCH_CHECK_VALUE(ok.all().item<bool>(), op, ": loss_mask must be >= 0 (and not NaN), got ",
+                        m.masked_select(ok.logical_not())[0].item<double>());
+    }
+  }
+  if (spec.steps == Steps::kLast && s.B > 0) {
+    const int64_t lo = lengths.has_value() ? lengths->min().item<int64_t>() : s.T;
+    TORCH_CHECK_VALUE(lo >= 1, op, ": steps='last' needs every sequence to have a last step: ",
+                      lengths.has_value() ? "lengths must be >= 1, got min " : "T must be >= 1, got ",
+                      lo);
+  }
+  return spec;
+}
+
+void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& spec,
+                         const at::Tensor& input, const at::Tensor& grad_loss,
+                         const at::Tensor& grad_h_n, const at::Tensor& output,
+                         const at::Tensor& weight, const at::Tensor& grad_output,
+                         const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
+                         bool has_bias_out) {
+  check_float_like(op, "grad_loss", grad_loss, input);
+  if (spec.reduction == Reduction::kNone) {
+    check_shape(op, "grad_loss", grad_loss, {s.T, s.B}, "[T, B] (reduction='none')");
+  } else {
+    check_shape(op, "grad_loss", grad_loss, {}, "[] (a scalar reduction)");
+    check_float_like(op, "grad_output", grad_output, input);
+    check_shape(op, "grad_output", grad_output, {s.T, s.B, s.H}, "[T, B, H]");
+    check_float_like(op, "grad_weight_out", grad_weight_out, input);
+    check_shape(op, "grad_weight_out", grad_weight_out, {spec.O, s.H}, "[O, H]");
+    check_float_like(op, "grad_bias_out", grad_bias_out, input);
+    if (has_bias_out) check_shape(op, "grad_bias_out", grad_bias_out, {spec.O}, "[O]");
+    else check_shape(op, "grad_bias_out", grad_bias_out, {0}, "[0] (no bias_out)");
+  }
+  check_float_like(op, "grad_h_n", grad_h_n, input);
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[B, H]");
+  check_float_like(op, "output", output, input);
+  check_shape(op, "output", output, {s.T, s.B, s.H}, "[T, B, H]");
+  check_float_like(op, "weight", weight, input);
+  check_shape(op, "weight", weight, {s.T, s.B}, "[T, B]");
 }
 
 }  // namespace rnnkern

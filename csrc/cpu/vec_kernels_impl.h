@@ -9,6 +9,10 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 #include "vec_kernels.h"
 
 namespace rnnkern::cpu {
@@ -53,8 +57,91 @@ void grad_z(Activation a, T* dz, const T* g, const T* c, const T* h, int64_t n) 
 }
 
 template <typename T>
+T hmax(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int64_t i = 1; i < Vectorized<T>::size(); ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = 0;
+  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// Three passes over one row (a row of a few thousand classes stays in L1/L2):
+// max and sum of x; exp(x - max) and its sum, kept in x when the gradient is
+// wanted; then the gradient. Full vectors first, the tail in scalar code, so
+// no padding lane ever enters a max or a sum.
+template <typename T>
+T ce_row(T* x, int64_t O, int64_t y, T eps, T coef, bool grad) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t Ov = O - O % L;
+  V vmax(-std::numeric_limits<T>::infinity()), vsum(T(0));
+  for (int64_t i = 0; i < Ov; i += L) {
+    const V v = V::loadu(x + i);
+    vmax = at::vec::maximum(vmax, v);
+    vsum = vsum + v;
+  }
+  T m = hmax(vmax), sx = hsum(vsum);
+  for (int64_t i = Ov; i < O; ++i) {
+    m = std::max(m, x[i]);
+    sx += x[i];
+  }
+  const T x_y = x[y];
+  const V vm(m);
+  V ve(T(0));
+  for (int64_t i = 0; i < Ov; i += L) {
+    const V e = (V::loadu(x + i) - vm).exp();
+    ve = ve + e;
+    if (grad) e.store(x + i);
+  }
+  T s = hsum(ve);
+  for (int64_t i = Ov; i < O; ++i) {
+    const T e = std::exp(x[i] - m);
+    s += e;
+    if (grad) x[i] = e;
+  }
+  const T l = ce_loss(m + std::log(s), x_y, sx / T(O), eps);
+  if (grad) {
+    const T inv_s = T(1) / s;
+    const V vinv(inv_s);
+    for (int64_t i = 0; i < Ov; i += L) ce_grad(V::loadu(x + i) * vinv, coef, eps, O).store(x + i);
+    for (int64_t i = Ov; i < O; ++i) x[i] = ce_grad(x[i] * inv_s, coef, eps, O);
+    x[y] += ce_grad_target_extra(coef, eps);
+  }
+  return l;
+}
+
+template <typename T>
+T mse_row(T* x, const T* y, int64_t O, T coef, bool grad) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const int64_t Ov = O - O % L;
+  V vsq(T(0));
+  for (int64_t i = 0; i < Ov; i += L) {
+    const V d = V::loadu(x + i) - V::loadu(y + i);
+    vsq = at::vec::fmadd(d, d, vsq);
+    if (grad) mse_grad(d, coef, O).store(x + i);
+  }
+  T sq = hsum(vsq);
+  for (int64_t i = Ov; i < O; ++i) {
+    const T d = x[i] - y[i];
+    sq += d * d;
+    if (grad) x[i] = mse_grad(d, coef, O);
+  }
+  return mse_loss(sq, O);
+}
+
+template <typename T>
 VecKernels<T> make() {
-  return {&act_inplace<T>, &act_add<T>, &grad_z<T>};
+  return {&act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>};
 }
 
 }  // namespace RNNKERN_CAP

@@ -1,0 +1,303 @@
+// The CPU per-step loss: an Elman layer, the head y_t = h_t W_out^T + b_out and
+// a cross-entropy or MSE loss at every step, reduced with weights, as two ops
+// (elman_loss_fwd / elman_loss_bwd) + their TORCH_LIBRARY_IMPL.
+//
+// The layer's time loops are elman_cpu's (elman_forward / elman_backward). What
+// is added here is the head, run over the T*B rows of h a [C,O] chunk at a
+// time, as Liger-Kernel's fused linear cross-entropy does:
+//   logits = h_c W_out^T + b_out          one GEMM        [C,O]
+//   l, and coef * dl/dlogits in place      one pass a row  (vec_kernels: ce_row / mse_row)
+//   dL/dh_c = dlogits W_out                one GEMM        [C,H]
+//   dW_out += dlogits^T h_c, db_out += sum one GEMM + a column sum
+// so only O(T*B*H) state and one chunk are ever held, never the [T,B,O] logits
+// or their gradient. For a scalar reduction every row's coefficient is known
+// before the sweep (loss.h), so the forward computes the gradients too and the
+// backward only scales them by the incoming scalar; for 'none' the coefficients
+// come with the upstream gradient, so the backward runs the sweep again.
+// Rows whose coefficient is 0 (padding, masked, ignored, all but the last step
+// with steps='last') are skipped: the head never runs on them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../loss.h"
+#include "../params.h"
+#include "elman_cpu.h"
+#include "vec_kernels.h"
+
+namespace rnnkern::cpu {
+namespace {
+
+// About this much of logits per chunk: large enough that the chunk GEMMs run
+// near BLAS's peak (dW_out += dlogits^T h_c has K = C), small enough to be
+// nothing next to the [T,B,O] logits it replaces.
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
+
+int64_t rows_per_chunk(const LossSpec& spec, int64_t rows, int64_t elem_size) {
+  const int64_t auto_rows = std::max<int64_t>(1, kChunkBytes / (spec.O * elem_size));
+  const int64_t c = spec.chunk_rows > 0 ? spec.chunk_rows : auto_rows;
+  return std::max<int64_t>(1, std::min(c, rows));
+}
+
+// w [T,B] (loss.h step_weight), in the input's dtype.
+at::Tensor loss_weights(const LossSpec& spec, const ElmanShape& s, const at::Tensor& target,
+                        const c10::optional<at::Tensor>& loss_mask,
+                        const at::TensorOptions& opts) {
+  auto w = at::empty({s.T, s.B}, opts);
+  const at::Tensor mask =
+      loss_mask.has_value() ? loss_mask->to(opts.dtype()).contiguous() : at::Tensor();
+  const bool ce = spec.kind == LossKind::kCrossEntropy;
+  const at::Tensor tgt = ce ? target.contiguous() : at::Tensor();  // [T,B]
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "loss_weights", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* mp = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+    const int64_t* yp = ce ? tgt.const_data_ptr<int64_t>() : nullptr;
+    for (int64_t t = 0; t < s.T; ++t) {
+      for (int64_t b = 0; b < s.B; ++b) {
+        const int64_t r = t * s.B + b;
+        const int64_t len = s.lengths ? s.lengths[b] : s.T;
+        const bool ignored = ce && yp[r] == spec.ignore_index;
+        wp[r] = step_weight(spec.steps, t, len, mp ? mp[r] : scalar_t(1), ignored);
+      }
+    }
+  });
+  return w;
+}
+
+// coef [T,B] of a scalar reduction (loss.h reduction_coef), sums in double.
+at::Tensor reduction_coefs(const LossSpec& spec, const ElmanShape& s, const at::Tensor& w) {
+  auto coef = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "reduction_coefs", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* cp = coef.data_ptr<scalar_t>();
+    std::vector<double> w_seq(s.B, 0.0);
+    double w_all = 0;
+    for (int64_t r = 0; r < s.T * s.B; ++r) {
+      w_seq[r % s.B] += double(wp[r]);
+      w_all += double(wp[r]);
+    }
+    int64_t n_seq = 0;
+    for (int64_t b = 0; b < s.B; ++b) n_seq += w_seq[b] > 0;
+    for (int64_t r = 0; r < s.T * s.B; ++r)
+      cp[r] = scalar_t(reduction_coef<double>(spec.reduction, double(wp[r]), w_seq[r % s.B],
+                                              w_all, n_seq));
+  });
+  return coef;
+}
+
+// The head's gradients, each accumulated over the chunks.
+struct HeadGrads {
+  at::Tensor output;      // [T*B,H] dL/dh_t through the head at step t
+  at::Tensor weight_out;  // [O,H]
+  at::Tensor bias_out;    // [O], or [0] without bias_out
+};
+
+HeadGrads zero_head_grads(const LossSpec& spec, const ElmanShape& s, bool has_bias,
+                          const at::TensorOptions& opts) {
+  return {at::zeros({s.T * s.B, s.H}, opts), at::zeros({spec.O, s.H}, opts),
+          at::zeros({has_bias ? spec.O : 0}, opts)};
+}
+
+HeadGrads no_head_grads(const at::TensorOptions& opts) {
+  return {at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
+}
+
+// Runs the head and the loss over the rows of h whose coefficient is not 0, a
+// chunk at a time.
+//   h [N,H] contiguous (N = T*B rows, row r = t*B + b); coef [N] contiguous
+//   target: [T,B] int64 contiguous (cross_entropy) or [T,B,O] with unit stride in O (mse)
+//   w_out [O,H]; b_out [O] or undefined
+//   step_loss [N] contiguous, receives l of every computed row, or undefined
+//   grads: accumulated into when given (zeroed by the caller).
+template <typename T>
+void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
+               const at::Tensor& target, const at::Tensor& w_out, const at::Tensor& b_out,
+               const at::Tensor& coef, const at::Tensor& step_loss, HeadGrads* grads) {
+  const int64_t N = s.T * s.B, H = s.H, O = spec.O;
+  if (N == 0) return;
+  const auto active = coef.ne(0);
+  const int64_t n_active = active.sum().item<int64_t>();
+  if (n_active == 0) return;
+  const bool all_rows = n_active == N;
+  // Row indices of the active rows, in row order, unless every row is active.
+  const at::Tensor rows = all_rows ? at::Tensor() : active.nonzero().view({-1});
+  const int64_t* row_idx = all_rows ? nullptr : rows.const_data_ptr<int64_t>();
+  const int64_t C = rows_per_chunk(spec, n_active, sizeof(T));
+
+  const auto opts = h.options();
+  auto logits_buf = at::empty({C, O}, opts);                           // [C,O]
+  auto h_buf = all_rows ? at::Tensor() : at::empty({C, H}, opts);      // [C,H] gathered rows
+  auto dh_buf = all_rows || !grads ? at::Tensor() : at::empty({C, H}, opts);  // [C,H]
+  const auto w_out_t = w_out.t();                                      // [H,O]
+
+  const T* cp = coef.const_data_ptr<T>();
+  T* lp = step_loss.defined() ? step_loss.data_ptr<T>() : nullptr;
+  const bool ce = spec.kind == LossKind::kCrossEntropy;
+  const int64_t* yp = ce ? target.const_data_ptr<int64_t>() : nullptr;
+  const T* mp = ce ? nullptr : target.const_data_ptr<T>();
+  const int64_t mst = ce ? 0 : target.stride(0), msb = ce ? 0 : target.stride(1);
+  const T eps = T(spec.label_smoothing);
+  const VecKernels<T>& vk = vec_kernels_for<T>();
+  const bool grad = grads != nullptr;
+  // Rows of a few thousand elements each: a row is one task; tiny rows are batched.
+  const int64_t grain = std::max<int64_t>(1, 16384 / O);
+
+  for (int64_t c0 = 0; c0 < n_active; c0 += C) {
+    const int64_t n = std::min(C, n_active - c0);
+    at::Tensor idx, hc;
+    if (all_rows) {
+      hc = h.narrow(0, c0, n);  // [n,H]
+    } else {
+      idx = rows.narrow(0, c0, n);
+      hc = h_buf.narrow(0, 0, n);
+      at::index_select_out(hc, h, 0, idx);
+    }
+    auto logits = logits_buf.narrow(0, 0, n);  // [n,O]
+    if (b_out.defined()) at::addmm_out(logits, b_out, hc, w_out_t);
+    else at::mm_out(logits, hc, w_out_t);
+
+    T* xp = logits.data_ptr<T>();
+    at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = all_rows ? c0 + i : row_idx[c0 + i];
+        T* x = xp + i * O;
+        const T l = ce ? vk.ce_row(x, O, yp[r], eps, cp[r], grad)
+                       : vk.mse_row(x, mp + (r / s.B) * mst + (r % s.B) * msb, O, cp[r], grad);
+        if (lp) lp[r] = l;
+      }
+    });
+    if (!grad) continue;
+    // logits now holds coef * dl/dlogits.
+    if (all_rows) {
+      auto dh = grads->output.narrow(0, c0, n);
+      at::mm_out(dh, logits, w_out);
+    } else {
+      auto dh = dh_buf.narrow(0, 0, n);
+      at::mm_out(dh, logits, w_out);
+      grads->output.index_copy_(0, idx, dh);
+    }
+    grads->weight_out.addmm_(logits.t(), hc);
+    if (b_out.defined()) grads->bias_out.add_(logits.sum(0));
+  }
+}
+
+// The head's inputs in the layout head_loss reads.
+at::Tensor head_target(const LossSpec& spec, const at::Tensor& target) {
+  if (spec.kind == LossKind::kCrossEntropy) return target.contiguous();
+  // An mse target is as large as the logits: read it in place when each row is contiguous.
+  return target.stride(2) == 1 ? target : target.contiguous();
+}
+
+void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& output,
+              const at::Tensor& target, const at::Tensor& w_out,
+              const c10::optional<at::Tensor>& b_out, const at::Tensor& coef,
+              const at::Tensor& step_loss, HeadGrads* grads) {
+  const auto h = output.view({s.T * s.B, s.H});
+  const auto tgt = head_target(spec, target);
+  const auto w = w_out.contiguous();
+  const at::Tensor b = b_out.has_value() ? b_out->contiguous() : at::Tensor();
+  const auto c = coef.contiguous().view({-1});
+  const at::Tensor l = step_loss.defined() ? step_loss.view({-1}) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "elman_loss_head", [&] {
+    head_loss<scalar_t>(spec, s, h, tgt, w, b, c, l, grads);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+elman_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const at::Tensor& hx,
+                   const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                   const c10::optional<at::Tensor>& bias_ih,
+                   const c10::optional<at::Tensor>& bias_hh, const at::Tensor& weight_out,
+                   const c10::optional<at::Tensor>& bias_out,
+                   const c10::optional<at::Tensor>& lengths,
+                   const c10::optional<at::Tensor>& loss_mask, c10::string_view nonlinearity,
+                   c10::string_view loss, c10::string_view steps, c10::string_view reduction,
+                   int64_t ignore_index, double label_smoothing, bool compute_grad,
+                   int64_t chunk_rows) {
+  const char* op = "rnnkern.elman_loss_fwd";
+  ElmanShape s = check_elman_args(op, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                                  nonlinearity, false, 0);
+  const LossSpec spec =
+      check_loss_args(op, s, input, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
+                      reduction, ignore_index, label_smoothing, chunk_rows);
+  const auto x = input.contiguous();  // [T,B,I]
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  const auto opts = input.options();
+
+  auto [output, h_n] = elman_forward(s, x, hx, weight_ih, weight_hh, bias_sum(bias_ih, bias_hh));
+  auto weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
+  const bool scalar = spec.reduction != Reduction::kNone;
+  // 'none' computes l only; its gradient waits for the upstream coefficients.
+  const auto coef = scalar ? reduction_coefs(spec, s, weight) : weight;  // [T,B]
+  auto step_loss = at::zeros({s.T, s.B}, opts);                          // [T,B]
+  const bool grads_now = compute_grad && scalar;
+  HeadGrads grads = grads_now ? zero_head_grads(spec, s, bias_out.has_value(), opts)
+                              : no_head_grads(opts);
+  run_head(spec, s, output, target, weight_out, bias_out, coef, step_loss,
+           grads_now ? &grads : nullptr);
+  auto value = scalar ? coef.mul(step_loss).sum(at::kDouble).to(input.scalar_type())
+                      : weight.mul(step_loss);
+  if (grads_now) grads.output = grads.output.view({s.T, s.B, s.H});
+  return {value, output, h_n, step_loss, weight, grads.output, grads.weight_out, grads.bias_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
+                   const at::Tensor& input, const at::Tensor& target, const at::Tensor& hx,
+                   const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                   const at::Tensor& weight_out, const c10::optional<at::Tensor>& bias_out,
+                   const c10::optional<at::Tensor>& lengths, const at::Tensor& output,
+                   const at::Tensor& weight, const at::Tensor& grad_output,
+                   const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
+                   c10::string_view nonlinearity, c10::string_view loss,
+                   c10::string_view reduction, int64_t ignore_index, double label_smoothing,
+                   int64_t truncate, bool want_grad_norm, int64_t chunk_rows) {
+  const char* op = "rnnkern.elman_loss_bwd";
+  ElmanShape s = check_elman_args(op, input, hx, weight_ih, weight_hh, c10::nullopt,
+                                  c10::nullopt, lengths, nonlinearity, false, truncate);
+  const LossSpec spec =
+      check_loss_args(op, s, input, target, weight_out, bias_out, lengths, c10::nullopt, loss,
+                      "all", reduction, ignore_index, label_smoothing, chunk_rows);
+  check_loss_bwd_args(op, s, spec, input, grad_loss, grad_h_n, output, weight, grad_output,
+                      grad_weight_out, grad_bias_out, bias_out.has_value());
+  const auto x = input.contiguous();  // [T,B,I]
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  const auto opts = input.options();
+
+  HeadGrads grads;
+  if (spec.reduction == Reduction::kNone) {
+    grads = zero_head_grads(spec, s, bias_out.has_value(), opts);
+    run_head(spec, s, output, target, weight_out, bias_out, grad_loss.mul(weight), at::Tensor(),
+             &grads);
+    grads.output = grads.output.view({s.T, s.B, s.H});
+  } else if (grad_loss.item<double>() == 1.0) {
+    // The usual loss.backward(): the forward's gradients as they are (the
+    // returned ones copied, as an op's outputs never alias its inputs).
+    grads = {grad_output, grad_weight_out.clone(), grad_bias_out.clone()};
+  } else {
+    grads = {grad_output.mul(grad_loss), grad_weight_out.mul(grad_loss),
+             grad_bias_out.mul(grad_loss)};
+  }
+  auto grad_norm = want_grad_norm ? at::empty({s.T, s.B}, opts) : at::empty({0}, opts);
+  ElmanGrads g = elman_backward(s, grads.output, grad_h_n, x, hx, weight_ih, weight_hh, output,
+                                want_grad_norm ? grad_norm : at::Tensor());
+  return {g.input, g.hx, g.weight_ih, g.weight_hh, g.bias,
+          grads.weight_out, grads.bias_out, grad_norm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnkern, CPU, m) {
+  m.impl("elman_loss_fwd", &elman_loss_fwd_cpu);
+  m.impl("elman_loss_bwd", &elman_loss_bwd_cpu);
+}
+
+}  // namespace rnnkern::cpu
