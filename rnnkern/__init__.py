@@ -1,11 +1,14 @@
 """rnnkern: fused C++ kernels for recurrent networks under PyTorch.
 
 The forward pass and the whole backpropagation through time of an Elman RNN
-each run as one kernel call, with variable lengths and truncated BPTT built in.
+each run as one kernel call, with variable lengths and truncated BPTT built in;
+rnn_loss / RNNLoss fuse a linear head and a per-step loss into the same calls.
 """
 
 from . import functional, reference
+from ._details import RNNLossDetails
 from ._ops import cpu_capability
+from .loss import RNNLoss
 
-__all__ = ["functional", "reference", "cpu_capability"]
+__all__ = ["functional", "reference", "cpu_capability", "RNNLoss", "RNNLossDetails"]
 __version__ = "0.1.0"

@@ -110,3 +110,127 @@ def check_rnn_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonline
         if b is not None:
             check_tensor(name, b, shape=(H,), like=input, letters="(H,)")
     return check_lengths(lengths, B, T), truncate
+
+
+LOSSES = ("cross_entropy", "mse")
+REDUCTIONS = ("mean", "sum", "seq_mean", "seq_sum", "none")
+STEPS = ("all", "last")
+
+
+def _names(options) -> str:
+    return ", ".join(repr(o) for o in options)
+
+
+def check_loss_options(*, loss, reduction, steps, ignore_index, label_smoothing) -> float:
+    """The per-step loss's non-tensor options. Returns label_smoothing as a float."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {_names(LOSSES)}, got {loss!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_names(REDUCTIONS)}, got {reduction!r}")
+    if steps not in STEPS:
+        raise ValueError(f"steps must be one of {_names(STEPS)}, got {steps!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} ({type(ignore_index).__name__})")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r} "
+                        f"({type(label_smoothing).__name__})")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing}")
+    if loss == "mse" and label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing applies to loss='cross_entropy' only, got {label_smoothing} "
+                         "with loss='mse'")
+    return float(label_smoothing)
+
+
+def _no_grad_wanted(name: str, t: torch.Tensor) -> None:
+    # The kernel treats targets and masks as data; a silent None gradient would be wrong.
+    if torch.is_grad_enabled() and t.requires_grad:
+        raise ValueError(f"{name} must not require grad: rnn_loss gives no gradient to {name} "
+                         "(detach it)")
+
+
+def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_first, loss,
+                    loss_mask, steps, reduction, ignore_index, label_smoothing):
+    """Checks the loss arguments of rnnkern.functional.rnn_loss / rnnkern.reference.rnn_loss,
+    after check_rnn_args checked the layer's (so input is a 3-D float tensor and
+    lengths an int64 CPU tensor or None).
+
+    Returns (O, target, loss_mask, label_smoothing) with target and loss_mask
+    time-major: target (T, B) or (T, B, O), loss_mask (T, B) or None."""
+    label_smoothing = check_loss_options(loss=loss, reduction=reduction, steps=steps,
+                                         ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing)
+    if batch_first:
+        B, T, _ = input.shape
+    else:
+        T, B, _ = input.shape
+    steps_layout = ("(B, T)", (B, T)) if batch_first else ("(T, B)", (T, B))
+
+    if not isinstance(weight_out, torch.Tensor) or weight_out.dim() != 2:
+        got = _shape(weight_out) if isinstance(weight_out, torch.Tensor) else type(weight_out).__name__
+        raise ValueError(f"weight_out must be a 2-D tensor (O, H) with H={H}, got {got}")
+    O = weight_out.shape[0]
+    if O < 1:
+        raise ValueError(f"weight_out must have O >= 1 rows (outputs or classes), got {_shape(weight_out)}")
+    check_tensor("weight_out", weight_out, shape=(O, H), like=input, letters="(O, H)")
+    if bias_out is not None:
+        check_tensor("bias_out", bias_out, shape=(O,), like=input, letters="(O,)")
+
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
+    if loss == "cross_entropy":
+        letters, shape = steps_layout
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must be int64 class indices for loss='cross_entropy', got {target.dtype}")
+        if _shape(target) != shape:
+            raise ValueError(f"target must have shape {letters} = {shape} for loss='cross_entropy', "
+                             f"got {_shape(target)}")
+        if not _compiling() and target.numel() > 0:
+            bad = (target != ignore_index) & ((target < 0) | (target >= O))
+            if bool(bad.any()):
+                where = tuple(int(i) for i in bad.nonzero()[0])
+                names = "b, t" if batch_first else "t, b"
+                raise ValueError(f"target must hold class indices in [0, O={O}) or "
+                                 f"ignore_index={ignore_index}, got {int(target[where])} at "
+                                 f"[{names}] = {list(where)}")
+    else:
+        letters = "(B, T, O)" if batch_first else "(T, B, O)"
+        shape = (B, T, O) if batch_first else (T, B, O)
+        if target.dtype != input.dtype:
+            raise TypeError(f"target must have the input's dtype {input.dtype} for loss='mse', "
+                            f"got {target.dtype}")
+        if _shape(target) != shape:
+            raise ValueError(f"target must have shape {letters} = {shape} for loss='mse', "
+                             f"got {_shape(target)}")
+        _no_grad_wanted("target", target)
+
+    if loss_mask is not None:
+        letters, shape = steps_layout
+        if not isinstance(loss_mask, torch.Tensor):
+            raise TypeError(f"loss_mask must be a bool or floating tensor of shape {letters} = {shape}, "
+                            f"got {type(loss_mask).__name__}")
+        if loss_mask.dtype != torch.bool and not loss_mask.dtype.is_floating_point:
+            raise TypeError(f"loss_mask must be bool or floating, got {loss_mask.dtype}")
+        if loss_mask.device != input.device:
+            raise ValueError(f"loss_mask must be on the input's device {input.device}, got {loss_mask.device}")
+        if _shape(loss_mask) != shape:
+            raise ValueError(f"loss_mask must have shape {letters} = {shape}, got {_shape(loss_mask)}")
+        _no_grad_wanted("loss_mask", loss_mask)
+        if loss_mask.dtype != torch.bool and not _compiling() and loss_mask.numel() > 0:
+            ok = loss_mask >= 0  # NaN fails it too
+            if not bool(ok.all()):
+                raise ValueError(f"loss_mask must be >= 0 (and not NaN), got {float(loss_mask[~ok][0])}")
+
+    if steps == "last" and B > 0:
+        if lengths is None and T < 1:
+            raise ValueError(f"steps='last' needs every sequence to have a last step: T must be >= 1, got {T}")
+        if lengths is not None and not _compiling() and int(lengths.min()) < 1:
+            raise ValueError("steps='last' needs every sequence to have a last step: lengths must be "
+                             f">= 1, got min {int(lengths.min())}")
+
+    def tm(t):
+        return t.transpose(0, 1) if (batch_first and t is not None) else t
+
+    return O, tm(target), tm(loss_mask), label_smoothing

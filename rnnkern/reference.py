@@ -2,7 +2,7 @@
 
 Plain autograd code with an explicit loop over time. Slow by design; the tests
 compare the fused kernels against it. Shape letters: T steps, B batch, I input
-features, H hidden units.
+features, H hidden units, O head outputs or classes.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from ._checks import LengthsLike, check_rnn_args
+from ._checks import LengthsLike, check_loss_args, check_rnn_args
+from ._details import RNNLossDetails
 
-__all__ = ["rnn"]
+__all__ = ["rnn", "rnn_loss"]
 
 
 def rnn(
@@ -30,6 +32,7 @@ def rnn(
     truncate: Optional[int] = None,
     reverse: bool = False,
     _cut=None,
+    _step=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Elman layer, one direction: h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh).
 
@@ -76,6 +79,8 @@ def rnn(
         if bias_hh is not None:
             z = z + bias_hh
         h_new = act(z)
+        if _step is not None:
+            h_new = _step(s, h_new)
         active = (s < lens)[:, None]  # [B,1]
         h = torch.where(active, h_new, h)
         step_outputs.append(torch.where(active, h_new, torch.zeros_like(h_new)))
@@ -92,3 +97,134 @@ def rnn(
     if batch_first:
         output = output.transpose(0, 1)
     return output, h
+
+
+def step_weights(T: int, B: int, *, lengths: Optional[torch.Tensor], steps: str,
+                 loss_mask: Optional[torch.Tensor], ignored: Optional[torch.Tensor],
+                 dtype: torch.dtype, device) -> torch.Tensor:
+    """w (T, B): 1 for t < len_b (only t = len_b - 1 with steps='last'), 0 beyond;
+    times loss_mask (T, B); 0 where ``ignored`` (T, B) is True."""
+    lens = torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths  # [B]
+    lens = lens.to(device)
+    t = torch.arange(T, device=device)[:, None]  # [T,1]
+    counted = (t == lens[None, :] - 1) if steps == "last" else (t < lens[None, :])  # [T,B]
+    w = counted.to(dtype)
+    if loss_mask is not None:
+        w = w * loss_mask.to(dtype)
+    if ignored is not None:
+        w = torch.where(ignored, torch.zeros_like(w), w)
+    return w
+
+
+def rnn_loss(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    hx: Optional[torch.Tensor],
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: Optional[torch.Tensor],
+    bias_hh: Optional[torch.Tensor],
+    weight_out: torch.Tensor,
+    bias_out: Optional[torch.Tensor] = None,
+    *,
+    loss: str = "cross_entropy",
+    nonlinearity: str = "tanh",
+    batch_first: bool = False,
+    lengths: LengthsLike = None,
+    loss_mask: Optional[torch.Tensor] = None,
+    steps: str = "all",
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    truncate: Optional[int] = None,
+    return_details: bool = False,
+    _cut=None,
+):
+    """One Elman layer (``rnn`` above), the head y_t = h_t W_out^T + b_out and a
+    loss at every step, reduced with weights: the specification of
+    rnnkern.functional.rnn_loss, written with the whole (T, B, O) head output.
+
+    Per-step tensors follow the input's layout, (T, B, ...) or (B, T, ...) with
+    batch_first:
+        target: (T, B) int64 class indices for loss='cross_entropy'; (T, B, O)
+            of the input's dtype for loss='mse'.
+        loss_mask: (T, B) bool or floating >= 0, or None.
+    weight_out: (O, H); bias_out: (O,) or None. Other arguments as in ``rnn``.
+
+    The per-step loss l[t,b]:
+        'cross_entropy': F.cross_entropy(y[t,b], target[t,b], label_smoothing=...)
+        'mse': mean over o of (y[t,b,o] - target[t,b,o])^2
+    Its weight w[t,b] (step_weights): 1 for t < len_b (only t = len_b - 1 with
+    steps='last'), 0 beyond; times loss_mask; 0 where target == ignore_index.
+    Reductions: 'sum' sum w*l; 'mean' sum w*l / sum w; 'seq_sum' the sum over
+    sequences with sum_t w > 0 of sum_t w*l / sum_t w; 'seq_mean' the mean of
+    those; 'none' w*l (T, B). An all-masked batch (no positive weight) gives 0.
+    target and loss_mask are data: they take no gradient.
+
+    Returns the loss, or with return_details an RNNLossDetails(loss, h_n,
+    step_loss, grad_norm); grad_norm is filled in by backward.
+    """
+    lengths, truncate = check_rnn_args(
+        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
+        batch_first=batch_first, lengths=lengths, truncate=truncate)
+    H = weight_hh.shape[0]
+    O, target, loss_mask, label_smoothing = check_loss_args(
+        input, target, weight_out, bias_out, H=H, lengths=lengths, batch_first=batch_first,
+        loss=loss, loss_mask=loss_mask, steps=steps, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
+    T, B = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+
+    grad_norm = input.new_full((T, B), float("nan"))  # [T,B], filled by backward
+
+    def on_step(s, h):  # h [B,H]: the state of step s, whose gradient is all of dL/dh_s
+        def record(g):  # returns None: the gradient itself is left as it is
+            grad_norm[s] = g.detach().norm(dim=1)
+
+        if return_details and h.requires_grad:
+            h.register_hook(record)
+        return h
+
+    output, h_n = rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                      nonlinearity=nonlinearity, batch_first=batch_first, lengths=lengths,
+                      truncate=truncate, _cut=_cut, _step=on_step)
+    h = output.transpose(0, 1) if batch_first else output  # [T,B,H]
+    y = h @ weight_out.T  # [T,B,O]
+    if bias_out is not None:
+        y = y + bias_out
+    if loss == "cross_entropy":
+        l = F.cross_entropy(y.reshape(T * B, O), target.reshape(T * B), reduction="none",
+                            ignore_index=ignore_index,
+                            label_smoothing=label_smoothing).view(T, B)
+        ignored = target == ignore_index
+    else:
+        l = ((y - target) ** 2).mean(dim=-1)  # [T,B]
+        ignored = None
+    w = step_weights(T, B, lengths=lengths, steps=steps, loss_mask=loss_mask, ignored=ignored,
+                     dtype=input.dtype, device=input.device)  # [T,B]
+    # Rows of weight 0 do not count (the kernel never computes them).
+    l = torch.where(w > 0, l, torch.zeros_like(l))
+    wl = w * l  # [T,B]
+
+    if reduction == "none":
+        value = wl.transpose(0, 1) if batch_first else wl
+    elif reduction == "sum":
+        value = wl.sum()
+    elif reduction == "mean":
+        total, w_all = wl.sum(), w.sum()
+        # All masked: every w*l is 0, so is total, and so is its gradient.
+        value = total / w_all if w_all > 0 else total
+    else:
+        w_seq = w.sum(dim=0)  # [B]
+        counted = w_seq > 0
+        per_seq = wl.sum(dim=0) / torch.where(counted, w_seq, torch.ones_like(w_seq))  # [B]
+        value = per_seq.sum()
+        n_seq = int(counted.sum())
+        if reduction == "seq_mean" and n_seq > 0:
+            value = value / n_seq
+
+    if not return_details:
+        return value
+    step_loss = l.detach()
+    if batch_first:
+        step_loss, grad_norm = step_loss.transpose(0, 1), grad_norm.transpose(0, 1)
+    return RNNLossDetails(value, h_n, step_loss, grad_norm)
