@@ -6,6 +6,8 @@ import itertools
 
 import torch
 
+from rnnkern import functional, reference
+
 # Relative error bounds, as max|a-b| / max|b| over a tensor.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -92,3 +94,40 @@ def nn_rnn_like(layer, nonlinearity, batch_first, bidirectional=False, reverse_l
                 getattr(m, f"bias_ih_l0{suffix}").copy_(src["bias_ih"])
                 getattr(m, f"bias_hh_l0{suffix}").copy_(src["bias_hh"])
     return m
+
+
+class TruncatedProbe(torch.autograd.Function):
+    """gradcheck for truncated BPTT. With truncate=K the kernel's gradient is the
+    Jacobian of the function in which each state crossing a K-step boundary is
+    a constant. This Function's forward is exactly that function: the reference
+    with the boundary states frozen at their values at the first (unperturbed)
+    call; its backward is the kernel's.
+
+    ``call(impl, tensors, cut)`` runs impl (functional or reference) on the
+    tensors and returns a tuple of differentiable outputs; ``cut`` is None for
+    the kernel and the reference's ``_cut`` hook otherwise. Set
+    ``TruncatedProbe.frozen = None`` before each gradcheck."""
+
+    frozen = None
+
+    @staticmethod
+    def forward(ctx, call, *tensors):
+        boundary = []
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in tensors]
+            outs_k = call(functional, leaves, None)
+            # record the states at each cut of this (unperturbed) point
+            call(reference, [t.detach() for t in tensors], lambda s, h: boundary.append(h) or h)
+        ctx.graph = (leaves, outs_k)
+        # gradcheck perturbs inputs and calls forward again: a fresh ctx, so the
+        # boundary states come from TruncatedProbe.frozen, set on the first call
+        if TruncatedProbe.frozen is None:
+            TruncatedProbe.frozen = boundary
+        it = iter(TruncatedProbe.frozen)
+        outs = call(reference, [t.detach() for t in tensors], lambda s, h: next(it).detach())
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        leaves, outs_k = ctx.graph
+        return (None, *torch.autograd.grad(outs_k, leaves, grads, retain_graph=True))

@@ -3,50 +3,20 @@ combination of nonlinearity x bias x lengths x truncate x batch_first x reverse.
 
 With truncate=K the kernel's gradient is, by definition, not the Jacobian of
 its forward: it is the Jacobian of the function in which the hidden state that
-crosses each K-step boundary is a constant. The probe below gives gradcheck
-exactly that function (the reference with the boundary states frozen at their
-values) for its finite differences, and the kernel's backward for its
+crosses each K-step boundary is a constant. helpers.TruncatedProbe gives
+gradcheck exactly that function (the reference with the boundary states frozen
+at their values) for its finite differences, and the kernel's backward for its
 analytical side.
 """
 
 import pytest
 import torch
 
-from helpers import make_layer, product
+from helpers import TruncatedProbe, make_layer, product
 from rnnkern import functional, reference
 
 CASES = product(nonlinearity=["tanh", "relu"], bias=[True, False], lengths=[False, True],
                 truncate=[None, 2], batch_first=[False, True], reverse=[False, True])
-
-
-class TruncatedProbe(torch.autograd.Function):
-    """forward: the reference with frozen boundary states; backward: the kernel."""
-
-    @staticmethod
-    def forward(ctx, call, *tensors):
-        boundary = []
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in tensors]
-            out_k, h_k = call(functional, leaves, None)
-            # record the states at each cut of this (unperturbed) point
-            call(reference, [t.detach() for t in tensors], lambda s, h: boundary.append(h) or h)
-        ctx.graph = (leaves, out_k, h_k)
-        ctx.boundary = boundary
-        # gradcheck perturbs inputs and calls forward again: a fresh ctx, so the
-        # boundary states come from TruncatedProbe.frozen, set on the first call
-        frozen = TruncatedProbe.frozen if TruncatedProbe.frozen is not None else boundary
-        TruncatedProbe.frozen = frozen
-        it = iter(frozen)
-        out, h_n = call(reference, [t.detach() for t in tensors], lambda s, h: next(it).detach())
-        return out, h_n
-
-    @staticmethod
-    def backward(ctx, g_out, g_h):
-        leaves, out_k, h_k = ctx.graph
-        return (None, *torch.autograd.grad([out_k, h_k], leaves, [g_out, g_h], retain_graph=True))
-
-
-TruncatedProbe.frozen = None
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
