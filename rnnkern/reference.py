@@ -174,11 +174,11 @@ def rnn_loss(
         ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
     T, B = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
 
-    grad_norm = input.new_full((T, B), float("nan"))  # [T,B], filled by backward
+    norms = input.new_full((T, B), float("nan"))  # [T,B], filled by backward
 
     def on_step(s, h):  # h [B,H]: the state of step s, whose gradient is all of dL/dh_s
         def record(g):  # returns None: the gradient itself is left as it is
-            grad_norm[s] = g.detach().norm(dim=1)
+            norms[s] = g.detach().norm(dim=1)
 
         if return_details and h.requires_grad:
             h.register_hook(record)
@@ -225,6 +225,6 @@ def rnn_loss(
     if not return_details:
         return value
     step_loss = l.detach()
-    if batch_first:
-        step_loss, grad_norm = step_loss.transpose(0, 1), grad_norm.transpose(0, 1)
-    return RNNLossDetails(value, h_n, step_loss, grad_norm)
+    if batch_first:  # views: the hooks keep writing into norms
+        return RNNLossDetails(value, h_n, step_loss.transpose(0, 1), norms.transpose(0, 1))
+    return RNNLossDetails(value, h_n, step_loss, norms)

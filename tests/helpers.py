@@ -131,3 +131,60 @@ class TruncatedProbe(torch.autograd.Function):
     def backward(ctx, *grads):
         leaves, outs_k = ctx.graph
         return (None, *torch.autograd.grad(outs_k, leaves, grads, retain_graph=True))
+
+
+LAYER_NAMES = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out",
+               "bias_out")
+
+
+def make_loss_problem(T, B, I, H, O, *, loss="cross_entropy", dtype=torch.float64, seed=None,
+                      batch_first=False, bias=True, lengths=None, loss_mask=None, ignore=False,
+                      scale=1.0):
+    """Fresh random inputs of rnn_loss. Returns (tensors, target, kw):
+    tensors: dict over LAYER_NAMES (all requiring grad; biases None without bias);
+    target laid out like the steps; kw: lengths, loss_mask, ignore_index.
+
+    lengths: None, 'random' (in [1, T]), or a tensor.
+    loss_mask: None, 'bool' or 'float' (>= 0, some zeros).
+    ignore: cross-entropy only; mark every 4th target with ignore_index = 1
+    (a valid class, so ignoring it cannot pass as a range check)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    layer = make_layer(T, B, I, H, dtype=dtype, bias=bias, seed=seed, batch_first=batch_first,
+                       scale=scale)
+    layer["weight_out"] = (torch.randn(O, H, dtype=dtype, generator=g) / H**0.5 * 3).requires_grad_()
+    layer["bias_out"] = (torch.randn(O, dtype=dtype, generator=g) * 0.1).requires_grad_() if bias else None
+    steps = (B, T) if batch_first else (T, B)
+    ignore_index = -100
+    if loss == "cross_entropy":
+        target = torch.randint(0, O, steps, generator=g)
+        if ignore:
+            ignore_index = 1
+            target.view(-1)[::4] = ignore_index
+    else:
+        target = torch.randn(*steps, O, dtype=dtype, generator=g)
+    if isinstance(lengths, str):
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = None
+    if loss_mask == "bool":
+        mask = torch.rand(steps, generator=g) > 0.3
+    elif loss_mask == "float":
+        mask = torch.rand(steps, dtype=dtype, generator=g) * 2
+        mask.view(-1)[1::5] = 0
+    return layer, target, dict(lengths=lengths, loss_mask=mask, ignore_index=ignore_index)
+
+
+def run_loss(impl, tensors, target, upstream_seed=0, **kw):
+    """rnn_loss of impl with details, then backward (for 'none', of a fixed
+    random weighting). Returns (loss, h_n, step_loss, grad_norm, grads by name)."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None)
+              for k, v in tensors.items()}
+    d = impl.rnn_loss(leaves["input"], target, leaves["hx"], leaves["weight_ih"],
+                      leaves["weight_hh"], leaves["bias_ih"], leaves["bias_hh"],
+                      leaves["weight_out"], leaves["bias_out"], **kw, return_details=True)
+    value = d.loss
+    if value.dim() > 0:
+        gen = torch.Generator().manual_seed(upstream_seed)
+        value = (value * torch.randn(value.shape, generator=gen, dtype=value.dtype)).sum()
+    value.backward()
+    grads = {k: v.grad for k, v in leaves.items() if v is not None}
+    return d.loss.detach(), d.h_n.detach(), d.step_loss, d.grad_norm, grads
