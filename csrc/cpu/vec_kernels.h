@@ -23,12 +23,14 @@ struct VecKernels {
   void (*act_add)(Activation a, T* dst, const T* x, const T* y, int64_t n);
   // dz[0:n] = (g[0:n] + c[0:n]) * act'(h[0:n]), with act' computed from h = act(z)
   void (*grad_z)(Activation a, T* dz, const T* g, const T* c, const T* h, int64_t n);
-  // One row of logits x[0:O] against class y: returns the cross-entropy with
-  // label smoothing eps (loss.h); with grad, x is overwritten with coef * dl/dx.
-  T (*ce_row)(T* x, int64_t O, int64_t y, T eps, T coef, bool grad);
-  // One row of outputs x[0:O] against y[0:O]: returns the MSE (loss.h); with
-  // grad, x is overwritten with coef * dl/dx.
-  T (*mse_row)(T* x, const T* y, int64_t O, T coef, bool grad);
+  // One row of the head's output x[0:O] + b[0:O] (b may be null: no bias)
+  // against class y: returns the cross-entropy with label smoothing eps
+  // (loss.h). With grad, x is overwritten with g = coef * dl/dx and, when db is
+  // not null, g is added to db[0:O] (the bias gradient, accumulated in the
+  // same pass).
+  T (*ce_row)(T* x, const T* b, T* db, int64_t O, int64_t y, T eps, T coef, bool grad);
+  // The same for the MSE against y[0:O] (loss.h).
+  T (*mse_row)(T* x, const T* b, T* db, const T* y, int64_t O, T coef, bool grad);
 };
 
 struct VecKernelTable {
