@@ -348,3 +348,38 @@ def test_double_backward_raises():
     value = functional.rnn_loss(leaves[0], target, *leaves[1:])
     with pytest.raises(RuntimeError, match="double backward through rnnkern.functional.rnn_loss"):
         torch.autograd.grad(value, leaves, create_graph=True)
+
+
+@pytest.mark.parametrize("case", product(size=[(0, 3), (4, 0)], loss=["cross_entropy", "mse"],
+                                         reduction=["mean", "seq_mean", "none"]), ids=str)
+def test_empty_batch_or_no_steps(case):
+    """T=0 or B=0: nothing counts, so the loss is 0 (or empty) and h_n is hx."""
+    T, B = case["size"]
+    tensors, target, _ = make_loss_problem(T, B, 2, 3, 5, loss=case["loss"])
+    got = run_loss(functional, tensors, target, loss=case["loss"], reduction=case["reduction"])
+    want = run_loss(reference, tensors, target, loss=case["loss"], reduction=case["reduction"])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[0] == 0).all()
+
+
+def test_raw_backward_never_reads_an_ignored_target():
+    """A direct call of elman_loss_bwd whose weight is positive at an ignored
+    target (-100, no class index) skips that row instead of reading class -100."""
+    T, B, I, H, O = 5, 3, 2, 4, 6
+    tensors, target, _ = make_loss_problem(T, B, I, H, O)
+    t = {k: v.detach() for k, v in tensors.items()}
+    target[1, 2] = -100
+    fwd = (t["input"], target, t["hx"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
+           t["weight_out"], t["bias_out"], None, None, "tanh", "cross_entropy", "all", "none",
+           -100, 0.0, True, 0)
+    _, out, h_n, _, weight, g_out, g_w, g_b = torch.ops.rnnkern.elman_loss_fwd(*fwd)
+    upstream = torch.rand(T, B, dtype=torch.float64)
+
+    def bwd(w):
+        return torch.ops.rnnkern.elman_loss_bwd(
+            upstream, torch.zeros_like(h_n), t["input"], target, t["hx"], t["weight_ih"],
+            t["weight_hh"], t["weight_out"], t["bias_out"], None, out, w, g_out, g_w, g_b, "tanh",
+            "cross_entropy", "none", -100, 0.0, 0, False, 0)
+
+    for a, b in zip(bwd(torch.ones_like(weight)), bwd(weight)):
+        assert torch.equal(a, b)

@@ -232,7 +232,9 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
 
     T* xp = logits.data_ptr<T>();
     at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-      T* db = dbp ? dbp + at::get_thread_num() * O : nullptr;
+      const int64_t tid = at::get_thread_num();
+      TORCH_INTERNAL_ASSERT(!dbp || tid < db_parts.size(0));
+      T* db = dbp ? dbp + tid * O : nullptr;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = all_rows ? c0 + i : row_idx[c0 + i];
         T* x = xp + i * O;
@@ -272,7 +274,11 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   const auto tgt = head_target(spec, target);
   const auto w = w_out.contiguous();
   const at::Tensor b = b_out.has_value() ? b_out->contiguous() : at::Tensor();
-  const auto c = coef.contiguous().view({-1});
+  // An ignored target is never a row of the sweep, whatever weight a direct
+  // call of the backward op passes: it is no class index to read.
+  const auto c = spec.kind == LossKind::kCrossEntropy
+                     ? coef.masked_fill(tgt.eq(spec.ignore_index), 0).contiguous().view({-1})
+                     : coef.contiguous().view({-1});
   const at::Tensor l = step_loss.defined() ? step_loss.view({-1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "elman_loss_head", [&] {
     head_loss<scalar_t>(spec, s, h, tgt, w, b, c, l, grads);
