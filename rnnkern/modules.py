@@ -101,7 +101,8 @@ class RNN(nn.RNNBase):
         batched = input.dim() == 3
         if hx is not None and hx.dim() != input.dim():
             expected = "3-D (L*D, B, H)" if batched else "2-D (L*D, H) for unbatched 2-D input"
-            raise RuntimeError(f"hx must be {expected}, got {hx.dim()}-D of shape {tuple(hx.shape)}")
+            raise RuntimeError(f"hx must be {expected}, "
+                               f"got {hx.dim()}-D of shape {tuple(hx.shape)}")
         self._check_input(input)
         if not batched:
             x = input.unsqueeze(1)  # [T,1,I]
@@ -116,11 +117,17 @@ class RNN(nn.RNNBase):
             return output.squeeze(1), h_n.squeeze(1)
         return (output.transpose(0, 1) if self.batch_first else output), h_n
 
-    def _forward_packed(self, input: PackedSequence, hx, lengths, truncate):
+    def _forward_packed(
+        self,
+        input: PackedSequence,  # data [N,I], batch_sizes [T] int64 CPU
+        hx: Optional[torch.Tensor],  # [L*D,B,H], the user's batch order
+        lengths: LengthsLike,
+        truncate: Optional[int],
+    ) -> tuple[PackedSequence, torch.Tensor]:  # output data [N,D*H], h_n [L*D,B,H]
         if lengths is not None:
             raise ValueError("lengths must be None for a PackedSequence input, which carries "
                              f"its own lengths; got {type(lengths).__name__}")
-        data, batch_sizes, sorted_indices, unsorted_indices = input  # data [N,I], batch_sizes [T]
+        data, batch_sizes, sorted_indices, unsorted_indices = input
         if data.dim() != 2:
             raise RuntimeError(f"a PackedSequence's data must be 2-D (N, I), "
                                f"got shape {tuple(data.shape)}")
@@ -183,11 +190,17 @@ class RNN(nn.RNNBase):
                                f"I={self.input_size}, got {input.shape[-1]} (input shape "
                                f"{tuple(input.shape)})")
 
-    def _check_hx(self, hx, B, like: torch.Tensor, batched: bool) -> None:
+    def _check_hx(
+        self,
+        hx: Optional[torch.Tensor],  # [L*D,B,H] (unbatched: [L*D,1,H] after unsqueeze)
+        B: int,
+        like: torch.Tensor,  # the input, for dtype and device
+        batched: bool,
+    ) -> None:
         if hx is None:
             return
         LD = self.num_layers * (2 if self.bidirectional else 1)
-        expected = (LD, B, self.hidden_size)  # hx is already [L*D,B,H] when unbatched (B = 1)
+        expected = (LD, B, self.hidden_size)
         if tuple(hx.shape) != expected:
             # Speak the caller's layout: unbatched hx was (L*D, H) before unsqueeze.
             given = tuple(hx.shape) if batched else (hx.shape[0], hx.shape[2])

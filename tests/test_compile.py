@@ -46,7 +46,8 @@ def run(model, x, *args, **kw):
 
 
 def assert_all_close(got, want, tol):
-    names = ["y", "h_n", "grad input"] + [f"grad {n}" for n, _ in Tagger(rnnkern.RNN).named_parameters()]
+    params = Tagger(rnnkern.RNN).named_parameters()
+    names = ["y", "h_n", "grad input"] + [f"grad {n}" for n, _ in params]
     for name, a, b in zip(names, got, want):
         assert_close(a, b, tol, name)
 
