@@ -7,6 +7,7 @@ each run as one kernel call, with variable lengths and truncated BPTT built in.
 from . import functional, reference
 from ._ops import cpu_capability
 from .check import gradcheck
+from .modules import RNN
 
-__all__ = ["functional", "reference", "cpu_capability", "gradcheck"]
+__all__ = ["RNN", "functional", "reference", "cpu_capability", "gradcheck"]
 __version__ = "0.1.0"
