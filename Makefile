@@ -1,6 +1,7 @@
 # The two README commands:
-#   make demo   set everything up, then run the main job
+#   make bench  set everything up, then run the main job (the quick benchmark suite)
 #   make test   set everything up, then run the tests
+# and: make demo (a small training run with a gradient comparison), make check.
 # A second run rebuilds nothing unless csrc/, setup.py or the requirements changed.
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ DEPS      := $(VENV)/.rnnkern-deps
 EXT       := build/.rnnkern-ext
 EXT_SRCS  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup demo test clean
+.PHONY: setup bench demo check test clean
 
 setup: $(EXT)
 
@@ -33,8 +34,14 @@ $(EXT): $(DEPS) $(EXT_SRCS)
 	$(PY) setup.py -q build_ext --inplace
 	@mkdir -p build && touch $@
 
+bench: setup
+	$(PY) -m rnnkern bench --quick
+
 demo: setup
 	$(PY) -m rnnkern demo
+
+check: setup
+	$(PY) -m rnnkern check
 
 test: setup
 	$(PY) -m pytest -q tests

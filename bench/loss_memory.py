@@ -92,7 +92,7 @@ def worker(args) -> None:
         loss = step()
         dt = time.perf_counter() - t0
         if i == 0:
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
         if i >= args.warmup:
             times.append(dt)
     peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

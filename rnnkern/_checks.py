@@ -69,7 +69,7 @@ def check_lengths(lengths: LengthsLike, B: int, T: int) -> Optional[torch.Tensor
     if _shape(lengths) != (B,):
         raise ValueError(f"lengths must have shape (B,) = ({B},), got {_shape(lengths)}")
     lengths = lengths.cpu()
-    if B > 0 and not _compiling():
+    if not _compiling() and B > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > T:
             raise ValueError(f"lengths must be in [0, T={T}], got min {lo} and max {hi}")

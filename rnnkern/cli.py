@@ -1,5 +1,8 @@
 """The ``python -m rnnkern`` command line.
 
+    python -m rnnkern bench   time rnnkern against nn.RNN and the reference
+    python -m rnnkern check   compare the kernels' outputs and gradients with
+                              the autograd reference (exit status 1 on failure)
     python -m rnnkern demo    train a small model with the fused kernel and
                               compare its gradients with the reference
 """
@@ -80,10 +83,45 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def _check(args) -> int:
+    from . import check
+
+    return check.main(args)
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="rnnkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("bench", help="benchmark rnnkern against nn.RNN and the reference")
+    p.add_argument("--quick", action="store_true", help="the short suite (under 2 minutes on 2 cores)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats per implementation")
+    p.add_argument("--config", action="append", help="run only this configuration (repeatable)")
+    p.add_argument("--json", metavar="FILE", help="write machine-readable results")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart (needs matplotlib)")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow autograd reference")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_bench)
+    p = sub.add_parser("check", help="compare kernels with the autograd reference")
+    p.add_argument("-T", type=int)
+    p.add_argument("-B", type=int)
+    p.add_argument("-I", type=int)
+    p.add_argument("-H", type=int)
+    p.add_argument("--nonlinearity", choices=["tanh", "relu"])
+    p.add_argument("--lengths", help="'random' or comma-separated B ints")
+    p.add_argument("--truncate", type=int)
+    p.add_argument("--loss", choices=["mse", "cross_entropy"])
+    p.add_argument("--reverse", action="store_true")
+    p.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_check)
     p = sub.add_parser("demo", help="train a small model and compare gradients with the reference")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import assert_close, grads_of, make_layer, product
+import rnnkern
 from rnnkern import functional, reference
 
 NAMES = ["input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
@@ -32,7 +33,7 @@ def check_both(layer, tol=1e-10, **kw):
 
 
 @pytest.mark.parametrize("case", product(TBIH=[(1, 4, 3, 5), (6, 1, 3, 5), (6, 4, 3, 1), (6, 4, 1, 7),
-                                              (9, 3, 5, 7), (3, 2, 4, 33)],
+                                              (9, 3, 5, 7), (3, 2, 4, 33), (4, 3, 2, 300)],
                                          lengths=[False, True], reverse=[False, True]), ids=str)
 def test_odd_sizes(case):
     T, B, I, H = case["TBIH"]
@@ -135,26 +136,32 @@ def test_respects_thread_count():
         assert_close(a, b, 1e-5)
 
 
-def test_portable_cpu_path_in_subprocess():
-    """RNNKERN_CPU_CAPABILITY=DEFAULT runs the portable element-wise passes."""
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_lower_cpu_capability_in_subprocess(capability):
+    """RNNKERN_CPU_CAPABILITY runs the portable (or AVX2) kernels, as a CPU
+    without AVX-512 would; both fused steps and element-wise passes."""
+    if capability == "AVX2" and rnnkern.cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU has no AVX2")
     code = (
         "import torch, rnnkern, sys\n"
         "sys.path.insert(0, 'tests')\n"
         "from helpers import make_layer, assert_close\n"
-        "assert rnnkern.cpu_capability() == 'DEFAULT', rnnkern.cpu_capability()\n"
+        f"assert rnnkern.cpu_capability() == '{capability}', rnnkern.cpu_capability()\n"
         "from rnnkern import functional, reference\n"
-        "for nl in ('tanh', 'relu'):\n"
-        "    l = make_layer(9, 5, 3, 19)\n"
+        "for nl, dt, rev in [(n, d, r) for n in ('tanh', 'relu') for d in (torch.float64, torch.float32) for r in (False, True)]:\n"
+        "    l = make_layer(9, 5, 3, 19, dtype=dt)\n"
         "    args = [l[k] for k in ('input','hx','weight_ih','weight_hh','bias_ih','bias_hh')]\n"
-        "    kw = dict(nonlinearity=nl, lengths=torch.tensor([9, 0, 4, 1, 7]))\n"
-        "    a, b = functional.rnn(*args, **kw), reference.rnn(*args, **kw)\n"
-        "    assert_close(a[0], b[0], 1e-12)\n"
-        "    ga = torch.autograd.grad(a[0].sum(), args)\n"
-        "    gb = torch.autograd.grad(b[0].sum(), args)\n"
-        "    [assert_close(x, y, 1e-10) for x, y in zip(ga, gb)]\n"
+        "    tol = 1e-10 if dt == torch.float64 else 1e-5\n"
+        "    for lens in (None, torch.tensor([9, 0, 4, 1, 7])):\n"
+        "        kw = dict(nonlinearity=nl, lengths=lens, reverse=rev, truncate=4)\n"
+        "        a, b = functional.rnn(*args, **kw), reference.rnn(*args, **kw)\n"
+        "        assert_close(a[0], b[0], tol)\n"
+        "        ga = torch.autograd.grad(a[0].sum() + a[1].sum(), args)\n"
+        "        gb = torch.autograd.grad(b[0].sum() + b[1].sum(), args)\n"
+        "        [assert_close(x, y, tol) for x, y in zip(ga, gb)]\n"
         "print('ok')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, RNNKERN_CPU_CAPABILITY="DEFAULT")
+    env = dict(os.environ, RNNKERN_CPU_CAPABILITY=capability)
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 

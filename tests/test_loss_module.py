@@ -74,3 +74,27 @@ def test_module_trains():
         opt.step()
         first = float(loss.detach()) if first is None else first
     assert float(loss.detach()) < 0.5 * first
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_module_over_rnnkern_rnn(batch_first):
+    """RNNLoss fuses rnnkern.RNN as it does nn.RNN: same loss and gradients as
+    rnnkern.RNN -> nn.Linear -> F.cross_entropy, and it refuses a 2-layer one."""
+    import rnnkern
+
+    T, B, I, H, O = 10, 3, 4, 6, 7
+    rnn = rnnkern.RNN(I, H, nonlinearity="relu", batch_first=batch_first, dtype=torch.float64)
+    head = torch.nn.Linear(H, O, dtype=torch.float64)
+    model = RNNLoss(rnn, head, label_smoothing=0.1)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64)
+    y = torch.randint(0, O, (B, T) if batch_first else (T, B))
+    got = model(x, y)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    out, _ = rnn(x)
+    want = F.cross_entropy(head(out).reshape(-1, O), y.reshape(-1), label_smoothing=0.1)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    assert_close(got.detach(), want.detach(), TOL[torch.float64], "loss")
+    for a, b in zip(got_grads, want_grads):
+        assert_close(a, b, TOL[torch.float64], "grad")
+    with pytest.raises(ValueError, match="num_layers=1, got 2"):
+        RNNLoss(rnnkern.RNN(I, H, num_layers=2), torch.nn.Linear(H, O))

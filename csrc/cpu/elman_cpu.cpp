@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "../checks.h"
 #include "../params.h"
@@ -131,11 +132,78 @@ T norm_of_sum(const T* g, const T* c, int64_t n) {
 // Time loops
 // ---------------------------------------------------------------------------
 
+// The fused steps keep the packed W_hh in cache for the whole sequence; past
+// this H, BLAS's blocking wins and the steps go to it.
+constexpr int64_t kFusedMaxH = 256;
+// Fused-step work (multiply-adds) below which a step stays on one thread:
+// an OpenMP fork/join costs about a microsecond.
+constexpr int64_t kStepGrainFma = int64_t(1) << 17;
+
+// M [K,N] (strides sk, sn) -> [K,NP] rows, NP = N rounded up to `width`, zero padded.
+template <typename T>
+std::vector<T> pack_matrix(const T* m, int64_t K, int64_t N, int64_t sk, int64_t sn,
+                           int64_t width, int64_t* NP) {
+  *NP = (N + width - 1) / width * width;
+  std::vector<T> packed(size_t(K * *NP), T(0));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) packed[size_t(k * *NP + n)] = m[k * sk + n * sn];
+  return packed;
+}
+
+template <typename T>
+void run_step(void (*step_fn)(const StepArgs<T>&, int64_t, int64_t), const StepArgs<T>& a,
+              int64_t B, int64_t row_block) {
+  const int64_t tiles = (B + row_block - 1) / row_block;
+  const int64_t fma_per_tile = row_block * (a.a ? a.K * a.N : 0) + row_block * a.N;
+  const int64_t grain = std::max<int64_t>(1, kStepGrainFma / std::max<int64_t>(fma_per_tile, 1));
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    step_fn(a, t0 * row_block, std::min(B, t1 * row_block));
+  });
+}
+
+inline bool fused_path(const ElmanShape& s) {
+  // Reverse with lengths reads each sequence at its own time index, which the
+  // fused steps (one time block per step) do not express.
+  return s.H <= kFusedMaxH && !(s.reverse && s.lengths);
+}
+
 template <typename T>
 void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   const ElmanShape& s = p.shape;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
+  const int64_t t_max = max_length(s);
+  if (fused_path(s)) {
+    int64_t NP = 0;
+    // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
+    const std::vector<T> mp = pack_matrix(p.w_hh, H, H, 1, H, vk.pack_width, &NP);
+    StepArgs<T> a;
+    a.act = s.act;
+    a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
+    a.mp = mp.data();
+    a.lens = s.lengths;
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = time_of(s, step, s.T);
+      if (step >= t_max) {  // every sequence has ended
+        std::memset(p.out + t * BH, 0, sizeof(T) * BH);
+        continue;
+      }
+      a.a = step == 0 ? p.h0 : p.out + (s.reverse ? t + 1 : t - 1) * BH;
+      a.z = p.out + t * BH;
+      a.step_out = step;
+      run_step(vk.fwd_step, a, B, vk.row_block);
+    }
+    if (!s.lengths) {
+      std::memcpy(p.h_n, p.out + time_of(s, s.T - 1, s.T) * BH, sizeof(T) * BH);
+    } else {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t len = s.lengths[b];
+        std::memcpy(p.h_n + b * H, len > 0 ? p.out + ((len - 1) * B + b) * H : p.h0 + b * H,
+                    sizeof(T) * H);
+      }
+    }
+    return;
+  }
   if (!s.lengths) {
     // Every sequence is at the same time index: step t reads the previous
     // step's block of `out` in place, with no copy of the state.
@@ -146,15 +214,12 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
       gemm<T>(false, true, B, H, H, T(1), prev, H, p.w_hh, H, T(1), z, H);
       for_rows(B, H, [&](int64_t b0, int64_t b1) { vk.act_inplace(s.act, z + b0 * H, (b1 - b0) * H); });
     }
-    const int64_t t_last = s.reverse ? 0 : s.T - 1;
-    if (s.T > 0) std::memcpy(p.h_n, p.out + t_last * BH, sizeof(T) * BH);
-    else std::memcpy(p.h_n, p.h0, sizeof(T) * BH);
+    std::memcpy(p.h_n, p.out + time_of(s, s.T - 1, s.T) * BH, sizeof(T) * BH);
     return;
   }
   // Variable lengths: each sequence keeps its own state, frozen after its
   // last step; its output is 0 from then on.
   std::memcpy(p.state, p.h0, sizeof(T) * BH);
-  const int64_t t_max = max_length(s);
   for (int64_t step = 0; step < s.T; ++step) {
     if (step < t_max) gemm<T>(false, true, B, H, H, T(1), p.state, H, p.w_hh, H, T(0), p.gemm, H);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
@@ -174,11 +239,59 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   std::memcpy(p.h_n, p.state, sizeof(T) * BH);
 }
 
+// Backward through the fused steps: the epilogue of step s's GEMM
+// (carry = dz_s W_hh) already forms dz_{s-1} = (g_{s-1} + carry) * act'(h_{s-1}).
+template <typename T>
+void elman_bwd_fused(const ElmanBwdParams<T>& p) {
+  const ElmanShape& s = p.shape;
+  const VecKernels<T>& vk = vec_kernels_for<T>();
+  const int64_t T_ = s.T, B = s.B, H = s.H, BH = B * H;
+  int64_t NP = 0;
+  // carry = dz W_hh: M = W_hh, M[k][j] = W_hh[k][j]
+  const std::vector<T> mp = pack_matrix(p.w_hh, H, H, H, 1, vk.pack_width, &NP);
+  StepArgs<T> a;
+  a.act = s.act;
+  a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
+  a.mp = mp.data();
+  a.lens = s.lengths;
+  a.pass = p.carry;  // dL/dh_n, passed through frozen states until a cut zeroes it
+  auto at_step = [&](int64_t step) {
+    const int64_t t = time_of(s, step, T_);
+    a.g = p.grad_out + t * BH;
+    a.h = p.out + t * BH;
+    a.dz = p.grad_z + t * BH;
+    a.step_out = step;
+  };
+  a.a = nullptr;  // the last step's carry is dL/dh_n itself
+  at_step(T_ - 1);
+  run_step(vk.bwd_step, a, B, vk.row_block);
+  for (int64_t step = T_ - 1; step > 0; --step) {
+    if (cut_before(s, step)) {
+      std::memset(p.carry, 0, sizeof(T) * BH);
+      a.a = nullptr;
+    } else {
+      a.a = p.grad_z + time_of(s, step, T_) * BH;
+      a.step_a = step;
+    }
+    at_step(step - 1);
+    run_step(vk.bwd_step, a, B, vk.row_block);
+  }
+  // dL/dh0 = dz_0 W_hh for sequences that ran, the passed-through carry otherwise.
+  const T* dz0 = p.grad_z + time_of(s, 0, T_) * BH;
+  gemm<T>(false, false, B, H, H, T(1), dz0, H, p.w_hh, H, T(0), p.gemm, H);
+  for (int64_t b = 0; b < B; ++b)
+    if (!s.lengths || s.lengths[b] > 0) std::memcpy(p.carry + b * H, p.gemm + b * H, sizeof(T) * H);
+}
+
 template <typename T>
 void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
   const ElmanShape& s = p.shape;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
+  if (fused_path(s) && !p.grad_h_norm) {
+    elman_bwd_fused(p);
+    return;
+  }
   if (!s.lengths) {
     for (int64_t step = s.T - 1; step >= 0; --step) {
       const int64_t t = time_of(s, step, s.T);
@@ -323,8 +436,9 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   g.bias = gz2.sum(0);
   // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
   // or h0 at each sequence's first processed step (dz_first).
-  const at::Tensor dz_first =
-      s.lengths ? grad_z_first : (T > 0 ? grad_z[s.reverse ? T - 1 : 0] : grad_z_first.zero_());
+  const at::Tensor dz_first = (s.lengths && s.reverse)
+                                   ? grad_z_first
+                                   : (T > 0 ? grad_z[s.reverse ? T - 1 : 0] : grad_z_first.zero_());
   g.weight_hh = at::mm(dz_first.t(), h0);
   if (T > 1) {
     const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);

@@ -1,7 +1,15 @@
 // The element-wise passes of the CPU time loops, compiled once per CPU
 // capability (DEFAULT, AVX2, AVX512) in vec_kernels_<cap>.cpp and chosen once at
-// run time, as ATen's DispatchStub does. Only this part is vectorised by hand;
-// the GEMMs go to BLAS.
+// run time, as ATen's DispatchStub does.
+//
+// Two kinds of pass:
+//  - element-wise passes over contiguous runs (act_inplace, act_add, grad_z),
+//    used around a BLAS GEMM;
+//  - fused steps (fwd_step, bwd_step): the recurrent GEMM of one time step with
+//    the activation (or its derivative) applied to the accumulators before they
+//    are stored. For the small H of most RNNs a step is a few microseconds, so
+//    BLAS's per-call overhead and the extra pass over z would dominate; here
+//    the packed weight stays in L1/L2 across the whole sequence.
 //
 // In an extension, at::vec::Vectorized<float> is ATen's scalar fallback unless
 // the translation unit defines CPU_CAPABILITY_<cap> and enables the matching
@@ -15,8 +23,42 @@
 
 namespace rnnkern::cpu {
 
+// One time step of the recurrence, for rows [b0, b1) of the batch.
+//   a   [B,K] left operand (row stride lda); null in backward means "no GEMM"
+//   mp  [K,NP] right operand M [K,N], packed: rows of NP = N rounded up to
+//       pack_width, zero padded (pack_matrix)
+//   lens [B] or null (all rows active); a row is active at step s if s < lens[b]
+// fwd_step: z[b,:] = act(z[b,:] + a[b,:] M) for rows active at step_out, 0 for
+//           the others. z [B,N], row stride ldz, holds the input projection.
+// bwd_step: dz[b,:] = (g[b,:] + c) * act'(h[b,:]) for rows active at step_out,
+//           0 for the others; c = a[b,:] M for rows active at step_a, else
+//           pass[b,:] (a frozen state passes its gradient through).
+//           g, h, dz: [B,N] with row stride ldz; pass [B,N] contiguous.
+template <typename T>
+struct StepArgs {
+  Activation act;
+  int64_t K = 0, N = 0, NP = 0;
+  const T* a = nullptr;
+  int64_t lda = 0;
+  const T* mp = nullptr;
+  const int64_t* lens = nullptr;
+  int64_t step_a = 0, step_out = 0;
+  int64_t ldz = 0;
+  T* z = nullptr;
+  const T* g = nullptr;
+  const T* h = nullptr;
+  const T* pass = nullptr;
+  T* dz = nullptr;
+};
+
 template <typename T>
 struct VecKernels {
+  // Padding width of packed matrices and the row block of the fused steps
+  // (ranges handed to fwd_step/bwd_step should start at a multiple of it).
+  int64_t pack_width;
+  int64_t row_block;
+  void (*fwd_step)(const StepArgs<T>& p, int64_t b0, int64_t b1);
+  void (*bwd_step)(const StepArgs<T>& p, int64_t b0, int64_t b1);
   // z[0:n] = act(z[0:n])
   void (*act_inplace)(Activation a, T* z, int64_t n);
   // dst[0:n] = act(a[0:n] + b[0:n]); dst may alias a

@@ -21,14 +21,72 @@ namespace RNNKERN_CAP {
 
 using at::vec::Vectorized;
 
+// ---------------------------------------------------------------------------
+// Fused steps: a register tile of RB rows x CB vectors accumulates a[rows,:] M
+// over k, then the epilogue finishes each vector in registers.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct Tiling {
+  // Accumulators RB*CB, plus CB loads of M and a broadcast, must fit the
+  // register file (32 zmm with AVX-512, 16 ymm otherwise).
+  static constexpr int RB = Vectorized<T>::size() * sizeof(T) >= 64 ? 8 : 4;
+  static constexpr int CB = 2;
+};
+
+// tanh for float32 as an odd rational function, x P(x^2) / Q(x^2), on x clamped
+// to +-7.905 (where tanh rounds to +-1). Its error is at most 7 ulp (4e-7
+// relative), 1 ulp on average (tests/test_activation.py measures it), and it
+// inlines: a call to Sleef's tanh inside the fused step spills the whole
+// register tile and made tanh 80% of a step. float64 keeps Sleef's 1-ulp tanh.
+inline Vectorized<float> tanh_rational(Vectorized<float> x) {
+  using V = Vectorized<float>;
+  const V lim(7.90531110763549805f);
+  x = at::vec::minimum(at::vec::maximum(x, V(-7.90531110763549805f)), lim);
+  const V x2 = x * x;
+  V p(-2.76076847742355e-16f);
+  p = at::vec::fmadd(p, x2, V(2.00018790482477e-13f));
+  p = at::vec::fmadd(p, x2, V(-8.60467152213735e-11f));
+  p = at::vec::fmadd(p, x2, V(5.12229709037114e-08f));
+  p = at::vec::fmadd(p, x2, V(1.48572235717979e-05f));
+  p = at::vec::fmadd(p, x2, V(6.37261928875436e-04f));
+  p = at::vec::fmadd(p, x2, V(4.89352455891786e-03f));
+  V q(1.19825839466702e-06f);
+  q = at::vec::fmadd(q, x2, V(1.18534705686654e-04f));
+  q = at::vec::fmadd(q, x2, V(2.26843463243900e-03f));
+  q = at::vec::fmadd(q, x2, V(4.89352518554385e-03f));
+#if defined(CPU_CAPABILITY_AVX512)
+  // 1/q by rcp14 and one Newton step (rel. error ~2^-28): a zmm division
+  // costs as much as the rest of the function.
+  const __m512 qv = q;
+  __m512 r = _mm512_rcp14_ps(qv);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(qv, r, _mm512_set1_ps(2.0f)));
+  return x * p * V(r);
+#else
+  return x * p / q;
+#endif
+}
+
+inline Vectorized<float> tanh_vec(Vectorized<float> v) { return tanh_rational(v); }
+inline Vectorized<double> tanh_vec(Vectorized<double> v) { return v.tanh(); }
+
+template <typename T>
+inline Vectorized<T> act_vec(Activation a, Vectorized<T> v) {
+  return a == Activation::kTanh ? tanh_vec(v) : at::vec::maximum(v, Vectorized<T>(T(0)));
+}
+
+template <typename T>
+inline Vectorized<T> act_grad_vec(Activation a, Vectorized<T> h) {
+  using V = Vectorized<T>;
+  return a == Activation::kTanh ? V(T(1)) - h * h : V::blendv(V(T(0)), V(T(1)), h > V(T(0)));
+}
+
 template <typename T>
 void act_inplace(Activation a, T* z, int64_t n) {
   using V = Vectorized<T>;
   for (int64_t i = 0; i < n; i += V::size()) {
     const int64_t m = std::min<int64_t>(V::size(), n - i);
-    V v = V::loadu(z + i, m);
-    v = a == Activation::kTanh ? v.tanh() : at::vec::maximum(v, V(T(0)));
-    v.store(z + i, m);
+    act_vec(a, V::loadu(z + i, m)).store(z + i, m);
   }
 }
 
@@ -37,9 +95,7 @@ void act_add(Activation a, T* dst, const T* x, const T* y, int64_t n) {
   using V = Vectorized<T>;
   for (int64_t i = 0; i < n; i += V::size()) {
     const int64_t m = std::min<int64_t>(V::size(), n - i);
-    V v = V::loadu(x + i, m) + V::loadu(y + i, m);
-    v = a == Activation::kTanh ? v.tanh() : at::vec::maximum(v, V(T(0)));
-    v.store(dst + i, m);
+    act_vec(a, V::loadu(x + i, m) + V::loadu(y + i, m)).store(dst + i, m);
   }
 }
 
@@ -54,6 +110,85 @@ void grad_z(Activation a, T* dz, const T* g, const T* c, const T* h, int64_t n) 
     const V d = a == Activation::kTanh ? gc * (one - hv * hv)
                                        : V::blendv(zero, gc, hv > zero);
     d.store(dz + i, m);
+  }
+}
+
+inline bool active(const int64_t* lens, int64_t b, int64_t step) {
+  return lens == nullptr || step < lens[b];
+}
+
+// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]
+template <typename T, int R, int C>
+inline void tile_gemm(const StepArgs<T>& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
+  const T* a = p.a + b * p.lda;
+  const T* m = p.mp + j0;
+  for (int64_t k = 0; k < p.K; ++k, m += p.NP) {
+    V mv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) mv[c] = V::loadu(m + c * VL);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V ar(a[r * p.lda + k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(ar, mv[c], acc[r][c]);
+    }
+  }
+}
+
+template <typename T, bool kForward, int R, int C>
+inline void tile(const StepArgs<T>& p, int64_t b, int64_t j0) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  V acc[R][C];
+  const bool gemm = kForward || p.a != nullptr;
+  if (gemm) tile_gemm<T, R, C>(p, b, j0, acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = b + r;
+    const bool out_active = active(p.lens, row, p.step_out);
+    const bool a_active = gemm && active(p.lens, row, p.step_a);
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const int64_t j = j0 + c * VL;
+      if (j >= p.N) break;
+      const int n = int(std::min<int64_t>(VL, p.N - j));
+      const int64_t o = row * p.ldz + j;
+      if constexpr (kForward) {
+        const V v = out_active ? act_vec(p.act, acc[r][c] + V::loadu(p.z + o, n)) : V(T(0));
+        v.store(p.z + o, n);
+      } else {
+        V v(T(0));
+        if (out_active) {
+          const V carry = a_active ? acc[r][c] : V::loadu(p.pass + row * p.N + j, n);
+          v = (V::loadu(p.g + o, n) + carry) * act_grad_vec(p.act, V::loadu(p.h + o, n));
+        }
+        v.store(p.dz + o, n);
+      }
+    }
+  }
+}
+
+template <typename T, bool kForward>
+void fused_step(const StepArgs<T>& p, int64_t b0, int64_t b1) {
+  constexpr int RB = Tiling<T>::RB, CB = Tiling<T>::CB;
+  constexpr int VL = Vectorized<T>::size();
+  for (int64_t j0 = 0; j0 < p.N; j0 += CB * VL) {
+    const bool full_c = j0 + CB * VL <= p.NP;
+    int64_t b = b0;
+    for (; b + RB <= b1; b += RB) {
+      if (full_c) tile<T, kForward, RB, CB>(p, b, j0);
+      else tile<T, kForward, RB, 1>(p, b, j0);
+    }
+    for (; b < b1; ++b) {
+      if (full_c) tile<T, kForward, 1, CB>(p, b, j0);
+      else tile<T, kForward, 1, 1>(p, b, j0);
+    }
   }
 }
 
@@ -172,7 +307,8 @@ T mse_row(T* x, const T* b, T* db, const T* y, int64_t O, T coef, bool grad) {
 
 template <typename T>
 VecKernels<T> make() {
-  return {&act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>};
+  return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
+          &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>};
 }
 
 }  // namespace RNNKERN_CAP

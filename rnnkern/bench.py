@@ -1,0 +1,395 @@
+"""The benchmark suite behind ``python -m rnnkern bench``.
+
+Each configuration is a training problem: an Elman RNN with a per-step MSE loss
+over a linear head with O = I, reduced as in seed 000, example 3 (each
+sequence's mean over its valid steps, summed over the batch). Every
+implementation is timed interleaved with the others in the same run (medians
+over repeats after a warm-up), so the ratios hold on a shared, noisy machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from . import functional, reference
+from ._ops import cpu_capability
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    B: int
+    T: int
+    I: int
+    H: int
+    lengths: bool = False  # lengths uniform in [T/2, T]
+    truncate: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        extra = " lengths~U[T/2,T]" if self.lengths else ""
+        extra += f" truncate={self.truncate}" if self.truncate else ""
+        return f"{self.name} (B={self.B}, T={self.T}, I={self.I}, H={self.H}, O={self.I}){extra}"
+
+
+SUITE = [
+    Config("seed", 64, 50, 8, 32),
+    Config("small", 32, 100, 64, 128),
+    Config("long", 16, 1000, 32, 64),
+    Config("large", 64, 200, 256, 512),
+    Config("long-lengths", 16, 1000, 32, 64, lengths=True),
+    Config("long-truncate", 16, 1000, 32, 64, truncate=10),
+]
+
+
+class Problem:
+    """One configuration's data and parameters, shared by every implementation."""
+
+    def __init__(self, cfg: Config, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.cfg = cfg
+        B, T, I, H = cfg.B, cfg.T, cfg.I, cfg.H
+        torch.manual_seed(seed)
+        self.rnn = torch.nn.RNN(I, H)
+        self.head = torch.nn.Linear(H, I)
+        self.params = [*self.rnn.parameters(), *self.head.parameters()]
+        self.x = torch.randn(T, B, I, generator=g)  # [T,B,I]
+        self.target = torch.randn(T, B, I, generator=g)  # [T,B,O]
+        if cfg.lengths:
+            self.lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+        else:
+            self.lengths = torch.full((B,), T, dtype=torch.int64)
+        self.mask = (torch.arange(T)[:, None] < self.lengths[None, :]).float()  # [T,B]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def weights(self):
+        r = self.rnn
+        return (r.weight_ih_l0, r.weight_hh_l0, r.bias_ih_l0, r.bias_hh_l0)
+
+    def masked_loss(self, out, mask=None, target=None):
+        """Seed 000, example 3: per-step MSE, each sequence's mean over its valid
+        steps, summed over the batch. out [T,B,H] -> scalar."""
+        mask = self.mask if mask is None else mask
+        target = self.target if target is None else target
+        step = ((self.head(out) - target) ** 2).mean(-1)  # [T,B]
+        return ((step * mask).sum(0) / self.mask.sum(0).clamp(min=1)).sum()
+
+
+# ---------------------------------------------------------------------------
+# Implementations: each gives a forward-only callable and a training step.
+# ---------------------------------------------------------------------------
+
+
+def _rnnkern_loss(p: Problem, impl):
+    lengths = p.lengths if p.cfg.lengths else None
+    rnn_loss = getattr(impl, "rnn_loss", None)
+    if rnn_loss is not None:
+        return rnn_loss(p.x, p.target, None, *p.weights(), p.head.weight, p.head.bias,
+                        loss="mse", lengths=lengths, reduction="seq_sum",
+                        truncate=p.cfg.truncate)
+    out, _ = impl.rnn(p.x, None, *p.weights(), lengths=lengths, truncate=p.cfg.truncate)
+    return p.masked_loss(out)
+
+
+def impl_rnnkern(p: Problem):
+    lengths = p.lengths if p.cfg.lengths else None
+
+    def forward():
+        with torch.no_grad():
+            functional.rnn(p.x, None, *p.weights(), lengths=lengths)
+
+    def train():
+        _rnnkern_loss(p, functional).backward()
+
+    return forward, train
+
+
+def impl_reference(p: Problem):
+    lengths = p.lengths if p.cfg.lengths else None
+
+    def forward():
+        with torch.no_grad():
+            reference.rnn(p.x, None, *p.weights(), lengths=lengths)
+
+    def train():
+        _rnnkern_loss(p, reference).backward()
+
+    return forward, train
+
+
+def impl_nn_rnn(p: Problem):
+    def forward():
+        with torch.no_grad():
+            p.rnn(p.x)
+
+    def train():
+        out, _ = p.rnn(p.x)
+        p.masked_loss(out).backward()
+
+    return forward, train
+
+
+def impl_nn_rnn_packed(p: Problem):
+    def run():
+        packed = pack_padded_sequence(p.x, p.lengths, enforce_sorted=False)
+        out, _ = p.rnn(packed)
+        out, _ = pad_packed_sequence(out, total_length=p.cfg.T)
+        return out
+
+    def forward():
+        with torch.no_grad():
+            run()
+
+    def train():
+        p.masked_loss(run()).backward()
+
+    return forward, train
+
+
+def impl_nn_rnn_chunked(p: Problem):
+    """Truncated BPTT as users write it: K-step chunks, backward per chunk, detach."""
+    K = p.cfg.truncate
+
+    def forward():
+        with torch.no_grad():
+            h = None
+            for c0 in range(0, p.cfg.T, K):
+                _, h = p.rnn(p.x[c0:c0 + K], h)
+
+    def train():
+        h = None
+        for c0 in range(0, p.cfg.T, K):
+            out, h = p.rnn(p.x[c0:c0 + K], h)
+            p.masked_loss(out, p.mask[c0:c0 + K], p.target[c0:c0 + K]).backward()
+            h = h.detach()
+
+    return forward, train
+
+
+def implementations(cfg: Config, with_reference: bool = True):
+    impls = [("rnnkern", impl_rnnkern), ("nn.RNN", impl_nn_rnn)]
+    if cfg.lengths:
+        impls.append(("nn.RNN packed", impl_nn_rnn_packed))
+    if cfg.truncate:
+        impls.append((f"nn.RNN chunked K={cfg.truncate}", impl_nn_rnn_chunked))
+    if with_reference:
+        impls.append(("reference", impl_reference))
+    return impls
+
+
+def baseline_name(cfg: Config) -> str:
+    """The alternative a user would otherwise write for this configuration."""
+    if cfg.lengths:
+        return "nn.RNN packed"
+    if cfg.truncate:
+        return f"nn.RNN chunked K={cfg.truncate}"
+    return "nn.RNN"
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------
+
+
+def _time_once(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+_libc = None
+
+
+def _trim():
+    global _libc
+    gc.collect()
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_growth_mb(fn: Callable[[], None]) -> Optional[float]:
+    """Peak resident memory that `fn` adds, in MB, from the OS (Linux: reset
+    the high-water mark via /proc/self/clear_refs, run, read VmHWM)."""
+    _trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    base = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if base is None or peak is None:
+        return None
+    return max(0.0, (peak - base) / 1024)
+
+
+def sgemm_gflops(cfg: Config, repeats: int = 5) -> float:
+    """Throughput of one large float32 GEMM of the problem's size in this run:
+    the ceiling for work that is all GEMM."""
+    a = torch.randn(cfg.T * cfg.B, cfg.H)
+    w = torch.randn(cfg.H, cfg.H)
+    out = torch.empty(cfg.T * cfg.B, cfg.H)
+    torch.mm(a, w, out=out)
+    t = statistics.median(_time_once(lambda: torch.mm(a, w, out=out)) for _ in range(repeats))
+    return 2 * cfg.T * cfg.B * cfg.H * cfg.H / t / 1e9
+
+
+def train_flops(cfg: Config) -> float:
+    """Multiply-add work of a training step: forward GEMMs (input projection,
+    recurrence, head) and twice that in backward (inputs' and weights' gradients)."""
+    fwd = 2 * cfg.T * cfg.B * (cfg.I * cfg.H + cfg.H * cfg.H + cfg.H * cfg.I)
+    return 3 * fwd
+
+
+@dataclasses.dataclass
+class Row:
+    impl: str
+    forward_ms: float
+    train_ms: float
+    peak_mb: Optional[float]
+
+
+def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
+               progress: Callable[[str], None]) -> dict:
+    problem = Problem(cfg)
+    impls = [(name, *make(problem)) for name, make in implementations(cfg, with_reference)]
+    times = {name: {"forward": [], "train": []} for name, _, _ in impls}
+
+    def train_step(fn):
+        problem.zero_grad()
+        fn()
+
+    for name, fwd, train in impls:
+        for _ in range(warmup):
+            fwd()
+            train_step(train)
+    peaks = {name: peak_rss_growth_mb(lambda: train_step(train)) for name, _, train in impls}
+    for rep in range(repeats):
+        progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
+        for name, fwd, train in impls:  # interleaved: every impl sees the same noise
+            times[name]["forward"].append(_time_once(fwd))
+            times[name]["train"].append(_time_once(lambda: train_step(train)))
+    rows = [Row(name, statistics.median(times[name]["forward"]) * 1e3,
+                statistics.median(times[name]["train"]) * 1e3, peaks[name])
+            for name, _, _ in impls]
+    result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
+              "rows": [dataclasses.asdict(r) for r in rows]}
+    if cfg.name == "large":
+        gf = sgemm_gflops(cfg)
+        ours = next(r for r in rows if r.impl == "rnnkern")
+        result["sgemm_gflops"] = gf
+        result["rnnkern_train_gflops"] = train_flops(cfg) / (ours.train_ms * 1e-3) / 1e9
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = result["rows"]
+    ours = next(r for r in rows if r["impl"] == "rnnkern")
+    lines = [result["label"],
+             f"  {'implementation':24s} {'forward ms':>11s} {'train ms':>10s} "
+             f"{'rnnkern fwd x':>14s} {'rnnkern train x':>16s} {'peak MB':>8s}"]
+    for r in rows:
+        peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "n/a"
+        lines.append(f"  {r['impl']:24s} {r['forward_ms']:11.3f} {r['train_ms']:10.3f} "
+                     f"{r['forward_ms'] / ours['forward_ms']:14.2f} "
+                     f"{r['train_ms'] / ours['train_ms']:16.2f} {peak:>8s}")
+    if "sgemm_gflops" in result:
+        eff = result["rnnkern_train_gflops"] / result["sgemm_gflops"]
+        lines.append(f"  rnnkern training step: {result['rnnkern_train_gflops']:.1f} GFLOP/s = "
+                     f"{100 * eff:.0f}% of this run's sgemm ({result['sgemm_gflops']:.1f} GFLOP/s)")
+    return "\n".join(lines)
+
+
+def speedups(result: dict) -> dict:
+    """rnnkern's forward and training speedups over the configuration's baseline."""
+    rows = {r["impl"]: r for r in result["rows"]}
+    ours, base = rows["rnnkern"], rows[result["baseline"]]
+    return {"forward": base["forward_ms"] / ours["forward_ms"],
+            "train": base["train_ms"] / ours["train_ms"]}
+
+
+def plot(results: list, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # matplotlib is the optional `bench` extra
+        raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({e})")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["config"]["name"] for r in results]
+    for ax, kind in zip(axes, ("forward", "train")):
+        vals = [speedups(r)[kind] for r in results]
+        ax.bar(names, vals, color="tab:blue")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"rnnkern {kind} speedup over the baseline")
+        ax.set_ylabel("x faster")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}x", ha="center", va="bottom")
+        ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(args) -> int:
+    torch.set_num_threads(args.threads)
+    configs = [c for c in SUITE if not args.config or c.name in args.config]
+    if args.quick:
+        repeats, warmup = 5, 1
+    else:
+        repeats, warmup = args.repeats, 2
+    header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs, "
+              f"median of {repeats} interleaved repeats")
+    print(header, flush=True)
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.no_progress \
+        else (lambda msg: None)
+    results = []
+    start = time.perf_counter()
+    for cfg in configs:
+        progress(f"[{len(results) + 1}/{len(configs)}] {cfg.label}")
+        result = run_config(cfg, repeats=repeats, warmup=warmup,
+                            with_reference=not args.no_reference, progress=progress)
+        results.append(result)
+        print("\n" + format_table(result), flush=True)
+    print("\nSpeedup of rnnkern over the baseline (nn.RNN; packed for lengths; chunked for truncate):")
+    for r in results:
+        s = speedups(r)
+        print(f"  {r['config']['name']:14s} forward {s['forward']:6.2f}x   training step {s['train']:6.2f}x")
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": results}, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+    return 0

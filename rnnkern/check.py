@@ -1,0 +1,172 @@
+"""``rnnkern.gradcheck`` and ``python -m rnnkern check``: the fused kernels'
+outputs and gradients against the plain-autograd reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import functional, reference
+
+# max|kernel - reference| / max|reference| per tensor
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@dataclasses.dataclass
+class TensorError:
+    name: str
+    max_abs: float
+    max_rel: float
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tol
+
+
+@dataclasses.dataclass
+class CheckResult:
+    config: dict
+    errors: list
+
+    @property
+    def passed(self) -> bool:
+        return all(e.passed for e in self.errors)
+
+    def format(self) -> str:
+        cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
+        lines = [f"{'PASS' if self.passed else 'FAIL'}  {cfg}"]
+        for e in self.errors:
+            lines.append(f"    {e.name:12s} max abs err {e.max_abs:9.2e}  max rel err {e.max_rel:9.2e}"
+                         f"  tol {e.tol:.0e}  {'PASS' if e.passed else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def _error(name, a, b, tol) -> TensorError:
+    if b.numel() == 0:
+        return TensorError(name, 0.0, 0.0, tol)
+    abs_err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    return TensorError(name, abs_err, abs_err / scale if scale > 0 else abs_err, tol)
+
+
+def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: str = "tanh",
+              lengths: Union[None, str, Sequence[int], torch.Tensor] = None,
+              truncate: Optional[int] = None, loss: Optional[str] = None,
+              reverse: bool = False, batch_first: bool = False, bias: bool = True,
+              dtype: torch.dtype = torch.float64, seed: int = 0,
+              tol: Optional[float] = None) -> CheckResult:
+    """Runs one configuration through the fused kernel and the reference on the
+    same random inputs and compares every output and every gradient.
+
+    lengths: None (all T), 'random' (uniform in [0, T]) or B ints.
+    loss: None compares output and h_n under a random linear loss; 'mse' or
+        'cross_entropy' compares rnnkern.functional.rnn_loss (head with O = I,
+        reduction 'seq_mean'), where that op is available.
+    Returns a CheckResult; ``.passed`` is False if any tensor's relative error
+    (max abs error / max abs value) exceeds ``tol`` (default 1e-10 in float64,
+    1e-4 in float32).
+    """
+    g = torch.Generator().manual_seed(seed)
+    tol = TOLERANCE[dtype] if tol is None else tol
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
+
+    if isinstance(lengths, str):
+        if lengths != "random":
+            raise ValueError(f"lengths must be None, 'random' or B ints, got {lengths!r}")
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+    elif lengths is not None:
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    k = H ** -0.5
+    x = rnd(*((B, T, I) if batch_first else (T, B, I)))
+    tensors = {"input": x, "hx": rnd(B, H), "weight_ih": rnd(H, I, scale=k),
+               "weight_hh": rnd(H, H, scale=k)}
+    if bias:
+        tensors.update(bias_ih=rnd(H, scale=k), bias_hh=rnd(H, scale=k))
+    opts = dict(nonlinearity=nonlinearity, batch_first=batch_first, lengths=lengths,
+                truncate=truncate)
+    config = dict(T=T, B=B, I=I, H=H, nonlinearity=nonlinearity,
+                  lengths=None if lengths is None else lengths.tolist(), truncate=truncate,
+                  loss=loss, reverse=reverse, batch_first=batch_first, bias=bias,
+                  dtype=str(dtype).replace("torch.", ""))
+    args = [tensors["input"], tensors["hx"], tensors["weight_ih"], tensors["weight_hh"],
+            tensors.get("bias_ih"), tensors.get("bias_hh")]
+
+    if loss is None:
+        w_out, w_hn = None, None
+
+        def run(impl):
+            nonlocal w_out, w_hn
+            out, h_n = impl.rnn(*args, reverse=reverse, **opts)
+            if w_out is None:
+                w_out = torch.randn(out.shape, generator=g, dtype=dtype)
+                w_hn = torch.randn(h_n.shape, generator=g, dtype=dtype)
+            return {"output": out, "h_n": h_n}, (out * w_out).sum() + (h_n * w_hn).sum()
+    else:
+        if not hasattr(functional, "rnn_loss"):
+            raise ValueError("loss= needs rnnkern.functional.rnn_loss, which this build lacks")
+        O = I
+        tensors["weight_out"] = rnd(O, H, scale=k)
+        tensors["bias_out"] = rnd(O, scale=k)
+        tshape = (B, T) if batch_first else (T, B)
+        target = (torch.randn(*tshape, O, generator=g, dtype=dtype) if loss == "mse"
+                  else torch.randint(0, O, tshape, generator=g))
+
+        def run(impl):
+            value, h_n = impl.rnn_loss(args[0], target, *args[1:], tensors["weight_out"],
+                                       tensors["bias_out"], loss=loss, reduction="seq_mean",
+                                       **opts)
+            return {"loss": value, "h_n": h_n}, value + h_n.sum()
+
+    results = {}
+    for impl in (functional, reference):
+        outs, objective = run(impl)
+        names = list(tensors)
+        grads = torch.autograd.grad(objective, [tensors[n] for n in names])
+        results[impl] = {**{k: v.detach() for k, v in outs.items()},
+                         **{f"d_{n}": gr for n, gr in zip(names, grads)}}
+    errors = [_error(name, results[functional][name], results[reference][name], tol)
+              for name in results[reference]]
+    return CheckResult(config, errors)
+
+
+def grid(dtype: torch.dtype, losses: Sequence[Optional[str]]):
+    """The default grid of `python -m rnnkern check`."""
+    for nl, lengths, truncate, loss, reverse in itertools.product(
+            ("tanh", "relu"), (None, "random"), (None, 5), losses, (False, True)):
+        if loss is not None and reverse:
+            continue  # the fused loss runs one forward layer
+        yield dict(T=23, B=6, I=5, H=9, nonlinearity=nl, lengths=lengths, truncate=truncate,
+                   loss=loss, reverse=reverse, dtype=dtype, seed=1)
+
+
+def main(args) -> int:
+    dtypes = {"float64": [torch.float64], "float32": [torch.float32],
+              "both": [torch.float64, torch.float32]}[args.dtype]
+    single = any(v is not None for v in (args.T, args.B, args.I, args.H, args.nonlinearity,
+                                         args.lengths, args.truncate, args.loss)) or args.reverse
+    runs = []
+    for dtype in dtypes:
+        if single:
+            lengths = args.lengths
+            if lengths not in (None, "random"):
+                lengths = [int(v) for v in lengths.split(",")]
+            runs.append(dict(T=args.T or 20, B=args.B or 5, I=args.I or 4, H=args.H or 7,
+                             nonlinearity=args.nonlinearity or "tanh", lengths=lengths,
+                             truncate=args.truncate, loss=args.loss, reverse=args.reverse,
+                             dtype=dtype, seed=args.seed))
+        else:
+            losses = [None] + (["mse", "cross_entropy"] if hasattr(functional, "rnn_loss") else [])
+            runs.extend(grid(dtype, losses))
+    failed = 0
+    for kw in runs:
+        result = gradcheck(**kw)
+        failed += not result.passed
+        print(result.format(), flush=True)
+    print(f"{len(runs) - failed} passed, {failed} failed")
+    return 1 if failed else 0

@@ -1,0 +1,110 @@
+"""The command-line tools: check (exit status, failure detection), bench
+(tables, JSON, ratios) and demo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnnkern
+from rnnkern import bench, check, cli, functional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*args):
+    return subprocess.run([sys.executable, "-m", "rnnkern", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_check_single_config_passes():
+    r = run_module("check", "-T", "6", "-B", "3", "-H", "5", "--lengths", "6,0,2",
+                   "--truncate", "2", "--nonlinearity", "relu")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 passed, 0 failed" in r.stdout
+    assert "d_weight_hh" in r.stdout and "max rel err" in r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradcheck_api_reports_every_tensor(dtype):
+    res = rnnkern.gradcheck(T=9, B=4, I=3, H=7, lengths="random", truncate=3, dtype=dtype)
+    assert res.passed
+    names = [e.name for e in res.errors]
+    assert names == ["output", "h_n", "d_input", "d_hx", "d_weight_ih", "d_weight_hh",
+                     "d_bias_ih", "d_bias_hh"]
+    assert all(e.max_rel <= check.TOLERANCE[dtype] for e in res.errors)
+
+
+def test_check_detects_a_wrong_kernel(monkeypatch, capsys):
+    """A kernel whose gradient is off by 0.1% must FAIL and exit 1."""
+    real = functional.rnn
+
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.001
+
+    def wrong_rnn(*args, **kw):
+        out, h_n = real(*args, **kw)
+        return Scale.apply(out), h_n
+
+    monkeypatch.setattr(functional, "rnn", wrong_rnn)
+    rc = cli.main(["check", "-T", "5", "-B", "2", "--dtype", "float64"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "0 passed, 1 failed" in out
+
+
+def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
+    tiny = [bench.Config("seed", 4, 6, 3, 5), bench.Config("long-lengths", 3, 12, 2, 4, lengths=True),
+            bench.Config("long-truncate", 3, 12, 2, 4, truncate=5)]
+    monkeypatch.setattr(bench, "SUITE", tiny)
+    out_json = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--repeats", "2", "--threads", "1", "--json", str(out_json),
+                   "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "1 threads" in text and "nn.RNN packed" in text and "nn.RNN chunked K=5" in text
+    data = json.loads(out_json.read_text())
+    assert [r["config"]["name"] for r in data["results"]] == ["seed", "long-lengths", "long-truncate"]
+    for r in data["results"]:
+        impls = [row["impl"] for row in r["rows"]]
+        assert impls[0] == "rnnkern" and "reference" in impls and r["baseline"] in impls
+        for row in r["rows"]:
+            assert row["forward_ms"] > 0 and row["train_ms"] > 0
+        s = bench.speedups(r)
+        assert s["forward"] > 0 and s["train"] > 0
+
+
+def test_bench_training_steps_compute_the_same_loss_gradients():
+    """Every implementation the bench times trains the same problem: their
+    gradients agree with rnnkern's (the ratios compare equal work)."""
+    for cfg in (bench.Config("t", 3, 12, 2, 4), bench.Config("l", 3, 12, 2, 4, lengths=True),
+                bench.Config("k", 3, 12, 2, 4, truncate=5)):
+        p = bench.Problem(cfg)
+        grads = {}
+        for name, make in bench.implementations(cfg):
+            if name == "nn.RNN" and cfg.lengths:
+                continue  # runs the padding: a speed baseline, not the same computation
+            if name == "nn.RNN" and cfg.truncate:
+                continue  # full BPTT
+            p.zero_grad()
+            make(p)[1]()
+            grads[name] = [q.grad.clone() for q in p.params]
+        ours = grads.pop("rnnkern")
+        for name, g in grads.items():
+            for a, b in zip(ours, g):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (cfg, name)
+
+
+def test_demo_runs():
+    r = run_module("demo", "--steps", "5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("PASS") == 6

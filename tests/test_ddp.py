@@ -1,0 +1,92 @@
+"""DistributedDataParallel over rnnkern.RNN: two processes (gloo, 127.0.0.1)
+each train on half of every batch; their parameters must equal those of one
+process trained on the whole batches."""
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import rnnkern
+from helpers import TOL, assert_close
+
+WORLD, STEPS = 2, 3
+T, B_HALF, I, H, O = 9, 3, 4, 5, 2
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = rnnkern.RNN(I, H, 2, batch_first=True, bidirectional=True, dtype=torch.float64)
+        self.head = nn.Linear(2 * H, O, dtype=torch.float64)
+
+    def forward(self, x, lengths):
+        return self.head(self.rnn(x, lengths=lengths)[0])  # (B, T, O)
+
+
+def make_model():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Tagger()
+
+
+def batch(step):
+    """The whole batch of one step: x (2*B_HALF, T, I), lengths, target (2*B_HALF, T, O)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(WORLD * B_HALF, T, I, dtype=torch.float64, generator=g)
+    lengths = torch.randint(1, T + 1, (WORLD * B_HALF,), generator=g)
+    target = torch.randn(WORLD * B_HALF, T, O, dtype=torch.float64, generator=g)
+    return x, lengths, target
+
+
+def train(model, rows):
+    """SGD over STEPS batches, each restricted to `rows`. The loss is a mean over
+    equal halves, so DDP's average of the two ranks' gradients is the gradient
+    of the mean over the whole batch."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(STEPS):
+        x, lengths, target = (t[rows] for t in batch(step))
+        opt.zero_grad()
+        (model(x, lengths) - target).square().mean().backward()
+        opt.step()
+
+
+def worker(rank, port, path):
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = DistributedDataParallel(make_model())
+        train(model, slice(rank * B_HALF, (rank + 1) * B_HALF))
+        torch.save(model.module.state_dict(), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rel_change(p, p0):
+    return ((p - p0).abs().max() / p0.abs().max()).item()
+
+
+def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    path = str(tmp_path / "state")
+    mp.spawn(worker, args=(free_port(), path), nprocs=WORLD, join=True)
+    single = make_model()
+    initial = {n: p.detach().clone() for n, p in single.named_parameters()}
+    train(single, slice(None))
+    for rank in range(WORLD):
+        state = torch.load(f"{path}.{rank}")
+        for name, p in single.named_parameters():
+            assert rel_change(p, initial[name]) > 1e-3, f"{name} did not train"
+            assert_close(state[name], p.detach(), TOL[torch.float64], f"rank {rank} {name}")
