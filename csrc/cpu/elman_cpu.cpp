@@ -135,9 +135,9 @@ T norm_of_sum(const T* g, const T* c, int64_t n) {
 // The fused steps keep the packed W_hh in cache for the whole sequence; past
 // this H, BLAS's blocking wins and the steps go to it.
 constexpr int64_t kFusedMaxH = 256;
-// Fused-step work (multiply-adds) below which a step stays on one thread:
-// an OpenMP fork/join costs about a microsecond.
-constexpr int64_t kStepGrainFma = int64_t(1) << 17;
+// Work (multiply-adds over the whole sequence) below which the fused loop
+// stays on one thread.
+constexpr int64_t kLoopGrainFma = int64_t(1) << 18;
 
 // M [K,N] (strides sk, sn) -> [K,NP] rows, NP = N rounded up to `width`, zero padded.
 template <typename T>
@@ -150,14 +150,17 @@ std::vector<T> pack_matrix(const T* m, int64_t K, int64_t N, int64_t sk, int64_t
   return packed;
 }
 
-template <typename T>
-void run_step(void (*step_fn)(const StepArgs<T>&, int64_t, int64_t), const StepArgs<T>& a,
-              int64_t B, int64_t row_block) {
+// The sequences of a batch are independent, so the fused loops split the
+// batch, not the steps: each thread runs the whole time loop over its own row
+// tiles, with one fork/join per call instead of one per step (a per-step
+// fork/join costs more than a step at small H). Row-wise work only: results do
+// not depend on the thread count.
+template <typename F>
+void for_row_tiles(int64_t B, int64_t row_block, int64_t fma_per_row, const F& loop) {
   const int64_t tiles = (B + row_block - 1) / row_block;
-  const int64_t fma_per_tile = row_block * (a.a ? a.K * a.N : 0) + row_block * a.N;
-  const int64_t grain = std::max<int64_t>(1, kStepGrainFma / std::max<int64_t>(fma_per_tile, 1));
+  const int64_t grain = B * fma_per_row >= kLoopGrainFma ? 1 : tiles;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    step_fn(a, t0 * row_block, std::min(B, t1 * row_block));
+    loop(t0 * row_block, std::min(B, t1 * row_block));
   });
 }
 
@@ -177,22 +180,24 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
     int64_t NP = 0;
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
     const std::vector<T> mp = pack_matrix(p.w_hh, H, H, 1, H, vk.pack_width, &NP);
-    StepArgs<T> a;
-    a.act = s.act;
-    a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
-    a.mp = mp.data();
-    a.lens = s.lengths;
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = time_of(s, step, s.T);
-      if (step >= t_max) {  // every sequence has ended
-        std::memset(p.out + t * BH, 0, sizeof(T) * BH);
-        continue;
+    for_row_tiles(B, vk.row_block, s.T * H * H, [&](int64_t b0, int64_t b1) {
+      StepArgs<T> a;
+      a.act = s.act;
+      a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
+      a.mp = mp.data();
+      a.lens = s.lengths;
+      for (int64_t step = 0; step < s.T; ++step) {
+        const int64_t t = time_of(s, step, s.T);
+        if (step >= t_max) {  // every sequence has ended
+          std::memset(p.out + t * BH + b0 * H, 0, sizeof(T) * (b1 - b0) * H);
+          continue;
+        }
+        a.a = step == 0 ? p.h0 : p.out + (s.reverse ? t + 1 : t - 1) * BH;
+        a.z = p.out + t * BH;
+        a.step_out = step;
+        vk.fwd_step(a, b0, b1);
       }
-      a.a = step == 0 ? p.h0 : p.out + (s.reverse ? t + 1 : t - 1) * BH;
-      a.z = p.out + t * BH;
-      a.step_out = step;
-      run_step(vk.fwd_step, a, B, vk.row_block);
-    }
+    });
     if (!s.lengths) {
       std::memcpy(p.h_n, p.out + time_of(s, s.T - 1, s.T) * BH, sizeof(T) * BH);
     } else {
@@ -249,33 +254,35 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
   int64_t NP = 0;
   // carry = dz W_hh: M = W_hh, M[k][j] = W_hh[k][j]
   const std::vector<T> mp = pack_matrix(p.w_hh, H, H, H, 1, vk.pack_width, &NP);
-  StepArgs<T> a;
-  a.act = s.act;
-  a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
-  a.mp = mp.data();
-  a.lens = s.lengths;
-  a.pass = p.carry;  // dL/dh_n, passed through frozen states until a cut zeroes it
-  auto at_step = [&](int64_t step) {
-    const int64_t t = time_of(s, step, T_);
-    a.g = p.grad_out + t * BH;
-    a.h = p.out + t * BH;
-    a.dz = p.grad_z + t * BH;
-    a.step_out = step;
-  };
-  a.a = nullptr;  // the last step's carry is dL/dh_n itself
-  at_step(T_ - 1);
-  run_step(vk.bwd_step, a, B, vk.row_block);
-  for (int64_t step = T_ - 1; step > 0; --step) {
-    if (cut_before(s, step)) {
-      std::memset(p.carry, 0, sizeof(T) * BH);
-      a.a = nullptr;
-    } else {
-      a.a = p.grad_z + time_of(s, step, T_) * BH;
-      a.step_a = step;
+  for_row_tiles(B, vk.row_block, T_ * H * H, [&](int64_t b0, int64_t b1) {
+    StepArgs<T> a;
+    a.act = s.act;
+    a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
+    a.mp = mp.data();
+    a.lens = s.lengths;
+    a.pass = p.carry;  // dL/dh_n, passed through frozen states until a cut zeroes it
+    auto at_step = [&](int64_t step) {
+      const int64_t t = time_of(s, step, T_);
+      a.g = p.grad_out + t * BH;
+      a.h = p.out + t * BH;
+      a.dz = p.grad_z + t * BH;
+      a.step_out = step;
+    };
+    a.a = nullptr;  // the last step's carry is dL/dh_n itself
+    at_step(T_ - 1);
+    vk.bwd_step(a, b0, b1);
+    for (int64_t step = T_ - 1; step > 0; --step) {
+      if (cut_before(s, step)) {
+        std::memset(p.carry + b0 * H, 0, sizeof(T) * (b1 - b0) * H);
+        a.a = nullptr;
+      } else {
+        a.a = p.grad_z + time_of(s, step, T_) * BH;
+        a.step_a = step;
+      }
+      at_step(step - 1);
+      vk.bwd_step(a, b0, b1);
     }
-    at_step(step - 1);
-    run_step(vk.bwd_step, a, B, vk.row_block);
-  }
+  });
   // dL/dh0 = dz_0 W_hh for sequences that ran, the passed-through carry otherwise.
   const T* dz0 = p.grad_z + time_of(s, 0, T_) * BH;
   gemm<T>(false, false, B, H, H, T(1), dz0, H, p.w_hh, H, T(0), p.gemm, H);
