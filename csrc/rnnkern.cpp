@@ -38,10 +38,11 @@ TORCH_LIBRARY(rnnkern, m) {
       {at::Tag::pt2_compliant_tag});
   // Its whole BPTT in one call. grad_bias is the gradient of bias_ih and of
   // bias_hh alike (they enter z_t as a sum). truncate = 0: no truncation.
+  // grad_input=False skips dL/dinput (a [T,B,I] GEMM), returning it as [0].
   m.def(
       "elman_bwd(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor hx, "
       "Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor? lengths, "
-      "str nonlinearity, bool reverse, int truncate) -> (Tensor grad_input, "
+      "str nonlinearity, bool reverse, int truncate, bool grad_input=True) -> (Tensor grad_input, "
       "Tensor grad_hx, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
   // The layer with a loss at every step through the head y_t = h_t W_out^T + b_out,
@@ -75,7 +76,7 @@ TORCH_LIBRARY(rnnkern, m) {
       "Tensor? lengths, Tensor output, Tensor weight, Tensor grad_output, "
       "Tensor grad_weight_out, Tensor grad_bias_out, str nonlinearity, str loss, "
       "str reduction, int ignore_index, float label_smoothing, int truncate, "
-      "bool want_grad_norm, int chunk_rows) -> (Tensor grad_input, Tensor grad_hx, "
+      "bool want_grad_norm, int chunk_rows, bool grad_input=True) -> (Tensor grad_input, Tensor grad_hx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_weight_out, Tensor grad_bias_out, Tensor grad_norm)",
       {at::Tag::pt2_compliant_tag});

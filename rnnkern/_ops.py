@@ -48,10 +48,11 @@ def elman_bwd(
     nonlinearity: str,
     reverse: bool,
     truncate: int,  # 0: none
+    grad_input: bool = True,  # False: grad_input comes back as [0], not computed
 ) -> tuple[torch.Tensor, ...]:  # grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias
     return torch.ops.rnnkern.elman_bwd.default(
         grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths,
-        nonlinearity, reverse, truncate,
+        nonlinearity, reverse, truncate, grad_input,
     )
 
 
@@ -110,6 +111,7 @@ def elman_loss_bwd(
     truncate: int,  # 0: none
     want_grad_norm: bool,
     chunk_rows: int,
+    grad_input: bool = True,  # False: grad_input comes back as [0], not computed
 ) -> tuple[torch.Tensor, ...]:
     """-> grad_input, grad_hx, grad_weight_ih, grad_weight_hh, grad_bias,
     grad_weight_out, grad_bias_out, grad_norm [T,B] (or [0])."""
@@ -117,6 +119,7 @@ def elman_loss_bwd(
         grad_loss, grad_h_n, input, target, hx, weight_ih, weight_hh, weight_out, bias_out,
         lengths, output, weight, grad_output, grad_weight_out, grad_bias_out, nonlinearity, loss,
         reduction, ignore_index, float(label_smoothing), truncate, want_grad_norm, chunk_rows,
+        grad_input,
     )
 
 
@@ -131,11 +134,12 @@ def _elman_fwd_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, 
 
 @torch.library.register_fake("rnnkern::elman_bwd")
 def _elman_bwd_fake(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths,
-                    nonlinearity, reverse, truncate):
+                    nonlinearity, reverse, truncate, grad_input=True):
     torch._check(grad_output.shape == output.shape, lambda: "grad_output must match output")
     H = weight_hh.shape[0]
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
+        else input.new_empty((0,)),
         hx.new_empty(hx.shape),
         weight_ih.new_empty(weight_ih.shape),
         weight_hh.new_empty(weight_hh.shape),
@@ -170,12 +174,13 @@ def _elman_loss_fwd_fake(input, target, hx, weight_ih, weight_hh, bias_ih, bias_
 def _elman_loss_bwd_fake(grad_loss, grad_h_n, input, target, hx, weight_ih, weight_hh, weight_out,
                          bias_out, lengths, output, weight, grad_output, grad_weight_out,
                          grad_bias_out, nonlinearity, loss, reduction, ignore_index,
-                         label_smoothing, truncate, want_grad_norm, chunk_rows):
+                         label_smoothing, truncate, want_grad_norm, chunk_rows, grad_input=True):
     torch._check(output.dim() == 3, lambda: f"output must be 3-D [T, B, H], got {tuple(output.shape)}")
     T, B, H = output.shape
     O = weight_out.shape[0]
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
+        else input.new_empty((0,)),
         hx.new_empty(hx.shape),
         weight_ih.new_empty(weight_ih.shape),
         weight_hh.new_empty(weight_hh.shape),

@@ -45,10 +45,11 @@ class ElmanFunction(torch.autograd.Function):
         _no_double_backward("rnnkern.functional.rnn")
         input, hx, weight_ih, weight_hh, output, lengths = ctx.saved_tensors
         nonlinearity, reverse, truncate, has_b_ih, has_b_hh = ctx.config
+        want_in = ctx.needs_input_grad[0]
         g_in, g_hx, g_w_ih, g_w_hh, g_b = _ops.elman_bwd(
             grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths,
-            nonlinearity, reverse, truncate)
-        return (g_in, g_hx, g_w_ih, g_w_hh, g_b if has_b_ih else None,
+            nonlinearity, reverse, truncate, want_in)
+        return (g_in if want_in else None, g_hx, g_w_ih, g_w_hh, g_b if has_b_ih else None,
                 g_b if has_b_hh else None, None, None, None, None)
 
 
@@ -154,12 +155,13 @@ class ElmanLossFunction(torch.autograd.Function):
         g_in, g_hx, g_w_ih, g_w_hh, g_b, g_w_out, g_b_out, grad_norm = _ops.elman_loss_bwd(
             grad_loss, grad_h_n, input, target, hx, weight_ih, weight_hh, weight_out, bias_out,
             lengths, output, weight, g_out, g_w_out, g_b_out, nonlinearity, loss, reduction,
-            ignore_index, label_smoothing, truncate, ctx.grad_norm is not None, chunk_rows)
+            ignore_index, label_smoothing, truncate, ctx.grad_norm is not None, chunk_rows,
+            ctx.needs_input_grad[0])
         if ctx.grad_norm is not None:
             ctx.grad_norm.copy_(grad_norm)
-        return (g_in, None, g_hx, g_w_ih, g_w_hh, g_b if has_b_ih else None,
-                g_b if has_b_hh else None, g_w_out, g_b_out if has_b_out else None,
-                None, None, None, None)
+        return (g_in if ctx.needs_input_grad[0] else None, None, g_hx, g_w_ih, g_w_hh,
+                g_b if has_b_ih else None, g_b if has_b_hh else None, g_w_out,
+                g_b_out if has_b_out else None, None, None, None, None)
 
 
 def rnn_loss(

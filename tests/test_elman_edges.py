@@ -182,3 +182,34 @@ def test_create_graph_refused():
     out, _ = functional.rnn(*(layer[k] for k in NAMES))
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.pow(2).sum(), layer["weight_hh"], create_graph=True)
+
+
+@pytest.mark.parametrize("lengths", [False, True])
+def test_input_without_grad_skips_its_gradient(lengths):
+    """An input that needs no gradient gets none computed (as nn.RNN's first
+    layer), and every other gradient is unchanged."""
+    T, B, I, H = 7, 4, 3, 6
+    layer = make_layer(T, B, I, H)
+    lens = torch.tensor([7, 0, 3, 5]) if lengths else None
+    full = grads_of(functional.rnn(*(layer[k] for k in NAMES), lengths=lens),
+                    [layer[k] for k in NAMES])
+    x = layer["input"].detach()
+    out, h_n = functional.rnn(x, *(layer[k] for k in NAMES[1:]), lengths=lens)
+    part = grads_of([out, h_n], [x] + [layer[k] for k in NAMES[1:]])
+    assert part[0] is None
+    for a, b in zip(part[1:], full[1:]):
+        assert torch.equal(a, b)
+
+
+def test_raw_bwd_grad_input_false_returns_empty():
+    layer = make_layer(5, 3, 2, 4)
+    x, h0, wi, wh = (layer[k].detach() for k in ("input", "hx", "weight_ih", "weight_hh"))
+    out, h_n = torch.ops.rnnkern.elman_fwd(x, h0, wi, wh, None, None, None, "tanh", False)
+    g = torch.randn_like(out)
+    with_in = torch.ops.rnnkern.elman_bwd(g, h_n, x, h0, wi, wh, out, None, "tanh", False, 0)
+    without = torch.ops.rnnkern.elman_bwd(g, h_n, x, h0, wi, wh, out, None, "tanh", False, 0, False)
+    assert without[0].shape == (0,) and with_in[0].shape == x.shape
+    for a, b in zip(with_in[1:], without[1:]):
+        assert torch.equal(a, b)
+    torch.library.opcheck(torch.ops.rnnkern.elman_bwd.default,
+                          (g, h_n, x, h0, wi, wh, out, None, "tanh", False, 0, False))

@@ -405,7 +405,8 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
 ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
                           const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& hx,
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                          const at::Tensor& output, const at::Tensor& grad_h_norm) {
+                          const at::Tensor& output, const at::Tensor& grad_h_norm,
+                          bool grad_input) {
   const auto h0 = hx.contiguous();
   const auto w_hh = weight_hh.contiguous();
   const auto out = output.contiguous();
@@ -438,7 +439,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   ElmanGrads g;
   // Every parameter gradient is one GEMM or reduction over all T*B rows.
   const auto gz2 = grad_z.view({T * B, H});
-  g.input = at::mm(gz2, weight_ih).view({T, B, I});
+  g.input = grad_input ? at::mm(gz2, weight_ih).view({T, B, I}) : at::empty({0}, x.options());
   g.weight_ih = at::mm(gz2.t(), x.view({T * B, I}));
   g.bias = gz2.sum(0);
   // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
@@ -475,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elman_bwd
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& input,
     const at::Tensor& hx, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const c10::optional<at::Tensor>& lengths,
-    c10::string_view nonlinearity, bool reverse, int64_t truncate) {
+    c10::string_view nonlinearity, bool reverse, int64_t truncate, bool grad_input) {
   ElmanShape s = check_elman_args("rnnkern.elman_bwd", input, hx, weight_ih, weight_hh,
                                   c10::nullopt, c10::nullopt, lengths, nonlinearity, reverse,
                                   truncate);
@@ -483,7 +484,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elman_bwd
   const auto x = input.contiguous();
   const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  ElmanGrads g = elman_backward(s, grad_output, grad_h_n, x, hx, weight_ih, weight_hh, output);
+  ElmanGrads g = elman_backward(s, grad_output, grad_h_n, x, hx, weight_ih, weight_hh, output,
+                                at::Tensor(), grad_input);
   return {g.input, g.hx, g.weight_ih, g.weight_hh, g.bias};
 }
 

@@ -37,9 +37,11 @@ struct ElmanGrads {
 //   x [T,B,I] contiguous, output [T,B,H] from elman_forward.
 // grad_h_norm, when defined: a contiguous [T,B] tensor of the input's dtype that
 // receives ||dL/dh_t|| per sequence (through the recurrence included; 0 where t >= len_b).
+// grad_input = false: ElmanGrads::input is an empty [0] tensor (not computed).
 ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
                           const at::Tensor& grad_h_n, const at::Tensor& x, const at::Tensor& hx,
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                          const at::Tensor& output, const at::Tensor& grad_h_norm = at::Tensor());
+                          const at::Tensor& output, const at::Tensor& grad_h_norm = at::Tensor(),
+                          bool grad_input = true);
 
 }  // namespace rnnkern::cpu

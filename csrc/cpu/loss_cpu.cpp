@@ -335,7 +335,8 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
                    const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
                    c10::string_view nonlinearity, c10::string_view loss,
                    c10::string_view reduction, int64_t ignore_index, double label_smoothing,
-                   int64_t truncate, bool want_grad_norm, int64_t chunk_rows) {
+                   int64_t truncate, bool want_grad_norm, int64_t chunk_rows,
+                   bool grad_input) {
   const char* op = "rnnkern.elman_loss_bwd";
   ElmanShape s = check_elman_args(op, input, hx, weight_ih, weight_hh, c10::nullopt,
                                   c10::nullopt, lengths, nonlinearity, false, truncate);
@@ -365,7 +366,7 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
   }
   auto grad_norm = want_grad_norm ? at::empty({s.T, s.B}, opts) : at::empty({0}, opts);
   ElmanGrads g = elman_backward(s, grads.output, grad_h_n, x, hx, weight_ih, weight_hh, output,
-                                want_grad_norm ? grad_norm : at::Tensor());
+                                want_grad_norm ? grad_norm : at::Tensor(), grad_input);
   return {g.input, g.hx, g.weight_ih, g.weight_hh, g.bias,
           grads.weight_out, grads.bias_out, grad_norm};
 }
