@@ -108,3 +108,27 @@ def test_demo_runs():
     r = run_module("demo", "--steps", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("PASS") == 6
+
+
+def test_bench_plot_png_or_clear_error(tmp_path):
+    results = [{"config": {"name": n}, "baseline": "nn.RNN",
+                "rows": [{"impl": "rnnkern", "forward_ms": 1.0, "train_ms": 2.0},
+                         {"impl": "nn.RNN", "forward_ms": 3.0, "train_ms": 9.0}]}
+               for n in ("seed", "long")]
+    out = tmp_path / "bench.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+            bench.plot(results, str(out))
+        return
+    bench.plot(results, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_console_script_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "rnnkern")
+    assert os.path.exists(script), "pip install -e . installs the rnnkern console script"
+    r = subprocess.run([script, "check", "-T", "3", "-B", "2", "--dtype", "float64"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 passed, 0 failed" in r.stdout, r.stdout + r.stderr
