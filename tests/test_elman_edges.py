@@ -139,7 +139,8 @@ def test_respects_thread_count():
 @pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
 def test_lower_cpu_capability_in_subprocess(capability):
     """RNNKERN_CPU_CAPABILITY runs the portable (or AVX2) kernels, as a CPU
-    without AVX-512 would; both fused steps and element-wise passes."""
+    without AVX-512 would: fused steps, element-wise passes and the loss rows
+    (with O below and above a vector's width)."""
     if capability == "AVX2" and rnnkern.cpu_capability() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
     code = (
@@ -159,6 +160,19 @@ def test_lower_cpu_capability_in_subprocess(capability):
         "        ga = torch.autograd.grad(a[0].sum() + a[1].sum(), args)\n"
         "        gb = torch.autograd.grad(b[0].sum() + b[1].sum(), args)\n"
         "        [assert_close(x, y, tol) for x, y in zip(ga, gb)]\n"
+        "for loss, O in (('mse', 8), ('mse', 21), ('cross_entropy', 19)):\n"
+        "    l = make_layer(9, 5, 3, 7)\n"
+        "    args = [l[k] for k in ('input','hx','weight_ih','weight_hh','bias_ih','bias_hh')]\n"
+        "    w_out = torch.randn(O, 7, dtype=torch.float64, requires_grad=True)\n"
+        "    b_out = torch.randn(O, dtype=torch.float64, requires_grad=True)\n"
+        "    tgt = torch.randn(9, 5, O, dtype=torch.float64) if loss == 'mse' else torch.randint(0, O, (9, 5))\n"
+        "    kw = dict(loss=loss, lengths=torch.tensor([9, 0, 4, 1, 7]), reduction='seq_sum')\n"
+        "    a = functional.rnn_loss(args[0], tgt, *args[1:], w_out, b_out, **kw)\n"
+        "    b = reference.rnn_loss(args[0], tgt, *args[1:], w_out, b_out, **kw)\n"
+        "    assert_close(a, b, 1e-10)\n"
+        "    ga = torch.autograd.grad(a, args + [w_out, b_out])\n"
+        "    gb = torch.autograd.grad(b, args + [w_out, b_out])\n"
+        "    [assert_close(x, y, 1e-10) for x, y in zip(ga, gb)]\n"
         "print('ok')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, RNNKERN_CPU_CAPABILITY=capability)
