@@ -89,17 +89,26 @@ at::Tensor reduction_coefs(const LossSpec& spec, const ElmanShape& s, const at::
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "reduction_coefs", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* cp = coef.data_ptr<scalar_t>();
+    // Rows are r = t*B + b; nested loops instead of r % B (an integer division
+    // per row cost more than the rest of the pass).
     std::vector<double> w_seq(s.B, 0.0);
     double w_all = 0;
-    for (int64_t r = 0; r < s.T * s.B; ++r) {
-      w_seq[r % s.B] += double(wp[r]);
-      w_all += double(wp[r]);
+    for (int64_t t = 0; t < s.T; ++t) {
+      for (int64_t b = 0; b < s.B; ++b) {
+        const double w = double(wp[t * s.B + b]);
+        w_seq[b] += w;
+        w_all += w;
+      }
     }
     int64_t n_seq = 0;
     for (int64_t b = 0; b < s.B; ++b) n_seq += w_seq[b] > 0;
-    for (int64_t r = 0; r < s.T * s.B; ++r)
-      cp[r] = scalar_t(reduction_coef<double>(spec.reduction, double(wp[r]), w_seq[r % s.B],
-                                              w_all, n_seq));
+    for (int64_t t = 0; t < s.T; ++t) {
+      for (int64_t b = 0; b < s.B; ++b) {
+        const int64_t r = t * s.B + b;
+        cp[r] = scalar_t(
+            reduction_coef<double>(spec.reduction, double(wp[r]), w_seq[b], w_all, n_seq));
+      }
+    }
   });
   return coef;
 }
@@ -203,6 +212,12 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   const int64_t* yp = ce ? target.const_data_ptr<int64_t>() : nullptr;
   const T* mp = ce ? nullptr : target.const_data_ptr<T>();
   const int64_t mst = ce ? 0 : target.stride(0), msb = ce ? 0 : target.stride(1);
+  // Row r = t*B + b of an mse target; one multiply when (t, b) are contiguous
+  // rows (the usual layout), not a division per row.
+  const bool rows_uniform = mst == s.B * msb;
+  auto mse_offset = [&](int64_t r) {
+    return rows_uniform ? r * msb : (r / s.B) * mst + (r % s.B) * msb;
+  };
   const T eps = T(spec.label_smoothing);
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const bool grad = grads != nullptr;
@@ -238,8 +253,7 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
         const int64_t r = all_rows ? c0 + i : row_idx[c0 + i];
         T* x = xp + i * O;
         const T l = ce ? vk.ce_row(x, bp, db, O, yp[r], eps, cp[r], grad)
-                       : vk.mse_row(x, bp, db, mp + (r / s.B) * mst + (r % s.B) * msb, O, cp[r],
-                                    grad);
+                       : vk.mse_row(x, bp, db, mp + mse_offset(r), O, cp[r], grad);
         if (lp) lp[r] = l;
       }
     });
