@@ -136,14 +136,19 @@ def _elman_fwd_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, 
 def _elman_bwd_fake(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths,
                     nonlinearity, reverse, truncate, grad_input=True):
     torch._check(grad_output.shape == output.shape, lambda: "grad_output must match output")
-    H = weight_hh.shape[0]
+    return _layer_grads_fake(input, hx, weight_ih, weight_hh, grad_input)
+
+
+def _layer_grads_fake(input, hx, weight_ih, weight_hh, grad_input):
+    """grad_input ([0] when not wanted), grad_hx, grad_weight_ih, grad_weight_hh,
+    grad_bias: what both backward ops return for the layer."""
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
         else input.new_empty((0,)),
         hx.new_empty(hx.shape),
         weight_ih.new_empty(weight_ih.shape),
         weight_hh.new_empty(weight_hh.shape),
-        weight_hh.new_empty((H,)),
+        weight_hh.new_empty((weight_hh.shape[0],)),
     )
 
 
@@ -179,12 +184,7 @@ def _elman_loss_bwd_fake(grad_loss, grad_h_n, input, target, hx, weight_ih, weig
     T, B, H = output.shape
     O = weight_out.shape[0]
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
-        else input.new_empty((0,)),
-        hx.new_empty(hx.shape),
-        weight_ih.new_empty(weight_ih.shape),
-        weight_hh.new_empty(weight_hh.shape),
-        weight_hh.new_empty((H,)),
+        *_layer_grads_fake(input, hx, weight_ih, weight_hh, grad_input),
         weight_out.new_empty((O, H)),
         weight_out.new_empty((O,) if bias_out is not None else (0,)),
         output.new_empty((T, B) if want_grad_norm else (0,)),

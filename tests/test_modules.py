@@ -94,11 +94,18 @@ def compare(ours, theirs, x, input, hx, tol, **kw):
         for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
             a, b = getattr(out_a, field), getattr(out_b, field)
             assert (a is None and b is None) or torch.equal(a, b), field
-    assert_close(data_of(out_a), data_of(out_b), tol, "output")
+    assert_runs_match((data_of(out_a), h_a), (data_of(out_b), h_b), ours, theirs, x, hx, tol)
+
+
+def assert_runs_match(run_a, run_b, model_a, model_b, x, hx, tol):
+    """(output, h_n) of two runs, and the gradients of a random functional of
+    them with respect to x, hx and every parameter of the model behind each run."""
+    (out_a, h_a), (out_b, h_b) = run_a, run_b
+    assert_close(out_a, out_b, tol, "output")
     assert_close(h_a, h_b, tol, "h_n")
-    names = ["input", "hx"] + [n for n, _ in theirs.named_parameters()]
-    ga = grads_of([data_of(out_a), h_a], [x, hx, *ours.parameters()])
-    gb = grads_of([data_of(out_b), h_b], [x, hx, *theirs.parameters()])
+    names = ["input", "hx"] + [n for n, _ in model_b.named_parameters()]
+    ga = grads_of([out_a, h_a], [x, hx, *model_a.parameters()])
+    gb = grads_of([out_b, h_b], [x, hx, *model_b.parameters()])
     for name, a, b in zip(names, ga, gb):
         assert (a is None) == (b is None), name
         if b is not None:
@@ -141,14 +148,7 @@ def test_lengths_match_packed_nn_rnn(case):
     out_a, h_a = ours(x, hx, lengths=lengths)
     out_b, h_b = theirs(pack_padded_sequence(x, lengths, batch_first=bf, enforce_sorted=False), hx)
     out_b, _ = pad_packed_sequence(out_b, batch_first=bf, total_length=T)
-    tol = TOL[torch.float64]
-    assert_close(out_a, out_b, tol, "output")
-    assert_close(h_a, h_b, tol, "h_n")
-    names = ["input", "hx"] + [n for n, _ in theirs.named_parameters()]
-    for name, a, b in zip(names, grads_of([out_a, h_a], [x, hx, *ours.parameters()]),
-                          grads_of([out_b, h_b], [x, hx, *theirs.parameters()])):
-        if b is not None:
-            assert_close(a, b, tol, f"grad {name}")
+    assert_runs_match((out_a, h_a), (out_b, h_b), ours, theirs, x, hx, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("case", product(num_layers=[1, 2, 3], K=[1, 3], batch_first=[False, True]),
@@ -166,13 +166,7 @@ def test_truncate_is_chunked_detach_through_nn_rnn(case):
         out_c, h = theirs(x[:, c0:c0 + K] if bf else x[c0:c0 + K], h if c0 == 0 else h.detach())
         chunks.append(out_c)
     out_b, h_b = torch.cat(chunks, 1 if bf else 0), h
-    tol = TOL[torch.float64]
-    assert_close(out_a, out_b, tol, "output")
-    assert_close(h_a, h_b, tol, "h_n")
-    names = ["input", "hx"] + [n for n, _ in theirs.named_parameters()]
-    for name, a, b in zip(names, grads_of([out_a, h_a], [x, hx, *ours.parameters()]),
-                          grads_of([out_b, h_b], [x, hx, *theirs.parameters()])):
-        assert_close(a, b, tol, f"grad {name}")
+    assert_runs_match((out_a, h_a), (out_b, h_b), ours, theirs, x, hx, TOL[torch.float64])
 
 
 def reference_stack(m, x, hx, lengths, truncate):
@@ -213,13 +207,7 @@ def test_lengths_and_truncate_match_reference_stack(case):
     out_b, h_b = reference_stack(ours, x_b, hx_b, lengths, case["truncate"])
     if case["form"] == "unbatched":
         out_b, h_b = out_b[:, 0], h_b[:, 0]
-    tol = TOL[torch.float64]
-    assert_close(out_a, out_b, tol, "output")
-    assert_close(h_a, h_b, tol, "h_n")
-    inputs = [x, hx, *ours.parameters()]
-    names = ["input", "hx"] + [n for n, _ in ours.named_parameters()]
-    for name, a, b in zip(names, grads_of([out_a, h_a], inputs), grads_of([out_b, h_b], inputs)):
-        assert_close(a, b, tol, f"grad {name}")
+    assert_runs_match((out_a, h_a), (out_b, h_b), ours, ours, x, hx, TOL[torch.float64])
 
 
 # -- dropout -------------------------------------------------------------------
