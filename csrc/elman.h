@@ -26,14 +26,15 @@ enum class Activation : int64_t { kTanh = 0, kRelu = 1 };
 
 template <typename T>
 RNNKERN_HD T act_forward(Activation a, T z) {
-  return a == Activation::kTanh ? std::tanh(z) : (z > T(0) ? z : T(0));
+  return a == Activation::kTanh ? std::tanh(z) : (z <= T(0) ? T(0) : z);  // NaN stays NaN
 }
 
-// act'(z) written in terms of h = act(z).
-//   tanh: 1 - h^2      relu: 1 if h > 0 else 0
+// dL/dz from g = dL/dh and the output h = act(z):
+//   tanh: g (1 - h^2)      relu: 0 if h <= 0 else g (NaN passes g, as ATen's
+//   threshold_backward)
 template <typename T>
-RNNKERN_HD T act_grad_from_output(Activation a, T h) {
-  return a == Activation::kTanh ? T(1) - h * h : (h > T(0) ? T(1) : T(0));
+RNNKERN_HD T act_backward(Activation a, T g, T h) {
+  return a == Activation::kTanh ? g * (T(1) - h * h) : (h <= T(0) ? T(0) : g);
 }
 
 }  // namespace rnnkern

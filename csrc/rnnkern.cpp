@@ -31,10 +31,12 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(rnnkern, m) {
   // One Elman layer, one direction, the whole sequence in one call.
   //   input [T,B,I] -> output [T,B,H] (0 where t >= len_b), h_n [B,H]
+  // truncate does not change the forward: it is the truncation of the op's
+  // registered backward (rnnkern/_ops.py), 0 for none.
   m.def(
       "elman_fwd(Tensor input, Tensor hx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, str nonlinearity, "
-      "bool reverse) -> (Tensor output, Tensor h_n)",
+      "bool reverse, int truncate=0) -> (Tensor output, Tensor h_n)",
       {at::Tag::pt2_compliant_tag});
   // Its whole BPTT in one call. grad_bias is the gradient of bias_ih and of
   // bias_hh alike (they enter z_t as a sum). truncate = 0: no truncation.
@@ -57,17 +59,21 @@ TORCH_LIBRARY(rnnkern, m) {
   //      step t only), grad_weight_out [O,H], grad_bias_out [O]. Each is [0]
   //      when not computed (grad_bias_out also without bias_out).
   // chunk_rows: rows per chunk, 0 for automatic (about 8 MB of logits).
+  // truncate: as for elman_fwd, for the registered backward only.
   m.def(
       "elman_loss_fwd(Tensor input, Tensor target, Tensor hx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor weight_out, Tensor? bias_out, "
       "Tensor? lengths, Tensor? loss_mask, str nonlinearity, str loss, str steps, "
       "str reduction, int ignore_index, float label_smoothing, bool compute_grad, "
-      "int chunk_rows) -> (Tensor loss, Tensor output, Tensor h_n, Tensor step_loss, "
-      "Tensor weight, Tensor grad_output, Tensor grad_weight_out, Tensor grad_bias_out)",
+      "int chunk_rows, int truncate=0) -> (Tensor loss, Tensor output, Tensor h_n, "
+      "Tensor step_loss, Tensor weight, Tensor grad_output, Tensor grad_weight_out, "
+      "Tensor grad_bias_out)",
       {at::Tag::pt2_compliant_tag});
-  // Its backward: the head's gradients (scaled by grad_loss [] for a scalar
-  // reduction; recomputed chunk by chunk with coefficients grad_loss * weight
-  // [T,B] for 'none'), then the layer's whole BPTT. grad_bias is the gradient
+  // Its backward: the head's gradients (the forward's, scaled by grad_loss []
+  // for a scalar reduction; recomputed chunk by chunk for 'none', with
+  // coefficients grad_loss * weight [T,B], and for a scalar reduction whose
+  // forward ran without compute_grad, passing grad_output, grad_weight_out and
+  // grad_bias_out as [0]), then the layer's whole BPTT. grad_bias is the gradient
   // of bias_ih and of bias_hh alike. grad_norm [T,B] (with want_grad_norm,
   // else [0]) is ||dL/dh_t|| per sequence, 0 where t >= len_b.
   m.def(
@@ -273,9 +279,9 @@ LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& 
                 input.device(), ", got ", m.device());
     check_shape(op, "loss_mask", m, {s.T, s.B}, "[T, B]");
     if (m.scalar_type() != at::kBool && m.numel() > 0) {
-      // NaN fails `>= 0` too: a NaN weight would make every reduction NaN.
-      const auto ok = m.ge(0);
-      TORCH_CHECK_VALUE(ok.all().item<bool>(), op, ": loss_mask must be >= 0 (and not NaN), got ",
+      // A NaN or infinite weight would make every reduction NaN.
+      const auto ok = m.ge(0).logical_and_(m.isfinite());
+      TORCH_CHECK_VALUE(ok.all().item<bool>(), op, ": loss_mask must be finite and >= 0, got ",
                         m.masked_select(ok.logical_not())[0].item<double>());
     }
   }
@@ -297,6 +303,12 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
   check_float_like(op, "grad_loss", grad_loss, input);
   if (spec.reduction == Reduction::kNone) {
     check_shape(op, "grad_loss", grad_loss, {s.T, s.B}, "[T, B] (reduction='none')");
+  } else if (grad_output.dim() == 1) {
+    // The forward ran without compute_grad: the backward recomputes.
+    check_shape(op, "grad_loss", grad_loss, {}, "[] (a scalar reduction)");
+    check_shape(op, "grad_output", grad_output, {0}, "[0] (recompute) or [T, B, H]");
+    check_shape(op, "grad_weight_out", grad_weight_out, {0}, "[0] (with grad_output [0])");
+    check_shape(op, "grad_bias_out", grad_bias_out, {0}, "[0] (with grad_output [0])");
   } else {
     check_shape(op, "grad_loss", grad_loss, {}, "[] (a scalar reduction)");
     check_float_like(op, "grad_output", grad_output, input);

@@ -370,12 +370,37 @@ at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<a
   return at::Tensor();
 }
 
+void add_column_sums(at::Tensor& acc, const at::Tensor& m) {
+  TORCH_INTERNAL_ASSERT(m.dim() == 2 && m.stride(1) == 1 && acc.is_contiguous() &&
+                        acc.numel() == m.size(1));
+  const int64_t M = m.size(0), N = m.size(1);
+  if (M == 0 || N == 0) return;
+  // Threads split the columns in blocks of fixed width, never the rows.
+  constexpr int64_t kCols = 64;
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "add_column_sums", [&] {
+    const auto& vk = vec_kernels_for<scalar_t>();
+    scalar_t* a = acc.data_ptr<scalar_t>();
+    const scalar_t* p = m.const_data_ptr<scalar_t>();
+    const int64_t ld = m.stride(0);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(M * kCols, 1));
+    at::parallel_for(0, (N + kCols - 1) / kCols, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j = c * kCols;
+        vk.add_column_sums(a + j, p + j, M, std::min(kCols, N - j), ld);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::Tensor& x,
                                                  const at::Tensor& hx, const at::Tensor& weight_ih,
                                                  const at::Tensor& weight_hh,
                                                  const at::Tensor& bias) {
+  // Every operand in the one layout the GEMMs see, so a strided view gives the
+  // same bits as its contiguous copy (BLAS may round differently per layout).
   const auto h0 = hx.contiguous();  // [B,H]
   const auto w_hh = weight_hh.contiguous();
+  const auto w_ih = weight_ih.contiguous();
   auto out = at::empty({s.T, s.B, s.H}, x.options());  // [T,B,H]
   auto h_n = at::empty({s.B, s.H}, x.options());        // [B,H]
   if (s.T * s.B == 0) {
@@ -385,8 +410,8 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
   // The input projection of every step, bias included, as one GEMM.
   const auto x2 = x.view({s.T * s.B, s.I});
   auto out2 = out.view({s.T * s.B, s.H});
-  if (bias.defined()) at::addmm_out(out2, bias, x2, weight_ih.t());
-  else at::mm_out(out2, x2, weight_ih.t());
+  if (bias.defined()) at::addmm_out(out2, bias.contiguous(), x2, w_ih.t());
+  else at::mm_out(out2, x2, w_ih.t());
 
   at::Tensor state, gemm_buf;
   if (s.lengths) {
@@ -414,6 +439,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
                           bool grad_input) {
   const auto h0 = hx.contiguous();
   const auto w_hh = weight_hh.contiguous();
+  const auto w_ih = weight_ih.contiguous();
   const auto out = output.contiguous();
   const auto g_out = grad_output.contiguous();
   const int64_t T = s.T, B = s.B, H = s.H, I = s.I;
@@ -444,9 +470,10 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   ElmanGrads g;
   // Every parameter gradient is one GEMM or reduction over all T*B rows.
   const auto gz2 = grad_z.view({T * B, H});
-  g.input = grad_input ? at::mm(gz2, weight_ih).view({T, B, I}) : at::empty({0}, x.options());
+  g.input = grad_input ? at::mm(gz2, w_ih).view({T, B, I}) : at::empty({0}, x.options());
   g.weight_ih = at::mm(gz2.t(), x.view({T * B, I}));
-  g.bias = gz2.sum(0);
+  g.bias = at::zeros({H}, x.options());
+  add_column_sums(g.bias, gz2);
   // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
   // or h0 at each sequence's first processed step (dz_first).
   const at::Tensor dz_first = (s.lengths && s.reverse)
@@ -468,9 +495,9 @@ std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
     const c10::optional<at::Tensor>& bias_hh, const c10::optional<at::Tensor>& lengths,
-    c10::string_view nonlinearity, bool reverse) {
+    c10::string_view nonlinearity, bool reverse, int64_t truncate) {
   ElmanShape s = check_elman_args("rnnkern.elman_fwd", input, hx, weight_ih, weight_hh, bias_ih,
-                                  bias_hh, lengths, nonlinearity, reverse, 0);
+                                  bias_hh, lengths, nonlinearity, reverse, truncate);
   const auto x = input.contiguous();  // [T,B,I]
   const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;

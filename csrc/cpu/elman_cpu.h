@@ -15,6 +15,11 @@ namespace rnnkern::cpu {
 // b_ih + b_hh, whichever are given; undefined when neither is.
 at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh);
 
+// acc [N] += the column sums of m [M, N] (unit column stride), each column
+// summed over the rows in order: the same bits at any thread count (ATen's
+// sum may split the rows across threads).
+void add_column_sums(at::Tensor& acc, const at::Tensor& m);
+
 // Runs the layer. `s` comes from check_elman_args with s.lengths pointing at a
 // contiguous int64 [B] copy (or null).
 //   x [T,B,I] contiguous, hx [B,H], weight_ih [H,I], weight_hh [H,H], bias [H] or undefined

@@ -222,12 +222,6 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const bool grad = grads != nullptr;
   const T* bp = b_out.defined() ? b_out.const_data_ptr<T>() : nullptr;
-  // The bias gradient, accumulated by the row passes in one [O] row per thread
-  // (each thread owns a fixed share of each chunk's rows, so the sums, and
-  // their order, depend only on the thread count), reduced after the sweep.
-  const at::Tensor db_parts =
-      grad && bp ? at::zeros({at::get_num_threads(), O}, opts) : at::Tensor();  // [threads,O]
-  T* dbp = db_parts.defined() ? db_parts.data_ptr<T>() : nullptr;
   // Rows of a few thousand elements each: a row is one task; tiny rows are batched.
   const int64_t grain = std::max<int64_t>(1, 16384 / O);
 
@@ -246,14 +240,11 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
 
     T* xp = logits.data_ptr<T>();
     at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-      const int64_t tid = at::get_thread_num();
-      TORCH_INTERNAL_ASSERT(!dbp || tid < db_parts.size(0));
-      T* db = dbp ? dbp + tid * O : nullptr;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = all_rows ? c0 + i : row_idx[c0 + i];
         T* x = xp + i * O;
-        const T l = ce ? vk.ce_row(x, bp, db, O, yp[r], eps, cp[r], grad)
-                       : vk.mse_row(x, bp, db, mp + mse_offset(r), O, cp[r], grad);
+        const T l = ce ? vk.ce_row(x, bp, O, yp[r], eps, cp[r], grad)
+                       : vk.mse_row(x, bp, mp + mse_offset(r), O, cp[r], grad);
         if (lp) lp[r] = l;
       }
     });
@@ -268,8 +259,10 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
       grads->output.index_copy_(0, idx, dh);
     }
     grads->weight_out.addmm_(logits.t(), hc);
+    // The bias gradient sums the rows in order, chunk after chunk: the same
+    // bits at any thread count.
+    if (bp) vk.add_column_sums(grads->bias_out.data_ptr<T>(), xp, n, O, O);
   }
-  if (db_parts.defined()) grads->bias_out.add_(db_parts.sum(0));
 }
 
 // The head's inputs in the layout head_loss reads.
@@ -309,10 +302,10 @@ elman_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const at::
                    const c10::optional<at::Tensor>& loss_mask, c10::string_view nonlinearity,
                    c10::string_view loss, c10::string_view steps, c10::string_view reduction,
                    int64_t ignore_index, double label_smoothing, bool compute_grad,
-                   int64_t chunk_rows) {
+                   int64_t chunk_rows, int64_t truncate) {
   const char* op = "rnnkern.elman_loss_fwd";
   ElmanShape s = check_elman_args(op, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                                  nonlinearity, false, 0);
+                                  nonlinearity, false, truncate);
   const LossSpec spec =
       check_loss_args(op, s, input, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
                       reduction, ignore_index, label_smoothing, chunk_rows);
@@ -365,10 +358,13 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
   const auto opts = input.options();
 
   HeadGrads grads;
-  if (spec.reduction == Reduction::kNone) {
+  const bool scalar = spec.reduction != Reduction::kNone;
+  if (!scalar || grad_output.dim() == 1) {
+    // The sweep again, with the upstream coefficients.
+    const auto coef = scalar ? reduction_coefs(spec, s, weight).mul_(grad_loss)  // [T,B]
+                             : grad_loss.mul(weight);
     grads = new_head_grads(spec, s, bias_out.has_value(), opts);
-    run_head(spec, s, output, target, weight_out, bias_out, grad_loss.mul(weight), at::Tensor(),
-             &grads);
+    run_head(spec, s, output, target, weight_out, bias_out, coef, at::Tensor(), &grads);
     grads.output = grads.output.view({s.T, s.B, s.H});
   } else if (grad_loss.item<double>() == 1.0) {
     // The usual loss.backward(): the forward's gradients as they are (the

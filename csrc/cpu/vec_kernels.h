@@ -63,16 +63,16 @@ struct VecKernels {
   void (*act_inplace)(Activation a, T* z, int64_t n);
   // dst[0:n] = act(a[0:n] + b[0:n]); dst may alias a
   void (*act_add)(Activation a, T* dst, const T* x, const T* y, int64_t n);
-  // dz[0:n] = (g[0:n] + c[0:n]) * act'(h[0:n]), with act' computed from h = act(z)
+  // dz[0:n] = act_backward(g[0:n] + c[0:n], h[0:n]) (elman.h), h = act(z)
   void (*grad_z)(Activation a, T* dz, const T* g, const T* c, const T* h, int64_t n);
   // One row of the head's output x[0:O] + b[0:O] (b may be null: no bias)
   // against class y: returns the cross-entropy with label smoothing eps
-  // (loss.h). With grad, x is overwritten with g = coef * dl/dx and, when db is
-  // not null, g is added to db[0:O] (the bias gradient, accumulated in the
-  // same pass).
-  T (*ce_row)(T* x, const T* b, T* db, int64_t O, int64_t y, T eps, T coef, bool grad);
+  // (loss.h). With grad, x is overwritten with g = coef * dl/dx.
+  T (*ce_row)(T* x, const T* b, int64_t O, int64_t y, T eps, T coef, bool grad);
   // The same for the MSE against y[0:O] (loss.h).
-  T (*mse_row)(T* x, const T* b, T* db, const T* y, int64_t O, T coef, bool grad);
+  T (*mse_row)(T* x, const T* b, const T* y, int64_t O, T coef, bool grad);
+  // acc[0:N] += the sum of the rows of m [M, N] (row stride ld), in row order.
+  void (*add_column_sums)(T* acc, const T* m, int64_t M, int64_t N, int64_t ld);
 };
 
 struct VecKernelTable {

@@ -35,14 +35,17 @@ struct Tiling {
 };
 
 // tanh for float32 as an odd rational function, x P(x^2) / Q(x^2), on x clamped
-// to +-7.905 (where tanh rounds to +-1). Its error is at most 7 ulp (4e-7
-// relative), 1 ulp on average (tests/test_activation.py measures it), and it
-// inlines: a call to Sleef's tanh inside the fused step spills the whole
-// register tile and made tanh 80% of a step. float64 keeps Sleef's 1-ulp tanh.
-inline Vectorized<float> tanh_rational(Vectorized<float> x) {
+// to +-7.905, the end of the fit. Its error is at most 7 ulp (4e-7 relative),
+// 1 ulp on average (tests/test_activation.py measures it), and it inlines: a
+// call to Sleef's tanh inside the fused step spills the whole register tile
+// and made tanh 80% of a step. float64 keeps Sleef's 1-ulp tanh.
+// Past |x| = 9.0109 (where tanh(x) rounds to +-1 in float32) the result is
+// exactly +-1, as ATen's tanh: a saturated unit must have act' = 1 - h^2 = 0,
+// or huge inputs leak huge gradients. NaN stays NaN.
+inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
   using V = Vectorized<float>;
-  const V lim(7.90531110763549805f);
-  x = at::vec::minimum(at::vec::maximum(x, V(-7.90531110763549805f)), lim);
+  const V lim(7.90531110763549805f), sat(9.01091289520263672f);
+  const V x = at::vec::minimum(at::vec::maximum(x_in, V(-7.90531110763549805f)), lim);
   const V x2 = x * x;
   V p(-2.76076847742355e-16f);
   p = at::vec::fmadd(p, x2, V(2.00018790482477e-13f));
@@ -61,10 +64,11 @@ inline Vectorized<float> tanh_rational(Vectorized<float> x) {
   const __m512 qv = q;
   __m512 r = _mm512_rcp14_ps(qv);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(qv, r, _mm512_set1_ps(2.0f)));
-  return x * p * V(r);
+  const V y = x * p * V(r);
 #else
-  return x * p / q;
+  const V y = x * p / q;
 #endif
+  return V::blendv(V::blendv(y, V(1.0f), x_in >= sat), V(-1.0f), x_in <= V(-9.01091289520263672f));
 }
 
 inline Vectorized<float> tanh_vec(Vectorized<float> v) { return tanh_rational(v); }
@@ -75,10 +79,13 @@ inline Vectorized<T> act_vec(Activation a, Vectorized<T> v) {
   return a == Activation::kTanh ? tanh_vec(v) : at::vec::maximum(v, Vectorized<T>(T(0)));
 }
 
+// dL/dz from g = dL/dh and h = act(z) (cells/elman.h's act_backward, a vector
+// at a time). relu passes g where h is not <= 0, NaN included, as ATen's
+// threshold_backward does: a NaN state propagates like nn.RNN's on every path.
 template <typename T>
-inline Vectorized<T> act_grad_vec(Activation a, Vectorized<T> h) {
+inline Vectorized<T> act_backward_vec(Activation a, Vectorized<T> g, Vectorized<T> h) {
   using V = Vectorized<T>;
-  return a == Activation::kTanh ? V(T(1)) - h * h : V::blendv(V(T(0)), V(T(1)), h > V(T(0)));
+  return a == Activation::kTanh ? g * (V(T(1)) - h * h) : V::blendv(g, V(T(0)), h <= V(T(0)));
 }
 
 template <typename T>
@@ -102,14 +109,10 @@ void act_add(Activation a, T* dst, const T* x, const T* y, int64_t n) {
 template <typename T>
 void grad_z(Activation a, T* dz, const T* g, const T* c, const T* h, int64_t n) {
   using V = Vectorized<T>;
-  const V zero(T(0)), one(T(1));
   for (int64_t i = 0; i < n; i += V::size()) {
     const int64_t m = std::min<int64_t>(V::size(), n - i);
-    const V gc = V::loadu(g + i, m) + V::loadu(c + i, m);
-    const V hv = V::loadu(h + i, m);
-    const V d = a == Activation::kTanh ? gc * (one - hv * hv)
-                                       : V::blendv(zero, gc, hv > zero);
-    d.store(dz + i, m);
+    act_backward_vec(a, V::loadu(g + i, m) + V::loadu(c + i, m), V::loadu(h + i, m))
+        .store(dz + i, m);
   }
 }
 
@@ -166,7 +169,7 @@ inline void tile(const StepArgs<T>& p, int64_t b, int64_t j0) {
         V v(T(0));
         if (out_active) {
           const V carry = a_active ? acc[r][c] : V::loadu(p.pass + row * p.N + j, n);
-          v = (V::loadu(p.g + o, n) + carry) * act_grad_vec(p.act, V::loadu(p.h + o, n));
+          v = act_backward_vec(p.act, V::loadu(p.g + o, n) + carry, V::loadu(p.h + o, n));
         }
         v.store(p.dz + o, n);
       }
@@ -225,11 +228,11 @@ Vectorized<T> load_biased(const T* x, const T* b, int64_t i) {
 
 // Three passes over one row (a row of a few thousand classes stays in L1/L2):
 // max and sum of x + b; exp(x + b - max) and its sum, kept in x when the
-// gradient is wanted; then the gradient, added to db as it is written. Full
+// gradient is wanted; then the gradient. Full
 // vectors first, the tail in scalar code, so no padding lane ever enters a max
 // or a sum.
 template <typename T>
-T ce_row(T* x, const T* b, T* db, int64_t O, int64_t y, T eps, T coef, bool grad) {
+T ce_row(T* x, const T* b, int64_t O, int64_t y, T eps, T coef, bool grad) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const int64_t Ov = O - O % L;
@@ -264,16 +267,10 @@ T ce_row(T* x, const T* b, T* db, int64_t O, int64_t y, T eps, T coef, bool grad
     const T inv_s = T(1) / s;
     const V vinv(inv_s);
     for (int64_t i = 0; i < Ov; i += L) {
-      const V g = ce_grad(V::loadu(x + i) * vinv, coef, eps, O);
-      g.store(x + i);
-      if (db) (V::loadu(db + i) + g).store(db + i);
+      ce_grad(V::loadu(x + i) * vinv, coef, eps, O).store(x + i);
     }
-    for (int64_t i = Ov; i < O; ++i) {
-      x[i] = ce_grad(x[i] * inv_s, coef, eps, O);
-      if (db) db[i] += x[i];
-    }
+    for (int64_t i = Ov; i < O; ++i) x[i] = ce_grad(x[i] * inv_s, coef, eps, O);
     x[y] += ce_grad_target_extra(coef, eps);
-    if (db) db[y] += ce_grad_target_extra(coef, eps);
   }
   return l;
 }
@@ -282,7 +279,7 @@ T ce_row(T* x, const T* b, T* db, int64_t O, int64_t y, T eps, T coef, bool grad
 // add nothing to the sum): with the small O of a regression head (O = 8 is
 // half a vector) a scalar tail was most of the head's row time.
 template <typename T>
-T mse_row(T* x, const T* b, T* db, const T* y, int64_t O, T coef, bool grad) {
+T mse_row(T* x, const T* b, const T* y, int64_t O, T coef, bool grad) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   V vsq(T(0));
@@ -292,19 +289,28 @@ T mse_row(T* x, const T* b, T* db, const T* y, int64_t O, T coef, bool grad) {
     if (b) v = v + V::loadu(b + i, n);
     const V d = v - V::loadu(y + i, n);
     vsq = at::vec::fmadd(d, d, vsq);
-    if (grad) {
-      const V g = mse_grad(d, coef, O);
-      g.store(x + i, n);
-      if (db) (V::loadu(db + i, n) + g).store(db + i, n);
-    }
+    if (grad) mse_grad(d, coef, O).store(x + i, n);
   }
   return mse_loss(hsum(vsq), O);
+}
+
+// Rows in order: each column's sum has the same order however callers split
+// the columns across threads.
+template <typename T>
+void add_column_sums(T* acc, const T* m, int64_t M, int64_t N, int64_t ld) {
+  using V = Vectorized<T>;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; j += V::size()) {
+      const int n = int(std::min<int64_t>(V::size(), N - j));
+      (V::loadu(acc + j, n) + V::loadu(m + i * ld + j, n)).store(acc + j, n);
+    }
 }
 
 template <typename T>
 VecKernels<T> make() {
   return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
-          &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>};
+          &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
+          &add_column_sums<T>};
 }
 
 }  // namespace RNNKERN_CAP
