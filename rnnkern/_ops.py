@@ -30,9 +30,11 @@ def elman_fwd(
     lengths: Optional[torch.Tensor],  # [B] int64, CPU
     nonlinearity: str,
     reverse: bool,
+    truncate: int = 0,  # for the registered backward; 0: none
 ) -> tuple[torch.Tensor, torch.Tensor]:  # output [T,B,H], h_n [B,H]
     return torch.ops.rnnkern.elman_fwd.default(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse
+        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
+        truncate,
     )
 
 
@@ -76,6 +78,7 @@ def elman_loss_fwd(
     label_smoothing: float,
     compute_grad: bool,
     chunk_rows: int,  # 0: automatic
+    truncate: int = 0,  # for the registered backward; 0: none
 ) -> tuple[torch.Tensor, ...]:
     """-> loss [] ([T,B] for 'none'), output [T,B,H], h_n [B,H], step_loss [T,B],
     weight [T,B], grad_output [T,B,H], grad_weight_out [O,H], grad_bias_out [O]
@@ -83,7 +86,7 @@ def elman_loss_fwd(
     return torch.ops.rnnkern.elman_loss_fwd.default(
         input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
         lengths, loss_mask, nonlinearity, loss, steps, reduction, ignore_index,
-        float(label_smoothing), compute_grad, chunk_rows,
+        float(label_smoothing), compute_grad, chunk_rows, truncate,
     )
 
 
@@ -124,7 +127,8 @@ def elman_loss_bwd(
 
 
 @torch.library.register_fake("rnnkern::elman_fwd")
-def _elman_fwd_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse):
+def _elman_fwd_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
+                    truncate=0):
     torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {tuple(input.shape)}")
     T, B, _ = input.shape
     H = weight_hh.shape[0]
@@ -155,7 +159,7 @@ def _layer_grads_fake(input, hx, weight_ih, weight_hh, grad_input):
 @torch.library.register_fake("rnnkern::elman_loss_fwd")
 def _elman_loss_fwd_fake(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                          bias_out, lengths, loss_mask, nonlinearity, loss, steps, reduction,
-                         ignore_index, label_smoothing, compute_grad, chunk_rows):
+                         ignore_index, label_smoothing, compute_grad, chunk_rows, truncate=0):
     torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {tuple(input.shape)}")
     T, B, _ = input.shape
     H = weight_hh.shape[0]
@@ -189,3 +193,134 @@ def _elman_loss_bwd_fake(grad_loss, grad_h_n, input, target, hx, weight_ih, weig
         weight_out.new_empty((O,) if bias_out is not None else (0,)),
         output.new_empty((T, B) if want_grad_norm else (0,)),
     )
+
+
+# ---------------------------------------------------------------------------
+# Autograd, registered on the ops themselves, so a graph that holds the op
+# (torch.export, torch.compile, a direct call) differentiates as the Python
+# API does. Backward is one fused kernel call with no derivative of its own.
+# ---------------------------------------------------------------------------
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """The first-order gradients (cloned), attached to the tensors they were
+    computed from so that create_graph=True works; differentiating them again
+    raises, since the fused backward has no derivative of its own."""
+
+    @staticmethod
+    def forward(name, n, *tensors):
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"rnnkern: double backward through {ctx.name} is not supported: its backward is a "
+            "fused kernel without a derivative of its own. Use rnnkern.reference for "
+            "higher-order gradients.")
+
+
+def _first_order(name: str, grads: tuple, anchors: tuple) -> tuple:
+    """grads as they are, unless backward runs under create_graph=True (grad
+    mode on, outside torch.func's transforms, which manage their own levels)."""
+    if not torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return grads
+    present = [g for g in grads if g is not None]
+    linked = iter(_NoDoubleBackward.apply(name, len(present), *present,
+                                          *(a for a in anchors if a is not None)))
+    return tuple(next(linked) if g is not None else None for g in grads)
+
+
+def elman_fwd_setup(ctx, inputs, output):
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse, *rest = inputs
+    # Backward needs h at every step (act' is derived from it) and nothing else
+    # of the forward pass.
+    ctx.save_for_backward(input, hx, weight_ih, weight_hh, output[0], lengths)
+    ctx.config = (nonlinearity, reverse, rest[0] if rest else 0, bias_ih is not None,
+                  bias_hh is not None)
+
+
+def elman_fwd_backward(ctx, grad_output, grad_h_n):
+    input, hx, weight_ih, weight_hh, output, lengths = ctx.saved_tensors
+    nonlinearity, reverse, truncate, has_b_ih, has_b_hh = ctx.config
+    want_in = ctx.needs_input_grad[0]
+    g_in, g_hx, g_w_ih, g_w_hh, g_b = elman_bwd(
+        grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths, nonlinearity,
+        reverse, truncate, want_in)
+    grads = _first_order("rnnkern.functional.rnn", (g_in if want_in else None, g_hx, g_w_ih,
+                                                     g_w_hh, g_b), (input, hx, weight_ih, weight_hh))
+    g_in, g_hx, g_w_ih, g_w_hh, g_b = grads
+    return (g_in, g_hx, g_w_ih, g_w_hh, g_b if has_b_ih else None, g_b if has_b_hh else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("rnnkern::elman_fwd", elman_fwd_backward,
+                                setup_context=elman_fwd_setup)
+
+
+def elman_loss_setup(ctx, inputs, output):
+    """Saves what elman_loss_backward needs (shared by the registered autograd
+    and rnnkern.functional's grad_norm path)."""
+    (input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out, lengths,
+     _loss_mask, nonlinearity, loss, _steps, reduction, ignore_index, label_smoothing,
+     _compute_grad, chunk_rows, *rest) = inputs
+    _value, out, _h_n, _step_loss, weight, g_out, g_w_out, g_b_out = output
+    # h at every step for BPTT, the weights, and for a scalar reduction the
+    # head's gradients if the forward sweep computed them ([0] otherwise: the
+    # backward then runs the sweep again).
+    ctx.save_for_backward(input, target, hx, weight_ih, weight_hh, weight_out, bias_out,
+                          lengths, out, weight, g_out, g_w_out, g_b_out)
+    ctx.loss_config = (nonlinearity, loss, reduction, ignore_index, label_smoothing,
+                       rest[0] if rest else 0, chunk_rows)
+    ctx.has_bias = (bias_ih is not None, bias_hh is not None, bias_out is not None)
+
+
+def elman_loss_backward(ctx, grad_loss, grad_h_n, want_input: bool, want_grad_norm: bool):
+    """The gradients of elman_loss_fwd's tensor inputs (the input's only with
+    want_input), and grad_norm [T,B] or None."""
+    (input, target, hx, weight_ih, weight_hh, weight_out, bias_out, lengths, output, weight,
+     g_out, g_w_out, g_b_out) = ctx.saved_tensors
+    nonlinearity, loss, reduction, ignore_index, label_smoothing, truncate, chunk_rows = \
+        ctx.loss_config
+    has_b_ih, has_b_hh, has_b_out = ctx.has_bias
+    want_in = want_input
+    g_in, g_hx, g_w_ih, g_w_hh, g_b, g_w_out, g_b_out, grad_norm = elman_loss_bwd(
+        grad_loss, grad_h_n, input, target, hx, weight_ih, weight_hh, weight_out, bias_out,
+        lengths, output, weight, g_out, g_w_out, g_b_out, nonlinearity, loss, reduction,
+        ignore_index, label_smoothing, truncate, want_grad_norm, chunk_rows, want_in)
+    g_in, g_hx, g_w_ih, g_w_hh, g_b, g_w_out, g_b_out = _first_order(
+        "rnnkern.functional.rnn_loss",
+        (g_in if want_in else None, g_hx, g_w_ih, g_w_hh, g_b, g_w_out,
+         g_b_out if has_b_out else None),
+        (input, hx, weight_ih, weight_hh, weight_out, bias_out))
+    grads = (g_in, None, g_hx, g_w_ih, g_w_hh, g_b if has_b_ih else None,
+             g_b if has_b_hh else None, g_w_out, g_b_out, None, None)
+    return grads, (grad_norm if want_grad_norm else None)
+
+
+def _elman_loss_fwd_setup(ctx, inputs, output):
+    elman_loss_setup(ctx, inputs, output)
+    # Only the loss and h_n carry gradients; the other outputs are the
+    # backward's saved state.
+    ctx.mark_non_differentiable(*(o for i, o in enumerate(output) if i not in (0, 2)))
+
+
+def _elman_loss_fwd_backward(ctx, grad_loss, _g_output, grad_h_n, *_rest):
+    grads, _ = elman_loss_backward(ctx, grad_loss, grad_h_n, ctx.needs_input_grad[0], False)
+    return (*grads, *([None] * 9))
+
+
+def no_forward_ad(name: str):
+    """The jvp of rnnkern's autograd.Functions: refuse, naming what works."""
+    raise RuntimeError(
+        f"rnnkern: forward-mode AD through {name} (torch.func.jvp, torch.func.jacfwd, "
+        "torch.autograd.forward_ad) is not supported: the kernels have a fused reverse-mode "
+        "backward only. Use reverse mode (backward, torch.func.grad, vjp, jacrev; vmap works "
+        "too), or rnnkern.reference for forward mode.")
+
+
+torch.library.register_autograd("rnnkern::elman_loss_fwd", _elman_loss_fwd_backward,
+                                setup_context=_elman_loss_fwd_setup)

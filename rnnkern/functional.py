@@ -1,4 +1,9 @@
-"""The functional API over the fused kernels, and its autograd.Function."""
+"""The functional API over the fused kernels.
+
+Each op carries its own autograd (registered in rnnkern/_ops.py with
+torch.library.register_autograd), so these functions only convert layouts and
+call it: eager, torch.compile and torch.export programs differentiate alike.
+"""
 
 from __future__ import annotations
 
@@ -7,50 +12,10 @@ from typing import Optional
 import torch
 
 from . import _ops
-from ._checks import LengthsLike, check_loss_args, check_rnn_args
+from ._checks import LengthsLike, check_bool, check_loss_args, check_rnn_args
 from ._details import RNNLossDetails
 
-__all__ = ["rnn", "rnn_loss", "ElmanFunction", "ElmanLossFunction", "RNNLossDetails"]
-
-
-def _no_double_backward(name: str) -> None:
-    # Backward runs with grad mode on only under create_graph=True.
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"rnnkern: double backward through {name} is not supported: its backward is a "
-            "fused kernel without a derivative of its own. Use rnnkern.reference for "
-            "higher-order gradients.")
-
-
-class ElmanFunction(torch.autograd.Function):
-    """One Elman layer: forward is ``rnnkern::elman_fwd`` and backward the whole
-    BPTT in one ``rnnkern::elman_bwd`` call. Inputs are time-major:
-    input [T,B,I], hx [B,H], weight_ih [H,I], weight_hh [H,H], biases [H] or None,
-    lengths [B] int64 or None; truncate is 0 for none. Returns output [T,B,H], h_n [B,H].
-    """
-
-    @staticmethod
-    def forward(ctx, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                nonlinearity: str, reverse: bool, truncate: int):
-        output, h_n = _ops.elman_fwd(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                     lengths, nonlinearity, reverse)
-        # Backward needs h at every step (act' is derived from it) and nothing else
-        # of the forward pass.
-        ctx.save_for_backward(input, hx, weight_ih, weight_hh, output, lengths)
-        ctx.config = (nonlinearity, reverse, truncate, bias_ih is not None, bias_hh is not None)
-        return output, h_n
-
-    @staticmethod
-    def backward(ctx, grad_output, grad_h_n):
-        _no_double_backward("rnnkern.functional.rnn")
-        input, hx, weight_ih, weight_hh, output, lengths = ctx.saved_tensors
-        nonlinearity, reverse, truncate, has_b_ih, has_b_hh = ctx.config
-        want_in = ctx.needs_input_grad[0]
-        g_in, g_hx, g_w_ih, g_w_hh, g_b = _ops.elman_bwd(
-            grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths,
-            nonlinearity, reverse, truncate, want_in)
-        return (g_in if want_in else None, g_hx, g_w_ih, g_w_hh, g_b if has_b_ih else None,
-                g_b if has_b_hh else None, None, None, None, None)
+__all__ = ["rnn", "rnn_loss", "RNNLossDetails"]
 
 
 def rnn(
@@ -98,70 +63,78 @@ def rnn(
     lengths, truncate = check_rnn_args(
         input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
+    check_bool("reverse", reverse)
     x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
     if hx is None:
         hx = x.new_zeros(x.shape[1], weight_hh.shape[0])
-    args = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths)
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if needs_grad:
-        output, h_n = ElmanFunction.apply(*args, nonlinearity, bool(reverse), truncate or 0)
-    else:
-        # Inference: no autograd node, nothing saved.
-        output, h_n = _ops.elman_fwd(*args, nonlinearity, bool(reverse))
+    fn = _Elman if torch.compiler.is_compiling() else _ElmanEager
+    output, h_n = fn.apply(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                               nonlinearity, reverse, truncate or 0)
     if batch_first:
         output = output.transpose(0, 1)
     return output, h_n
 
 
-class ElmanLossFunction(torch.autograd.Function):
-    """One Elman layer with a loss at every step through a linear head: forward is
-    ``rnnkern::elman_loss_fwd``, backward ``rnnkern::elman_loss_bwd`` (the head's
-    gradients, then the whole BPTT). Inputs are time-major: input [T,B,I],
-    target [T,B] or [T,B,O], hx [B,H], weight_ih [H,I], weight_hh [H,H], biases
-    [H] or None, weight_out [O,H], bias_out [O] or None, lengths [B] or None,
-    loss_mask [T,B] or None. ``config`` holds (nonlinearity, loss, steps,
-    reduction, ignore_index, label_smoothing, truncate (0: none), chunk_rows);
-    grad_norm is a [T,B] tensor that backward fills with ||dL/dh_t||, or None.
-    Returns loss ([] or [T,B]), h_n [B,H], step_loss [T,B] (not differentiable).
-    """
+class _Elman(torch.autograd.Function):
+    """functional.rnn's autograd.Function: ``rnnkern::elman_fwd`` with the
+    op's own backward (rnnkern/_ops.py). The op alone differentiates too (its
+    autograd is registered: torch.export graphs hold it); going through a
+    Function with setup_context is what torch.func's transforms need."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
-                bias_out, lengths, loss_mask, config, grad_norm):
-        nonlinearity, loss, steps, reduction, ignore_index, label_smoothing, _, chunk_rows = config
-        value, output, h_n, step_loss, weight, g_out, g_w_out, g_b_out = _ops.elman_loss_fwd(
-            input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
-            lengths, loss_mask, nonlinearity, loss, steps, reduction, ignore_index,
-            label_smoothing, True, chunk_rows)
-        # h at every step for BPTT, the weights for 'none', and for a scalar
-        # reduction the head's gradients the forward sweep already computed.
-        ctx.save_for_backward(input, target, hx, weight_ih, weight_hh, weight_out, bias_out,
-                              lengths, output, weight, g_out, g_w_out, g_b_out)
-        ctx.config = config
-        ctx.has_bias = (bias_ih is not None, bias_hh is not None, bias_out is not None)
+    def forward(*inputs):
+        return _ops.elman_fwd(*inputs)
+
+    setup_context = staticmethod(_ops.elman_fwd_setup)
+    backward = staticmethod(_ops.elman_fwd_backward)
+
+
+class _ElmanEager(_Elman):
+    """_Elman, refusing forward-mode AD by name (Dynamo traces no Function
+    with a jvp, so compiled code calls _Elman)."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _ops.no_forward_ad("rnnkern.functional.rnn")
+
+
+class _ElmanLoss(torch.autograd.Function):
+    """rnn_loss's autograd.Function: ``rnnkern::elman_loss_fwd`` and the op's
+    own backward, which also hands ||dL/dh_t|| to the caller's grad_norm
+    tensor (None: not wanted), a side output only eager autograd delivers.
+    Returns the op's outputs; only the loss and h_n are differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_norm, *inputs):
+        return _ops.elman_loss_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_norm, *op_inputs = inputs
+        _ops.elman_loss_setup(ctx, op_inputs, output)
         ctx.grad_norm = grad_norm
-        ctx.mark_non_differentiable(step_loss)
-        return value, h_n, step_loss
+        ctx.mark_non_differentiable(*(o for i, o in enumerate(output) if i not in (0, 2)))
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_h_n, _grad_step_loss):
-        _no_double_backward("rnnkern.functional.rnn_loss")
-        (input, target, hx, weight_ih, weight_hh, weight_out, bias_out, lengths, output, weight,
-         g_out, g_w_out, g_b_out) = ctx.saved_tensors
-        nonlinearity, loss, _, reduction, ignore_index, label_smoothing, truncate, chunk_rows = \
-            ctx.config
-        has_b_ih, has_b_hh, has_b_out = ctx.has_bias
-        g_in, g_hx, g_w_ih, g_w_hh, g_b, g_w_out, g_b_out, grad_norm = _ops.elman_loss_bwd(
-            grad_loss, grad_h_n, input, target, hx, weight_ih, weight_hh, weight_out, bias_out,
-            lengths, output, weight, g_out, g_w_out, g_b_out, nonlinearity, loss, reduction,
-            ignore_index, label_smoothing, truncate, ctx.grad_norm is not None, chunk_rows,
-            ctx.needs_input_grad[0])
-        if ctx.grad_norm is not None:
+    def backward(ctx, grad_loss, _g_output, grad_h_n, *_rest):
+        want_norm = ctx.grad_norm is not None
+        grads, grad_norm = _ops.elman_loss_backward(ctx, grad_loss, grad_h_n,
+                                                    ctx.needs_input_grad[1], want_norm)
+        if want_norm:
             ctx.grad_norm.copy_(grad_norm)
-        return (g_in if ctx.needs_input_grad[0] else None, None, g_hx, g_w_ih, g_w_hh,
-                g_b if has_b_ih else None, g_b if has_b_hh else None, g_w_out,
-                g_b_out if has_b_out else None, None, None, None, None)
+        return (None, *grads, *([None] * 9))
+
+
+class _ElmanLossEager(_ElmanLoss):
+    """_ElmanLoss, refusing forward-mode AD by name (see _ElmanEager)."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _ops.no_forward_ad("rnnkern.functional.rnn_loss")
 
 
 def rnn_loss(
@@ -238,18 +211,16 @@ def rnn_loss(
         hx = x.new_zeros(B, H)
     args = (x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
             lengths, loss_mask)
+    # With a gradient ahead, the forward sweep computes the head's gradients
+    # too (a scalar reduction's are known then); in inference it runs once.
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    check_bool("return_details", return_details)
+    inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
+              needs_grad, int(_chunk_rows), truncate or 0)
     grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
-    config = (nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
-              truncate or 0, int(_chunk_rows))
-    if needs_grad:
-        value, h_n, step_loss = ElmanLossFunction.apply(*args, config, grad_norm)
-    else:
-        # Inference: the head runs once per chunk, no gradient, no autograd node.
-        value, _, h_n, step_loss, *_ = _ops.elman_loss_fwd(
-            *args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing, False,
-            int(_chunk_rows))
+    fn = _ElmanLoss if torch.compiler.is_compiling() else _ElmanLossEager
+    value, _, h_n, step_loss, *_ = fn.apply(grad_norm, *inputs)
     if reduction == "none" and batch_first:
         value = value.transpose(0, 1)
     if not return_details:

@@ -191,11 +191,15 @@ def test_no_grad_builds_no_graph():
 
 
 
-def test_create_graph_refused():
+def test_create_graph_gives_first_order_then_refuses_double_backward():
     layer = make_layer(4, 2, 3, 5)
-    out, _ = functional.rnn(*(layer[k] for k in NAMES))
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.pow(2).sum(), layer["weight_hh"], create_graph=True)
+    inputs = [layer[k] for k in NAMES]
+    out, _ = functional.rnn(*inputs)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), layer["weight_hh"], create_graph=True)
+    (want,) = torch.autograd.grad(functional.rnn(*inputs)[0].pow(2).sum(), layer["weight_hh"])
+    assert torch.equal(g, want)
+    with pytest.raises(RuntimeError, match="double backward through rnnkern.functional.rnn "):
+        g.sum().backward()
 
 
 @pytest.mark.parametrize("lengths", [False, True])

@@ -346,8 +346,12 @@ def test_double_backward_raises():
     tensors, target, _ = make_loss_problem(T, B, I, H, O)
     leaves = list(tensors.values())
     value = functional.rnn_loss(leaves[0], target, *leaves[1:])
+    grads = torch.autograd.grad(value, leaves, create_graph=True)
+    want = torch.autograd.grad(functional.rnn_loss(leaves[0], target, *leaves[1:]), leaves)
+    for g, w in zip(grads, want):
+        assert torch.equal(g, w)
     with pytest.raises(RuntimeError, match="double backward through rnnkern.functional.rnn_loss"):
-        torch.autograd.grad(value, leaves, create_graph=True)
+        grads[3].sum().backward()
 
 
 @pytest.mark.parametrize("case", product(size=[(0, 3), (4, 0)], loss=["cross_entropy", "mse"],
