@@ -31,7 +31,8 @@ def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, letters: str
     if t.dtype != like.dtype:
         raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
     if t.device != like.device:
-        raise ValueError(f"{name} must be on the input's device {like.device}, got {t.device}")
+        # RuntimeError, as torch (and nn.RNN) raise for a device mismatch.
+        raise RuntimeError(f"{name} must be on the input's device {like.device}, got {t.device}")
     if _shape(t) != tuple(shape):
         raise ValueError(f"{name} must have shape {letters} = {tuple(shape)}, got {_shape(t)}")
 
@@ -42,6 +43,26 @@ def check_nonlinearity(nonlinearity) -> str:
     return nonlinearity
 
 
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: True or False only (reverse='yes' or 1 is a mistake, not a truth value)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_int64(name: str, value, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
+    """An int (not a bool) in [lo, hi]; the ops take int64, so larger ints are refused here."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value}")
+    return value
+
+
 def check_truncate(truncate) -> Optional[int]:
     """None or an int >= 1 (bools are refused: truncate=True is a mistake)."""
     if truncate is None:
@@ -50,7 +71,7 @@ def check_truncate(truncate) -> Optional[int]:
         raise TypeError(f"truncate must be an int >= 1 or None, got {truncate!r} ({type(truncate).__name__})")
     if truncate < 1:
         raise ValueError(f"truncate must be an int >= 1 or None, got {truncate}")
-    return truncate
+    return check_int64("truncate", truncate, 1)
 
 
 def check_lengths(lengths: LengthsLike, B: int, T: int) -> Optional[torch.Tensor]:
@@ -68,6 +89,9 @@ def check_lengths(lengths: LengthsLike, B: int, T: int) -> Optional[torch.Tensor
         raise TypeError(f"lengths must be an int64 tensor, got dtype {lengths.dtype}")
     if _shape(lengths) != (B,):
         raise ValueError(f"lengths must have shape (B,) = ({B},), got {_shape(lengths)}")
+    if lengths.device.type == "meta":
+        raise RuntimeError("lengths must hold values, on the CPU (or the input's device), "
+                           "got a tensor on the meta device")
     lengths = lengths.cpu()
     if not _compiling() and B > 0:
         lo, hi = int(lengths.min()), int(lengths.max())
@@ -82,6 +106,7 @@ def check_rnn_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonline
 
     Returns (lengths as an int64 CPU tensor or None, truncate as an int or None)."""
     check_nonlinearity(nonlinearity)
+    check_bool("batch_first", batch_first)
     truncate = check_truncate(truncate)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -129,8 +154,7 @@ def check_loss_options(*, loss, reduction, steps, ignore_index, label_smoothing)
         raise ValueError(f"reduction must be one of {_names(REDUCTIONS)}, got {reduction!r}")
     if steps not in STEPS:
         raise ValueError(f"steps must be one of {_names(STEPS)}, got {steps!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r} ({type(ignore_index).__name__})")
+    check_int64("ignore_index", ignore_index)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r} "
                         f"({type(label_smoothing).__name__})")
@@ -179,7 +203,7 @@ def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_fi
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != input.device:
-        raise ValueError(f"target must be on the input's device {input.device}, got {target.device}")
+        raise RuntimeError(f"target must be on the input's device {input.device}, got {target.device}")
     if loss == "cross_entropy":
         letters, shape = steps_layout
         if target.dtype != torch.int64:
@@ -214,14 +238,15 @@ def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_fi
         if loss_mask.dtype != torch.bool and not loss_mask.dtype.is_floating_point:
             raise TypeError(f"loss_mask must be bool or floating, got {loss_mask.dtype}")
         if loss_mask.device != input.device:
-            raise ValueError(f"loss_mask must be on the input's device {input.device}, got {loss_mask.device}")
+            raise RuntimeError(f"loss_mask must be on the input's device {input.device}, "
+                               f"got {loss_mask.device}")
         if _shape(loss_mask) != shape:
             raise ValueError(f"loss_mask must have shape {letters} = {shape}, got {_shape(loss_mask)}")
         _no_grad_wanted("loss_mask", loss_mask)
         if loss_mask.dtype != torch.bool and not _compiling() and loss_mask.numel() > 0:
-            ok = loss_mask >= 0  # NaN fails it too
+            ok = (loss_mask >= 0) & loss_mask.isfinite()  # NaN or inf makes the loss NaN
             if not bool(ok.all()):
-                raise ValueError(f"loss_mask must be >= 0 (and not NaN), got {float(loss_mask[~ok][0])}")
+                raise ValueError(f"loss_mask must be finite and >= 0, got {float(loss_mask[~ok][0])}")
 
     if steps == "last" and B > 0:
         if lengths is None and T < 1:

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-from ._checks import LengthsLike, check_lengths, check_nonlinearity, check_truncate
+from ._checks import (LengthsLike, check_bool, check_lengths, check_nonlinearity,
+                      check_truncate)
 
 __all__ = ["RNN"]
 
@@ -50,6 +51,9 @@ class RNN(nn.RNNBase):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
         check_nonlinearity(nonlinearity)
+        for name, flag in (("bias", bias), ("batch_first", batch_first),
+                           ("bidirectional", bidirectional)):
+            check_bool(name, flag)
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         # RNNBase checks the other arguments with nn.RNN's words, warns about
         # dropout with one layer, creates the parameters and initialises them.

@@ -30,7 +30,7 @@ BAD = {
     "weight_ih dtype": (dict(weight_ih=lambda kw: kw["weight_ih"].double()), TypeError, r"weight_ih must have the input's dtype torch.float32, got torch.float64"),
     "hx shape": (dict(hx=lambda kw: torch.randn(1, B, H)), ValueError, r"hx must have shape \(B, H\) = \(3, 5\), got \(1, 3, 5\)"),
     "hx batch": (dict(hx=lambda kw: torch.randn(B + 1, H)), ValueError, r"hx must have shape \(B, H\) = \(3, 5\), got \(4, 5\)"),
-    "hx device": (dict(hx=lambda kw: torch.empty(B, H, device="meta")), ValueError, r"hx must be on the input's device cpu, got meta"),
+    "hx device": (dict(hx=lambda kw: torch.empty(B, H, device="meta")), RuntimeError, r"hx must be on the input's device cpu, got meta"),
     "bias shape": (dict(bias_hh=lambda kw: torch.randn(1, H)), ValueError, r"bias_hh must have shape \(H,\) = \(5,\), got \(1, 5\)"),
     "bias type": (dict(bias_ih=[0.0] * H), TypeError, r"bias_ih must be a torch.Tensor of shape \(H,\) = \(5,\), got list"),
     "lengths dtype": (dict(lengths=torch.tensor([1.0, 2.0, 3.0])), TypeError, r"lengths must be an int64 tensor, got dtype torch.float32"),
