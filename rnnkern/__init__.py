@@ -12,6 +12,13 @@ from .check import gradcheck
 from .loss import RNNLoss
 from .modules import RNN
 
+import torch as _torch
+
+# Whole-model checkpoints (torch.save(model), then torch.load with the default
+# weights_only=True) must load as they do for torch.nn's own modules: every
+# module class rnnkern defines is an allowed global once rnnkern is imported.
+_torch.serialization.add_safe_globals([RNN, RNNLoss])
+
 __all__ = ["RNN", "RNNLoss", "RNNLossDetails", "functional", "reference", "cpu_capability",
            "gradcheck"]
 __version__ = "0.1.0"

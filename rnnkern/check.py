@@ -118,10 +118,10 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: 
                   else torch.randint(0, O, tshape, generator=g))
 
         def run(impl):
-            value, h_n = impl.rnn_loss(args[0], target, *args[1:], tensors["weight_out"],
-                                       tensors["bias_out"], loss=loss, reduction="seq_mean",
-                                       **opts)
-            return {"loss": value, "h_n": h_n}, value + h_n.sum()
+            d = impl.rnn_loss(args[0], target, *args[1:], tensors["weight_out"],
+                              tensors["bias_out"], loss=loss, reduction="seq_mean",
+                              return_details=True, **opts)
+            return {"loss": d.loss, "h_n": d.h_n}, d.loss + d.h_n.sum()
 
     results = {}
     for impl in (functional, reference):
