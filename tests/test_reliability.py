@@ -1,0 +1,459 @@
+"""What a reliability probe of rnnkern found, each pinned by a test: saturation
+and non-finite values as nn.RNN, the same bits at any thread count and for any
+layout, out-of-range arguments refused by name, whole-model checkpoints,
+torch.export with gradients, torch.func, and the 2^31 size bound."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import rnnkern
+from helpers import grads_of, make_layer, make_loss_problem, product
+from rnnkern import functional
+
+NAMES = ["input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nn_twin(layer, nonlinearity):
+    """nn.RNN with the layer's weights (one layer, time-major)."""
+    w_ih = layer["weight_ih"]
+    H, I = w_ih.shape
+    m = nn.RNN(I, H, nonlinearity=nonlinearity, dtype=w_ih.dtype)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(m, f"{name}_l0").copy_(layer[name])
+    return m
+
+
+def run_pair(layer, nonlinearity):
+    """(outputs, gradients) of rnnkern and of nn.RNN on the same inputs."""
+    inputs = [layer[k] for k in NAMES]
+    out, h_n = functional.rnn(*inputs, nonlinearity=nonlinearity)
+    ours = [out, h_n, *grads_of([out, h_n], inputs)]
+    m = nn_twin(layer, nonlinearity)
+    x = layer["input"].detach().clone().requires_grad_()
+    hx = layer["hx"].detach().clone().requires_grad_()
+    out_n, h_n_n = m(x, hx[None])
+    params = [x, hx, m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0]
+    theirs = [out_n, h_n_n[0], *grads_of([out_n, h_n_n[0]], params)]
+    return ours, theirs
+
+
+# --- float32 tanh saturates exactly -----------------------------------------
+
+
+def test_tanh_float32_is_exactly_one_where_tanh_rounds_to_one():
+    x = torch.tensor([9.02, 9.5, 20.0, 1e30, float("inf")])
+    x = torch.cat([x, -x])
+    n = x.numel()
+    out, _ = functional.rnn(x.reshape(1, n, 1), torch.zeros(n, 1), torch.ones(1, 1),
+                            torch.zeros(1, 1))
+    assert torch.equal(out.reshape(-1), torch.tanh(x)), out.reshape(-1)
+    assert torch.equal(torch.tanh(x).abs(), torch.ones(n))
+
+
+@pytest.mark.parametrize("case", product(scaled=["input", "weights"], H=[7, 300]), ids=str)
+def test_saturated_tanh_gradients_match_nn(case):
+    """Inputs or weights scaled by 1e30 saturate every unit: nn.RNN's gradients
+    through them are exactly 0 (float64 too), never huge and never NaN."""
+    T, B, I, H = 5, 3, 4, case["H"]
+    layer = make_layer(T, B, I, H, dtype=torch.float32)
+    with torch.no_grad():
+        if case["scaled"] == "input":
+            layer["input"].mul_(1e30)
+        else:
+            layer["weight_ih"].mul_(1e30)
+            layer["weight_hh"].mul_(1e30)
+    ours, theirs = run_pair(layer, "tanh")
+    for name, a, b in zip(["output", "h_n", *NAMES], ours, theirs):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# --- relu with NaN / Inf: as nn.RNN on every path ----------------------------
+
+
+@pytest.mark.parametrize("case", product(H=[7, 256, 257], value=["nan", "inf", "-inf"],
+                                         where=["input", "weight_hh"]), ids=str)
+def test_relu_non_finite_propagates_as_nn(case):
+    """A NaN or Inf placed in one entry: where the results are NaN, and the
+    finite values, are nn.RNN's, on the fused (H <= 256) and BLAS paths alike."""
+    T, B, I, H = 4, 3, 5, case["H"]
+    layer = make_layer(T, B, I, H, seed=H)
+    with torch.no_grad():
+        if case["where"] == "input":
+            layer["input"][1, 2, 3] = float(case["value"])
+        else:
+            layer["weight_hh"][2, 1] = float(case["value"])
+    ours, theirs = run_pair(layer, "relu")
+    for name, a, b in zip(["output", "h_n", *NAMES], ours, theirs):
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN at other places than nn.RNN's"
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, equal_nan=True, msg=name)
+
+
+# --- the same bits at any thread count and for any layout --------------------
+
+
+def _loss_run(threads, problem, **kw):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tensors, target = problem
+        names = list(tensors)
+        value = functional.rnn_loss(tensors["input"], target, *(tensors[n] for n in names[1:]),
+                                    **kw)
+        grads = torch.autograd.grad(value, [tensors[n] for n in names])
+        return [value.detach(), *grads]
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("case", product(loss=["cross_entropy", "mse"],
+                                         reduction=["mean", "none"]), ids=str)
+def test_fused_loss_bitwise_equal_at_one_and_two_threads(case):
+    """Every reduction (the head's bias gradient included) sums in an order
+    that does not depend on the thread count."""
+    problem = make_loss_problem(17, 33, 9, 64, 300, loss=case["loss"], dtype=torch.float32,
+                                seed=3)[:2]
+    kw = dict(loss=case["loss"], reduction=case["reduction"],
+              lengths=torch.randint(0, 18, (33,), generator=torch.Generator().manual_seed(1)))
+    if case["reduction"] == "none":
+        # a fixed random upstream gradient instead of the scalar loss
+        up = torch.randn(17, 33, generator=torch.Generator().manual_seed(2))
+
+        def run(threads):
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                tensors, target = problem
+                names = list(tensors)
+                v = functional.rnn_loss(tensors["input"], target,
+                                        *(tensors[n] for n in names[1:]), **kw)
+                return [v.detach(), *torch.autograd.grad((v * up).sum(),
+                                                         [tensors[n] for n in names])]
+            finally:
+                torch.set_num_threads(old)
+        one, two = run(1), run(2)
+    else:
+        one, two = _loss_run(1, problem, **kw), _loss_run(2, problem, **kw)
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
+
+
+def test_layer_bitwise_equal_at_one_and_two_threads():
+    T, B, I, H = 20, 64, 16, 300  # the BLAS path, with row passes split across threads
+    layer = make_layer(T, B, I, H, dtype=torch.float32, seed=5)
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(0))
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, h_n = functional.rnn(*(layer[k] for k in NAMES), lengths=lengths)
+            results.append([out, h_n, *grads_of([out, h_n], [layer[k] for k in NAMES])])
+    finally:
+        torch.set_num_threads(old)
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), f"result {i} differs between 1 and 2 threads"
+
+
+@pytest.mark.parametrize("strided", ["input", "hx", "weight_ih", "weight_hh", "bias_ih"])
+def test_strided_operand_gives_the_same_bits(strided):
+    """A strided view and its contiguous copy give bitwise the same outputs and
+    gradients: the kernels copy operands into the layout their GEMMs use."""
+    T, B, I, H = 6, 5, 4, 7
+    layer = make_layer(T, B, I, H, seed=9)
+    inputs = [layer[k] for k in NAMES]
+    out, h_n = functional.rnn(*inputs)
+    ref = [out, h_n, *grads_of([out, h_n], inputs)]
+    t = layer[strided].detach()
+    big = torch.randn(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    big[..., ::2] = t
+    view = big[..., ::2].requires_grad_()
+    assert not view.is_contiguous()
+    inputs2 = [view if k == strided else layer[k] for k in NAMES]
+    out2, h_n2 = functional.rnn(*inputs2)
+    got = [out2, h_n2, *grads_of([out2, h_n2], inputs2)]
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.equal(a, b), f"result {i} differs for a strided {strided}"
+
+
+# --- out-of-range and mistyped arguments, refused by name --------------------
+
+
+def _layer_args():
+    layer = make_layer(5, 3, 4, 6)
+    return [layer[k] for k in NAMES]
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(truncate=2**63), ValueError, r"truncate must be an int in \[1, 9223372036854775807\], got 9223372036854775808"),
+    (dict(reverse="yes"), TypeError, r"reverse must be a bool, got 'yes' \(str\)"),
+    (dict(reverse=1), TypeError, r"reverse must be a bool, got 1 \(int\)"),
+    (dict(batch_first=None), TypeError, r"batch_first must be a bool, got None"),
+    (dict(lengths=torch.tensor([5, 2, 1], device="meta")), RuntimeError,
+     r"lengths must hold values, on the CPU .* got a tensor on the meta device"),
+])
+def test_rnn_refuses(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        functional.rnn(*_layer_args(), **kw)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(ignore_index=2**70), ValueError, r"ignore_index must be an int in \[-9223372036854775808, 9223372036854775807\], got 1180591620717411303424"),
+    (dict(truncate=2**63), ValueError, r"truncate must be an int in \[1, "),
+    (dict(return_details="no"), TypeError, r"return_details must be a bool, got 'no'"),
+    (dict(loss_mask=torch.full((5, 3), float("inf"))), ValueError, r"loss_mask must be finite and >= 0, got inf"),
+])
+def test_rnn_loss_refuses(kw, exc, match):
+    tensors, target, _ = make_loss_problem(5, 3, 4, 6, 7)
+    names = list(tensors)
+    with pytest.raises(exc, match=match):
+        functional.rnn_loss(tensors["input"], target, *(tensors[n] for n in names[1:]), **kw)
+
+
+def test_loss_op_refuses_inf_mask():
+    """The op itself refuses it too (a direct call skips Python's checks)."""
+    tensors, target, _ = make_loss_problem(5, 3, 4, 6, 7)
+    t = {k: (v.detach() if v is not None else None) for k, v in tensors.items()}
+    mask = torch.ones(5, 3)
+    mask[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"loss_mask must be finite and >= 0, got inf"):
+        torch.ops.rnnkern.elman_loss_fwd(
+            t["input"], target, t["hx"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
+            t["bias_hh"], t["weight_out"], t["bias_out"], None, mask, "tanh", "cross_entropy",
+            "all", "mean", -100, 0.0, False, 0)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(bias=1), "bias"), (dict(batch_first="yes"), "batch_first"),
+                                      (dict(bidirectional=0), "bidirectional")])
+def test_module_flags_must_be_bools(kw, name):
+    with pytest.raises(TypeError, match=rf"{name} must be a bool, got"):
+        rnnkern.RNN(4, 6, **kw)
+
+
+def test_module_device_mismatch_is_runtime_error_as_nn():
+    m, m_nn = rnnkern.RNN(4, 6), nn.RNN(4, 6)
+    x = torch.randn(5, 3, 4, device="meta")
+    with pytest.raises(RuntimeError):
+        m_nn(x)
+    with pytest.raises(RuntimeError, match=r"must be on the input's device meta, got cpu"):
+        m(x)
+
+
+def test_size_past_int32_refused_before_any_work():
+    """BLAS takes 32-bit sizes; B >= 2^31 is refused by name (a zero-stride
+    view: nothing of that size is allocated)."""
+    B, H = 2**31, 2
+    x = torch.zeros(()).expand(1, B, 3)
+    hx = torch.zeros(()).expand(B, H)
+    w_ih, w_hh = torch.randn(H, 3), torch.randn(H, H)
+    with pytest.raises(ValueError, match=r"B, I and H must each be < 2\^31, got B=2147483648"):
+        functional.rnn(x, hx, w_ih, w_hh)
+
+
+# --- whole-model checkpoints --------------------------------------------------
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = rnnkern.RNN(4, 6, num_layers=2, bidirectional=True)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0])
+
+
+def _loss_module():
+    return rnnkern.RNNLoss(rnnkern.RNN(4, 6), nn.Linear(6, 5))
+
+
+@pytest.mark.parametrize("which", ["RNN", "RNNLoss", "model"])
+def test_whole_model_checkpoint_loads_with_weights_only_in_a_fresh_process(which, tmp_path):
+    torch.manual_seed(0)
+    model = {"RNN": lambda: rnnkern.RNN(4, 6, num_layers=2), "RNNLoss": _loss_module,
+             "model": _Model}[which]()
+    x = torch.randn(7, 3, 4)
+    target = torch.randint(0, 5, (7, 3))
+    with torch.no_grad():
+        want = model(x, target) if which == "RNNLoss" else model(x)
+        want = want if isinstance(want, torch.Tensor) else want[0]
+    path = tmp_path / "model.pt"
+    # As for a model of torch.nn modules, the loading code allows the classes
+    # it knows the model uses (its own and torch.nn's); rnnkern's own classes
+    # need nothing more than importing rnnkern.
+    allowed = "[torch.nn.Linear" + (", _Model]" if which == "model" else "]")
+    code_model = ("sys.path.insert(0, {tests!r}); from test_reliability import _Model; "
+                  f"torch.serialization.add_safe_globals({allowed})")
+    torch.save(model, path)
+    torch.save((x, target, want), tmp_path / "io.pt")
+    code = (
+        "import sys, torch, rnnkern\n"
+        + code_model.format(tests=os.path.join(ROOT, "tests")) + "\n"
+        f"m = torch.load({str(path)!r})\n"  # weights_only=True is the default
+        f"x, target, want = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    got = m(x, target) if {which == 'RNNLoss'} else m(x)\n"
+        "got = got if isinstance(got, torch.Tensor) else got[0]\n"
+        "assert torch.equal(got, want), (got - want).abs().max()\n"
+        "print('ok', type(m).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok" in r.stdout
+
+
+def test_state_dict_round_trip_with_nn_rnn():
+    ours, theirs = rnnkern.RNN(4, 6, num_layers=2), nn.RNN(4, 6, num_layers=2)
+    buf = io.BytesIO()
+    torch.save(theirs.state_dict(), buf)
+    buf.seek(0)
+    ours.load_state_dict(torch.load(buf))
+    x = torch.randn(5, 3, 4)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0], rtol=1e-5, atol=1e-6)
+    back = nn.RNN(4, 6, num_layers=2)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(back(x)[0], ours(x)[0], rtol=1e-5, atol=1e-6)
+
+
+# --- torch.export with gradients ---------------------------------------------
+
+
+@pytest.mark.parametrize("case", product(module=["RNN", "RNNLoss"], truncate=[None, 2]), ids=str)
+def test_export_runs_with_gradients(case, tmp_path):
+    torch.manual_seed(0)
+    if case["module"] == "RNN":
+        model = rnnkern.RNN(4, 8, num_layers=2, bidirectional=True)
+
+        class Wrap(nn.Module):
+            def __init__(self, rnn):
+                super().__init__()
+                self.rnn = rnn
+
+            def forward(self, x):
+                return self.rnn(x, truncate=case["truncate"])[0]
+        wrapped = Wrap(model)
+        args = (torch.randn(6, 3, 4),)
+    else:
+        model = _loss_module()
+
+        class Wrap(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x, target):
+                return self.m(x, target, truncate=case["truncate"])
+        wrapped = Wrap(model)
+        args = (torch.randn(6, 3, 4), torch.randint(0, 5, (6, 3)))
+    ep = torch.export.export(wrapped, args)
+    path = tmp_path / "ep.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    for program in (ep, loaded):
+        mod = program.module()
+        out = mod(*args)
+        want = wrapped(*args)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        # the exported program differentiates as eager does
+        g = torch.randn(out.shape) if out.dim() else torch.tensor(1.3)
+        got = torch.autograd.grad(out, list(mod.parameters()), g)
+        ref = torch.autograd.grad(want, list(wrapped.parameters()), g)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_direct_op_call_differentiates():
+    """The op carries its own autograd: a direct call with weights that need
+    grad gives the API's gradients."""
+    layer = make_layer(5, 3, 4, 6, seed=2)
+    inputs = [layer[k] for k in NAMES]
+    out, h_n = torch.ops.rnnkern.elman_fwd(*inputs, None, "tanh", False, 2)
+    got = grads_of([out, h_n], inputs)
+    out2, h_n2 = functional.rnn(*inputs, truncate=2)
+    want = grads_of([out2, h_n2], inputs)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# --- torch.func ---------------------------------------------------------------
+
+
+def _f(w_hh, layer):
+    out, h_n = functional.rnn(layer["input"], layer["hx"], layer["weight_ih"], w_hh,
+                              layer["bias_ih"], layer["bias_hh"])
+    return out.pow(2).sum() + h_n.sum()
+
+
+def test_func_grad_and_vjp_work():
+    layer = {k: v.detach() for k, v in make_layer(5, 3, 4, 6, seed=4).items()}
+    w = layer["weight_hh"]
+    want = torch.autograd.grad(_f(w.clone().requires_grad_(), layer),
+                               [w.clone().requires_grad_()], allow_unused=True)
+    w_req = w.clone().requires_grad_()
+    want = torch.autograd.grad(_f(w_req, layer), [w_req])[0]
+    torch.testing.assert_close(torch.func.grad(_f)(w, layer), want, rtol=0, atol=0)
+    _, vjp = torch.func.vjp(lambda w_: _f(w_, layer), w)
+    torch.testing.assert_close(vjp(torch.tensor(1.0, dtype=w.dtype))[0], want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.jacrev(lambda w_: _f(w_, layer))(w), want, rtol=0, atol=0)
+
+
+def test_func_vmap_equals_a_loop():
+    layer = {k: v.detach() for k, v in make_layer(5, 3, 4, 6, seed=4).items()}
+    ws = torch.randn(3, 6, 6, dtype=torch.float64)
+    got = torch.func.vmap(lambda w_: _f(w_, layer))(ws)
+    want = torch.stack([_f(w, layer) for w in ws])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", product(transform=["jvp", "jacfwd", "forward_ad"],
+                                         fn=["rnn", "rnn_loss"]), ids=str)
+def test_func_forward_mode_is_refused_by_name(case):
+    """Forward-mode AD has no fused kernel: refused, never a silent zero tangent."""
+    tensors, target, _ = make_loss_problem(5, 3, 4, 6, 7)
+    layer = {k: (v.detach() if v is not None else None) for k, v in tensors.items()}
+    w = layer["weight_hh"]
+    if case["fn"] == "rnn":
+        f = lambda w_: _f(w_, layer)  # noqa: E731
+    else:
+        def f(w_):
+            return functional.rnn_loss(layer["input"], target, layer["hx"], layer["weight_ih"], w_,
+                                       layer["bias_ih"], layer["bias_hh"], layer["weight_out"],
+                                       layer["bias_out"])
+    with pytest.raises(RuntimeError, match=r"rnnkern: forward-mode AD through rnnkern\.functional\."
+                                           r"rnn(_loss)? .* is not supported"):
+        if case["transform"] == "jvp":
+            torch.func.jvp(f, (w,), (torch.ones_like(w),))
+        elif case["transform"] == "jacfwd":
+            torch.func.jacfwd(f)(w)
+        else:
+            import torch.autograd.forward_ad as fwAD
+            with fwAD.dual_level():
+                f(fwAD.make_dual(w, torch.ones_like(w)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "seq_sum", "none"])
+def test_loss_op_backward_recomputes_without_compute_grad(reduction):
+    """A direct op call (or an exported graph) may run the forward with
+    compute_grad=False; its registered backward then runs the head sweep again
+    and gives the same gradients."""
+    tensors, target, _ = make_loss_problem(6, 4, 3, 5, 7, seed=11)
+    names = list(tensors)
+    leaves = [tensors[n] for n in names]
+    grads = []
+    for compute_grad in (True, False):
+        out = torch.ops.rnnkern.elman_loss_fwd(
+            leaves[0], target, *leaves[1:], None, None, "tanh", "cross_entropy", "all",
+            reduction, -100, 0.0, compute_grad, 0, 2)
+        up = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(0),
+                         dtype=out[0].dtype)
+        grads.append(torch.autograd.grad((out[0] * up).sum() + out[2].sum(), leaves))
+    for name, a, b in zip(names, *grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
