@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY        := $(VENV)/bin/python
 DEPS      := $(VENV)/.rnnkern-deps
 EXT       := build/.rnnkern-ext
-EXT_SRCS  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+EXT_SRCS  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cells/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 .PHONY: setup bench demo check test clean
 

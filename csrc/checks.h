@@ -54,4 +54,25 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
                          const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
                          bool has_bias_out);
 
+// A gated layer's forward arguments ('lstm' or 'gru'); lengths as above.
+//   input [T,B,I]  h0 [B,P]  c0 [B,H] (LSTM) or None (GRU)
+//   weight_ih [G,I]  weight_hh [G,P]  bias_ih, bias_hh [G] or None
+//   weight_hr [P,H] (LSTM projection) or None; G = 4H (LSTM) or 3H (GRU)
+LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::Tensor& h0,
+                            const c10::optional<at::Tensor>& c0, const at::Tensor& weight_ih,
+                            const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
+                            const c10::optional<at::Tensor>& bias_hh,
+                            const c10::optional<at::Tensor>& weight_hr,
+                            const c10::optional<at::Tensor>& lengths, c10::string_view mode,
+                            bool reverse, int64_t truncate);
+
+// Its backward's extra tensors: grad_output and output [T,B,P], grad_h_n [B,P],
+// grad_c_n [B,H] (LSTM), gates [T,B,4H], cell [T,B,H] (LSTM) or [0],
+// proj_in [T,B,H] (projection) or [0].
+void check_layer_bwd_args(const char* op, const LayerShape& s, const at::Tensor& input,
+                          const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                          const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
+                          const at::Tensor& gates, const at::Tensor& cell,
+                          const at::Tensor& proj_in);
+
 }  // namespace rnnkern

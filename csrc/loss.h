@@ -1,7 +1,7 @@
 // The per-step loss's math for one row or one element, shared by every backend,
 // and the plain description of a loss that the ATen glue hands to the kernels.
 //
-// Shape letters as in elman.h: T steps, B batch, H hidden, O head outputs or
+// Shape letters as in cells/elman.h: T steps, B batch, H hidden, O head outputs or
 // classes. The head is y_t = h_t W_out^T + b_out; each of the T*B rows (t, b)
 // has a loss l[t,b] and a weight w[t,b], and every reduction is
 //     loss = sum over rows of coef[t,b] * l[t,b]
@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "elman.h"
+#include "cells/elman.h"
 
 namespace rnnkern {
 

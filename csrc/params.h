@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "elman.h"
+#include "cells/elman.h"
 
 namespace rnnkern {
 
@@ -45,6 +45,20 @@ struct ElmanBwdParams {
   scalar_t* grad_z_first;    // [B,H] dL/dz at each sequence's first processed step
   scalar_t* gemm;            // [B,H] scratch
   scalar_t* grad_h_norm;     // [T,B] ||dL/dh_t|| per sequence (0 where t >= len_b), or nullptr
+};
+
+// One layer of a gated cell (LSTM or GRU), whatever the dtype.
+//   G gate rows (4H LSTM, 3H GRU); P the size of the emitted h (H, or the
+//   LSTM's proj_size); S the saved activations per unit block (4H for both).
+enum class CellKind { kLstm, kGru };
+
+struct LayerShape {
+  int64_t T = 0, B = 0, I = 0, H = 0, P = 0, G = 0;
+  CellKind cell = CellKind::kLstm;
+  bool proj = false;     // LSTM with weight_hr (P = proj_size)
+  bool reverse = false;  // as ElmanShape::reverse
+  int64_t truncate = 0;  // as ElmanShape::truncate
+  const int64_t* lengths = nullptr;  // [B], 0 <= len <= T; nullptr: all T
 };
 
 }  // namespace rnnkern

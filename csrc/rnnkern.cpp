@@ -86,6 +86,32 @@ TORCH_LIBRARY(rnnkern, m) {
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_weight_out, Tensor grad_bias_out, Tensor grad_norm)",
       {at::Tag::pt2_compliant_tag});
+  // One layer of a gated cell, mode 'lstm' or 'gru' (csrc/cells/), one
+  // direction, the whole sequence in one call. lengths, reverse and truncate
+  // as for elman_fwd/elman_bwd.
+  //   input [T,B,I], h0 [B,P], c0 [B,H] (LSTM; None for GRU), weight_ih [G,I],
+  //   weight_hh [G,P], biases [G] or None, weight_hr [P,H] or None (the LSTM's
+  //   projection; P = H without it); G = 4H (LSTM) or 3H (GRU)
+  //   -> output [T,B,P] (0 where t >= len_b), h_n [B,P], c_n [B,H] (LSTM, else [0]),
+  //      and what backward reads: gates [T,B,4H] (LSTM i,f,g,o; GRU r,z,n and
+  //      W_hn h + b_hn), cell [T,B,H] (LSTM c_t, else [0]), proj_in [T,B,H]
+  //      (o * tanh(c_t) with a projection, else [0]).
+  m.def(
+      "layer_fwd(Tensor input, Tensor h0, Tensor? c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? lengths, str mode, "
+      "bool reverse, int truncate=0) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
+      "Tensor cell, Tensor proj_in)",
+      {at::Tag::pt2_compliant_tag});
+  // Its whole BPTT in one call. grad_c0 is [0] for GRU, grad_weight_hr [0]
+  // without a projection, grad_input [0] with grad_input=False.
+  m.def(
+      "layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor input, "
+      "Tensor h0, Tensor? c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
+      "Tensor output, Tensor gates, Tensor cell, Tensor proj_in, Tensor? lengths, str mode, "
+      "bool reverse, int truncate, bool grad_input=True) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
+      "Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_hr)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 namespace rnnkern {
@@ -110,6 +136,32 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
                  std::initializer_list<int64_t> expected, const char* letters) {
   TORCH_CHECK_VALUE(t.sizes().equals(expected), op, ": ", name, " must have shape ", letters,
                     " = ", shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int64_t B,
+                   int64_t T) {
+  if (!lengths.has_value()) return;
+  const at::Tensor& len = *lengths;
+  TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, op,
+                   ": lengths must be an int64 tensor, got ", len.scalar_type());
+  TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be on the CPU, got ", len.device());
+  check_shape(op, "lengths", len, {B}, "[B]");
+  if (B > 0) {
+    // A plain scan: two reductions through the dispatcher cost more than
+    // a short layer's whole forward.
+    const at::Tensor lc = len.contiguous();
+    const int64_t* l = lc.const_data_ptr<int64_t>();
+    const auto [lo, hi] = std::minmax_element(l, l + B);
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi <= T, op, ": lengths must be in [0, T=", T,
+                      "], got min ", *lo, " and max ", *hi);
+  }
+}
+
+// BLAS takes 32-bit sizes.
+void check_blas_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {
+  for (const auto& [name, v] : sizes)
+    TORCH_CHECK_VALUE(v <= INT32_MAX, op, ": ", name, " must be < 2^31 (BLAS takes 32-bit sizes), got ",
+                      v);
 }
 
 }  // namespace
@@ -161,22 +213,7 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
     check_float_like(op, "bias_hh", *bias_hh, input);
     check_shape(op, "bias_hh", *bias_hh, {s.H}, "[H]");
   }
-  if (lengths.has_value()) {
-    const at::Tensor& len = *lengths;
-    TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, op,
-                     ": lengths must be an int64 tensor, got ", len.scalar_type());
-    TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be on the CPU, got ", len.device());
-    check_shape(op, "lengths", len, {s.B}, "[B]");
-    if (s.B > 0) {
-      // A plain scan: two reductions through the dispatcher cost more than
-      // a short layer's whole forward.
-      const at::Tensor lc = len.contiguous();
-      const int64_t* l = lc.const_data_ptr<int64_t>();
-      const auto [lo, hi] = std::minmax_element(l, l + s.B);
-      TORCH_CHECK_VALUE(*lo >= 0 && *hi <= s.T, op, ": lengths must be in [0, T=", s.T,
-                        "], got min ", *lo, " and max ", *hi);
-    }
-  }
+  check_lengths(op, lengths, s.B, s.T);
   return s;
 }
 
@@ -325,6 +362,106 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
   check_shape(op, "output", output, {s.T, s.B, s.H}, "[T, B, H]");
   check_float_like(op, "weight", weight, input);
   check_shape(op, "weight", weight, {s.T, s.B}, "[T, B]");
+}
+
+CellKind parse_cell(const char* op, c10::string_view mode) {
+  if (mode == "lstm") return CellKind::kLstm;
+  if (mode == "gru") return CellKind::kGru;
+  TORCH_CHECK_VALUE(false, op, ": mode must be 'lstm' or 'gru', got '", std::string(mode), "'");
+  return CellKind::kLstm;  // unreachable
+}
+
+LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::Tensor& h0,
+                            const c10::optional<at::Tensor>& c0, const at::Tensor& weight_ih,
+                            const at::Tensor& weight_hh, const c10::optional<at::Tensor>& bias_ih,
+                            const c10::optional<at::Tensor>& bias_hh,
+                            const c10::optional<at::Tensor>& weight_hr,
+                            const c10::optional<at::Tensor>& lengths, c10::string_view mode,
+                            bool reverse, int64_t truncate) {
+  LayerShape s;
+  s.cell = parse_cell(op, mode);
+  const bool lstm = s.cell == CellKind::kLstm;
+  const int64_t gates = lstm ? 4 : 3;
+  const char* G = lstm ? "4H" : "3H";
+  s.reverse = reverse;
+  TORCH_CHECK_VALUE(truncate >= 0, op, ": truncate must be >= 1 (or 0 for none), got ",
+                    truncate);
+  s.truncate = truncate;
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+                   ": input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I], got shape ",
+                    shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D [", G,
+                    ", P], got shape ", shape_str(weight_hh.sizes()));
+  s.T = input.size(0);
+  s.B = input.size(1);
+  s.I = input.size(2);
+  s.P = weight_hh.size(1);
+  TORCH_CHECK_VALUE(weight_hh.size(0) % gates == 0 && weight_hh.size(0) > 0, op,
+                    ": weight_hh must have ", G, " rows (", gates, " gates of H >= 1), got shape ",
+                    shape_str(weight_hh.sizes()));
+  s.H = weight_hh.size(0) / gates;
+  s.G = gates * s.H;
+  s.proj = weight_hr.has_value();
+  TORCH_CHECK_VALUE(lstm || !s.proj, op, ": weight_hr (the projection) applies to mode='lstm' only");
+  if (s.proj) {
+    check_float_like(op, "weight_hr", *weight_hr, input);
+    check_shape(op, "weight_hr", *weight_hr, {s.P, s.H}, "[P, H]");
+  } else {
+    TORCH_CHECK_VALUE(s.P == s.H, op, ": weight_hh must have shape [", G, ", H] = ",
+                      shape_str({s.G, s.H}), " without a projection, got ",
+                      shape_str(weight_hh.sizes()));
+  }
+  check_blas_sizes(op, {{"B", s.B}, {"I", s.I}, {"G", s.G}, {"P", s.P}});
+  check_float_like(op, "weight_hh", weight_hh, input);
+  check_float_like(op, "weight_ih", weight_ih, input);
+  check_shape(op, "weight_ih", weight_ih, {s.G, s.I}, lstm ? "[4H, I]" : "[3H, I]");
+  check_float_like(op, "h0", h0, input);
+  check_shape(op, "h0", h0, {s.B, s.P}, "[B, P]");
+  if (lstm) {
+    TORCH_CHECK_VALUE(c0.has_value(), op, ": c0 [B, H] is required for mode='lstm'");
+    check_float_like(op, "c0", *c0, input);
+    check_shape(op, "c0", *c0, {s.B, s.H}, "[B, H]");
+  } else {
+    TORCH_CHECK_VALUE(!c0.has_value(), op, ": c0 must be None for mode='gru'");
+  }
+  if (bias_ih.has_value()) {
+    check_float_like(op, "bias_ih", *bias_ih, input);
+    check_shape(op, "bias_ih", *bias_ih, {s.G}, lstm ? "[4H]" : "[3H]");
+  }
+  if (bias_hh.has_value()) {
+    check_float_like(op, "bias_hh", *bias_hh, input);
+    check_shape(op, "bias_hh", *bias_hh, {s.G}, lstm ? "[4H]" : "[3H]");
+  }
+  check_lengths(op, lengths, s.B, s.T);
+  return s;
+}
+
+void check_layer_bwd_args(const char* op, const LayerShape& s, const at::Tensor& input,
+                          const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                          const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& output,
+                          const at::Tensor& gates, const at::Tensor& cell,
+                          const at::Tensor& proj_in) {
+  const bool lstm = s.cell == CellKind::kLstm;
+  check_float_like(op, "grad_output", grad_output, input);
+  check_shape(op, "grad_output", grad_output, {s.T, s.B, s.P}, "[T, B, P]");
+  check_float_like(op, "output", output, input);
+  check_shape(op, "output", output, {s.T, s.B, s.P}, "[T, B, P]");
+  check_float_like(op, "grad_h_n", grad_h_n, input);
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.P}, "[B, P]");
+  if (lstm) {
+    TORCH_CHECK_VALUE(grad_c_n.has_value(), op, ": grad_c_n [B, H] is required for mode='lstm'");
+    check_float_like(op, "grad_c_n", *grad_c_n, input);
+    check_shape(op, "grad_c_n", *grad_c_n, {s.B, s.H}, "[B, H]");
+  }
+  check_float_like(op, "gates", gates, input);
+  check_shape(op, "gates", gates, {s.T, s.B, 4 * s.H}, "[T, B, 4H]");
+  check_float_like(op, "cell", cell, input);
+  if (lstm) check_shape(op, "cell", cell, {s.T, s.B, s.H}, "[T, B, H]");
+  else check_shape(op, "cell", cell, {0}, "[0] (mode='gru')");
+  check_float_like(op, "proj_in", proj_in, input);
+  if (s.proj) check_shape(op, "proj_in", proj_in, {s.T, s.B, s.H}, "[T, B, H]");
+  else check_shape(op, "proj_in", proj_in, {0}, "[0] (no projection)");
 }
 
 }  // namespace rnnkern

@@ -12,7 +12,8 @@ import torch
 
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
-__all__ = ["elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "cpu_capability"]
+__all__ = ["elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "layer_fwd", "layer_bwd",
+           "cpu_capability"]
 
 
 def cpu_capability() -> str:
@@ -324,3 +325,105 @@ def no_forward_ad(name: str):
 
 torch.library.register_autograd("rnnkern::elman_loss_fwd", _elman_loss_fwd_backward,
                                 setup_context=_elman_loss_fwd_setup)
+
+
+# ---------------------------------------------------------------------------
+# Gated layers (LSTM, GRU): layer_fwd / layer_bwd
+# ---------------------------------------------------------------------------
+
+
+def layer_fwd(
+    input: torch.Tensor,  # [T,B,I]
+    h0: torch.Tensor,  # [B,P]
+    c0: Optional[torch.Tensor],  # [B,H] LSTM, None for GRU
+    weight_ih: torch.Tensor,  # [G,I]
+    weight_hh: torch.Tensor,  # [G,P]
+    bias_ih: Optional[torch.Tensor],  # [G]
+    bias_hh: Optional[torch.Tensor],  # [G]
+    weight_hr: Optional[torch.Tensor],  # [P,H] LSTM projection
+    lengths: Optional[torch.Tensor],  # [B] int64, CPU
+    mode: str,  # 'lstm' | 'gru'
+    reverse: bool,
+    truncate: int = 0,  # for the registered backward; 0: none
+) -> tuple[torch.Tensor, ...]:
+    """-> output [T,B,P], h_n [B,P], c_n [B,H] ([0] for GRU), gates [T,B,4H],
+    cell [T,B,H] ([0] for GRU), proj_in [T,B,H] ([0] without projection)."""
+    return torch.ops.rnnkern.layer_fwd.default(
+        input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
+        truncate)
+
+
+def layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
+              output, gates, cell, proj_in, lengths, mode, reverse, truncate, grad_input=True):
+    """-> grad_input ([0] unless grad_input), grad_h0, grad_c0 ([0] for GRU),
+    grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr
+    ([0] without projection); shapes as layer_fwd's arguments."""
+    return torch.ops.rnnkern.layer_bwd.default(
+        grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr, output,
+        gates, cell, proj_in, lengths, mode, reverse, truncate, grad_input)
+
+
+@torch.library.register_fake("rnnkern::layer_fwd")
+def _layer_fwd_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+                    mode, reverse, truncate=0):
+    torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {tuple(input.shape)}")
+    T, B, _ = input.shape
+    lstm = mode == "lstm"
+    H = weight_hh.shape[0] // (4 if lstm else 3)
+    P = weight_hh.shape[1]
+    torch._check(h0.shape == (B, P), lambda: f"h0 must be [B, P] = {(B, P)}, got {tuple(h0.shape)}")
+    proj = weight_hr is not None
+    return (input.new_empty((T, B, P)), input.new_empty((B, P)),
+            input.new_empty((B, H) if lstm else (0,)), input.new_empty((T, B, 4 * H)),
+            input.new_empty((T, B, H) if lstm else (0,)),
+            input.new_empty((T, B, H) if proj else (0,)))
+
+
+@torch.library.register_fake("rnnkern::layer_bwd")
+def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
+                    weight_hr, output, gates, cell, proj_in, lengths, mode, reverse, truncate,
+                    grad_input=True):
+    torch._check(grad_output.shape == output.shape, lambda: "grad_output must match output")
+    G = weight_hh.shape[0]
+    return (torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
+            else input.new_empty((0,)),
+            h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape) if c0 is not None else input.new_empty((0,)),
+            weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
+            weight_hh.new_empty((G,)), weight_hh.new_empty((G,)),
+            weight_hr.new_empty(weight_hr.shape) if weight_hr is not None
+            else input.new_empty((0,)))
+
+
+def layer_fwd_setup(ctx, inputs, output):
+    (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
+     *rest) = inputs
+    out, _h_n, _c_n, gates, cell, proj_in = output
+    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, weight_hr, out, gates, cell,
+                          proj_in, lengths)
+    ctx.config = (mode, reverse, rest[0] if rest else 0, bias_ih is not None,
+                  bias_hh is not None)
+    # gates, cell and proj_in are backward's saved state, not results
+    ctx.mark_non_differentiable(gates, cell, proj_in)
+
+
+def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved):
+    (input, h0, c0, weight_ih, weight_hh, weight_hr, out, gates, cell, proj_in,
+     lengths) = ctx.saved_tensors
+    mode, reverse, truncate, has_b_ih, has_b_hh = ctx.config
+    want_in = ctx.needs_input_grad[0]
+    g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = layer_bwd(
+        grad_output, grad_h_n, grad_c_n if c0 is not None else None, input, h0, c0, weight_ih,
+        weight_hh, weight_hr, out, gates, cell, proj_in, lengths, mode, reverse, truncate,
+        want_in)
+    g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _first_order(
+        f"rnnkern.functional.{mode}",
+        (g_in if want_in else None, g_h0, g_c0 if c0 is not None else None, g_w_ih, g_w_hh,
+         g_b_ih, g_b_hh, g_w_hr if weight_hr is not None else None),
+        (input, h0, c0, weight_ih, weight_hh, weight_hr))
+    return (g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih if has_b_ih else None,
+            g_b_hh if has_b_hh else None, g_w_hr, None, None, None, None)
+
+
+torch.library.register_autograd("rnnkern::layer_fwd", layer_fwd_backward,
+                                setup_context=layer_fwd_setup)

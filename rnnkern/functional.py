@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 
 from . import _ops
-from ._checks import LengthsLike, check_bool, check_loss_args, check_rnn_args
+from ._checks import LengthsLike, check_bool, check_gated_args, check_loss_args, check_rnn_args
 from ._details import RNNLossDetails
 
-__all__ = ["rnn", "rnn_loss", "RNNLossDetails"]
+__all__ = ["rnn", "lstm", "gru", "rnn_loss", "RNNLossDetails"]
 
 
 def rnn(
@@ -98,6 +98,113 @@ class _ElmanEager(_Elman):
     @staticmethod
     def jvp(ctx, *tangents):
         _ops.no_forward_ad("rnnkern.functional.rnn")
+
+
+class _Layer(torch.autograd.Function):
+    """lstm's and gru's autograd.Function: ``rnnkern::layer_fwd`` with the op's
+    own backward (rnnkern/_ops.py), as _Elman."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*inputs):
+        return _ops.layer_fwd(*inputs)
+
+    setup_context = staticmethod(_ops.layer_fwd_setup)
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved):
+        return _ops.layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n)
+
+
+class _LayerEager(_Layer):
+    """_Layer, refusing forward-mode AD by name (see _ElmanEager)."""
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _ops.no_forward_ad("rnnkern.functional.lstm / gru")
+
+
+def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
+           lengths, truncate, reverse):
+    lengths, truncate, H, P = check_gated_args(
+        mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+        batch_first=batch_first, lengths=lengths, truncate=truncate)
+    check_bool("reverse", reverse)
+    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
+    B = x.shape[1]
+    if mode == "lstm":
+        h0, c0 = hx if hx is not None else (x.new_zeros(B, P), x.new_zeros(B, H))  # [B,P], [B,H]
+    else:
+        h0, c0 = (hx if hx is not None else x.new_zeros(B, H)), None  # [B,H]
+    fn = _Layer if torch.compiler.is_compiling() else _LayerEager
+    output, h_n, c_n, *_ = fn.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                    lengths, mode, reverse, truncate or 0)
+    if batch_first:
+        output = output.transpose(0, 1)
+    return output, ((h_n, c_n) if mode == "lstm" else h_n)
+
+
+def lstm(
+    input: torch.Tensor,
+    hx: Optional[tuple[torch.Tensor, torch.Tensor]],
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: Optional[torch.Tensor] = None,
+    bias_hh: Optional[torch.Tensor] = None,
+    weight_hr: Optional[torch.Tensor] = None,
+    *,
+    batch_first: bool = False,
+    lengths: LengthsLike = None,
+    truncate: Optional[int] = None,
+    reverse: bool = False,
+):
+    """One LSTM layer, one direction (nn.LSTM's math and gate order i, f, g, o),
+    forward and whole BPTT each in one kernel call.
+
+    Args:
+        input: (T, B, I), or (B, T, I) with ``batch_first``; float32 or float64.
+        hx: (h_0 (B, P), c_0 (B, H)), or None for zeros.
+        weight_ih: (4H, I).  weight_hh: (4H, P).  bias_ih, bias_hh: (4H,) or None.
+        weight_hr: (P, H), the projection (nn.LSTM's proj_size = P), or None (P = H).
+        lengths, truncate, reverse, batch_first: as in ``rnn``; the lengths mask
+            and truncation act on h and c alike.
+
+    Returns:
+        (output, (h_n, c_n)): output (T, B, P) or (B, T, P); h_n (B, P); c_n (B, H).
+    """
+    return _gated("lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                  batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse)
+
+
+def gru(
+    input: torch.Tensor,
+    hx: Optional[torch.Tensor],
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: Optional[torch.Tensor] = None,
+    bias_hh: Optional[torch.Tensor] = None,
+    *,
+    batch_first: bool = False,
+    lengths: LengthsLike = None,
+    truncate: Optional[int] = None,
+    reverse: bool = False,
+):
+    """One GRU layer, one direction (nn.GRU's math: gates r, z, n, the reset
+    gate applied after the hidden product), forward and whole BPTT each in one
+    kernel call.
+
+    Args:
+        input: (T, B, I), or (B, T, I) with ``batch_first``; float32 or float64.
+        hx: (B, H), or None for zeros.
+        weight_ih: (3H, I).  weight_hh: (3H, H).  bias_ih, bias_hh: (3H,) or None.
+        lengths, truncate, reverse, batch_first: as in ``rnn``.
+
+    Returns:
+        (output, h_n): output (T, B, H) or (B, T, H); h_n (B, H).
+    """
+    return _gated("gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
+                  batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse)
 
 
 class _ElmanLoss(torch.autograd.Function):

@@ -25,8 +25,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import (LengthsLike, check_lengths, check_loss_args, check_nonlinearity,
-                      check_rnn_args, check_tensor, check_truncate)
+from ._checks import (LengthsLike, check_gated_args, check_layer_args, check_lengths, check_loss_args,
+                      check_nonlinearity, check_rnn_args, check_tensor, check_truncate)
 from ._details import RNNLossDetails
 
 __all__ = ["MODES", "elman_cell", "lstm_cell", "gru_cell", "scan", "rnn", "lstm", "gru",
@@ -195,73 +195,6 @@ def scan(cell: Cell, input: torch.Tensor, state: State, *,
 # ---------------------------------------------------------------------------
 # Layers: a cell and the loop, in the API's layout.
 
-def _shape(t) -> tuple:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_gated_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *,
-                      batch_first, lengths, truncate):
-    """check_rnn_args for the LSTM and the GRU. Returns (lengths, truncate, H, P)."""
-    lstm = mode == "lstm"
-    truncate = check_truncate(truncate)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    layout = "(B, T, I)" if batch_first else "(T, B, I)"
-    if input.dim() != 3:
-        raise ValueError(f"input must be 3-D {layout}, got shape {_shape(input)}")
-    if input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"input must be float32 or float64, got {input.dtype}")
-    B, T, I = input.shape if batch_first else (input.shape[1], input.shape[0], input.shape[2])
-
-    gates, G = (4, "4H") if lstm else (3, "3H")
-    hh_letters = f"({G}, P)" if lstm else f"({G}, H)"
-    if not isinstance(weight_hh, torch.Tensor) or weight_hh.dim() != 2:
-        raise ValueError(f"weight_hh must be a 2-D tensor {hh_letters}, got {_shape(weight_hh)}")
-    if weight_hr is not None:
-        if not lstm:
-            raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
-        if not isinstance(weight_hr, torch.Tensor) or weight_hr.dim() != 2:
-            raise ValueError(f"weight_hr must be a 2-D tensor (P, H), got {_shape(weight_hr)}")
-        P, H = weight_hr.shape
-        check_tensor("weight_hr", weight_hr, shape=(P, H), like=input, letters="(P, H)")
-    else:
-        H = P = weight_hh.shape[1]
-    check_tensor("weight_hh", weight_hh, shape=(gates * H, P), like=input, letters=hh_letters)
-    if isinstance(weight_ih, torch.Tensor) and weight_ih.dim() == 2 \
-            and weight_ih.shape[0] == gates * H and weight_ih.shape[1] != I:
-        raise ValueError(f"input has inconsistent input_size: got I={I}, expected {weight_ih.shape[1]} "
-                         f"(weight_ih is {_shape(weight_ih)})")
-    check_tensor("weight_ih", weight_ih, shape=(gates * H, I), like=input, letters=f"({G}, I)")
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        if b is not None:
-            check_tensor(name, b, shape=(gates * H,), like=input, letters=f"({G},)")
-    if hx is not None and lstm:
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError(f"hx must be a tuple (h_0, c_0) of shapes (B, P) = ({B}, {P}) and "
-                            f"(B, H) = ({B}, {H}), or None, got {type(hx).__name__}")
-        check_tensor("hx[0] (h_0)", hx[0], shape=(B, P), like=input, letters="(B, P)")
-        check_tensor("hx[1] (c_0)", hx[1], shape=(B, H), like=input, letters="(B, H)")
-    elif hx is not None:
-        check_tensor("hx", hx, shape=(B, H), like=input, letters="(B, H)")
-    return check_lengths(lengths, B, T), truncate, H, P
-
-
-def _check_layer_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *,
-                      batch_first, lengths, truncate):
-    """Checks one layer's arguments for any cell. Returns (lengths, truncate, H, P)."""
-    if mode in ("lstm", "gru"):
-        return _check_gated_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                 weight_hr, batch_first=batch_first, lengths=lengths,
-                                 truncate=truncate)
-    lengths, truncate = check_rnn_args(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=mode[len("rnn_"):],
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    if weight_hr is not None:
-        raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
-    H = weight_hh.shape[0]
-    return lengths, truncate, H, H
-
-
 def _cell_of(mode, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) -> Cell:
     """The step of ``mode`` on scan's state tuples."""
     if mode == "lstm":
@@ -387,7 +320,7 @@ def lstm(
         (h_n (B, P), c_n (B, H)): the state after each sequence's last step
             (hx when len_b = 0).
     """
-    lengths, truncate, H, P = _check_gated_args(
+    lengths, truncate, H, P = check_gated_args(
         "lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
     return _layer("lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, H=H, P=P,
@@ -424,7 +357,7 @@ def gru(
         output: (T, B, H) or (B, T, H), zero at padded steps.
         h_n: (B, H), the state after each sequence's last step (hx when len_b = 0).
     """
-    lengths, truncate, H, P = _check_gated_args(
+    lengths, truncate, H, P = check_gated_args(
         "gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
     return _layer("gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
@@ -531,7 +464,7 @@ def rnn_loss(
     (not c_t), filled in by backward. ``_cut`` is for tests, as in the layer.
     """
     mode = _resolve_mode(mode, nonlinearity)
-    lengths, truncate, H, P = _check_layer_args(
+    lengths, truncate, H, P = check_layer_args(
         mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
     O, target, loss_mask, label_smoothing = check_loss_args(

@@ -18,7 +18,7 @@
 
 #include <cstdint>
 
-#include "../elman.h"
+#include "../cells/elman.h"
 #include "../loss.h"
 
 namespace rnnkern::cpu {
@@ -63,7 +63,7 @@ struct VecKernels {
   void (*act_inplace)(Activation a, T* z, int64_t n);
   // dst[0:n] = act(a[0:n] + b[0:n]); dst may alias a
   void (*act_add)(Activation a, T* dst, const T* x, const T* y, int64_t n);
-  // dz[0:n] = act_backward(g[0:n] + c[0:n], h[0:n]) (elman.h), h = act(z)
+  // dz[0:n] = act_backward(g[0:n] + c[0:n], h[0:n]) (cells/elman.h), h = act(z)
   void (*grad_z)(Activation a, T* dz, const T* g, const T* c, const T* h, int64_t n);
   // One row of the head's output x[0:O] + b[0:O] (b may be null: no bias)
   // against class y: returns the cross-entropy with label smoothing eps

@@ -9,14 +9,9 @@
 // the output h_t = act(z_t), so the forward pass never stores z.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define RNNKERN_HD __host__ __device__ __forceinline__
-#else
-#define RNNKERN_HD inline
-#endif
+#include "common.h"
 
 namespace rnnkern {
 

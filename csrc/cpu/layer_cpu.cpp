@@ -1,0 +1,436 @@
+// The CPU time loop of the gated cells (csrc/cells/lstm.h, gru.h) and
+// TORCH_LIBRARY_IMPL(rnnkern, CPU) for layer_fwd / layer_bwd.
+//
+// One loop, templated on the cell; it alone owns lengths (frozen states, zero
+// outputs), reverse, truncation and threading. The cells supply only the
+// pointwise math of one row.
+// Forward:  ax = x W_ih^T + b  (one GEMM over all T*B rows, before the loop)
+//           per step: ah = h_prev W_hh^T (one GEMM), the cell's row pass, and
+//           with a projection h = m W_hr^T (one GEMM).
+// Backward: per step, last to first: the cell's row pass gives the
+//           pre-activation gradients (and the carry of c), then
+//           dh_prev = dah W_hh (one GEMM); after the loop dW_ih, dW_hh, db,
+//           dW_hr and dx are each one GEMM or row-ordered sum over all rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "../cells/gru.h"
+#include "../cells/lstm.h"
+#include "../checks.h"
+#include "../params.h"
+#include "blas.h"
+#include "elman_cpu.h"
+
+namespace rnnkern::cpu {
+namespace {
+
+// Pointers of one call, all contiguous in the layout beside them.
+template <typename T>
+struct LayerPtrs {
+  const T* ax;       // [T,B,G] x W_ih^T + b (LSTM: b_ih + b_hh; GRU: b_ih)
+  const T* b_hh;     // [G] GRU only, else nullptr (added to ah each step)
+  const T* w_hh;     // [G,P]
+  const T* w_hr;     // [P,H] or nullptr
+  const T* h0;       // [B,P]
+  const T* c0;       // [B,H] LSTM
+  T* out;            // [T,B,P]
+  T* gates;          // [T,B,4H]
+  T* cell;           // [T,B,H] LSTM
+  T* proj_in;        // [T,B,H] projection
+};
+
+struct Steps {
+  const LayerShape& s;
+  int64_t len(int64_t b) const { return s.lengths ? s.lengths[b] : s.T; }
+  // Processing step -> time index of sequence b.
+  int64_t time(int64_t step, int64_t b) const { return s.reverse ? len(b) - 1 - step : step; }
+  bool cut_before(int64_t step) const {
+    return s.truncate > 0 && step > 0 && step % s.truncate == 0;
+  }
+  int64_t max_len() const {
+    int64_t m = s.lengths ? 0 : s.T;
+    for (int64_t b = 0; s.lengths && b < s.B; ++b) m = std::max(m, s.lengths[b]);
+    return m;
+  }
+};
+
+template <typename F>
+void for_rows(int64_t B, int64_t width, const F& f) {
+  constexpr int64_t kGrainElems = 16384;
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(width, 1)), f);
+}
+
+// ---------------------------------------------------------------------------
+// The cells' rows. fwd: one row b of a step, from its ax row, its ah row and
+// the previous state; writes the saved activations and the new state (h when
+// there is no projection, else m for the projection GEMM). bwd: the same row
+// backwards.
+// ---------------------------------------------------------------------------
+
+struct LstmRows {
+  template <typename T>
+  static void fwd(int64_t H, const T* ax, const T* ah, const T*, const T* h_prev_unused,
+                  const T* c_prev, T* act, T* c, T* m) {
+    (void)h_prev_unused;
+    for (int64_t j = 0; j < H; ++j)
+      cells::lstm::forward<T>(ax[j] + ah[j], ax[H + j] + ah[H + j], ax[2 * H + j] + ah[2 * H + j],
+                              ax[3 * H + j] + ah[3 * H + j], c_prev[j], act[j], act[H + j],
+                              act[2 * H + j], act[3 * H + j], c[j], m[j]);
+  }
+  // dm [H]: dL/dm_t. dc [H]: the carry dL/dc_t in, dL/dc_prev out.
+  // dax [4H] (dah is the same for the LSTM).
+  template <typename T>
+  static void bwd(int64_t H, const T* act, const T* c, const T* c_prev, const T* dm, T* dc,
+                  T* dax) {
+    for (int64_t j = 0; j < H; ++j)
+      cells::lstm::backward<T>(act[j], act[H + j], act[2 * H + j], act[3 * H + j], c[j],
+                               c_prev[j], dm[j], dc[j], dax[j], dax[H + j], dax[2 * H + j],
+                               dax[3 * H + j], dc[j]);
+  }
+};
+
+struct GruRows {
+  template <typename T>
+  static void fwd(int64_t H, const T* ax, const T* ah, const T* b_hh, const T* h_prev,
+                  const T*, T* act, T*, T* h) {
+    for (int64_t j = 0; j < H; ++j) {
+      const T ahn = ah[2 * H + j] + (b_hh ? b_hh[2 * H + j] : T(0));
+      const T ahr = ah[j] + (b_hh ? b_hh[j] : T(0));
+      const T ahz = ah[H + j] + (b_hh ? b_hh[H + j] : T(0));
+      cells::gru::forward<T>(ax[j], ax[H + j], ax[2 * H + j], ahr, ahz, ahn, h_prev[j], act[j],
+                             act[H + j], act[2 * H + j], h[j]);
+      act[3 * H + j] = ahn;
+    }
+  }
+  // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out. dax, dah [3H].
+  template <typename T>
+  static void bwd(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah) {
+    for (int64_t j = 0; j < H; ++j) {
+      T dar, daz, daxn, dahn, direct;
+      cells::gru::backward<T>(act[j], act[H + j], act[2 * H + j], act[3 * H + j], h_prev[j],
+                              dh[j], dar, daz, daxn, dahn, direct);
+      dax[j] = dah[j] = dar;
+      dax[H + j] = dah[H + j] = daz;
+      dax[2 * H + j] = daxn;
+      dah[2 * H + j] = dahn;
+      dh[j] = direct;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void layer_fwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n) {
+  const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
+  const bool lstm = s.cell == CellKind::kLstm;
+  const Steps st{s};
+  const int64_t t_max = st.max_len();
+  std::vector<T> ah(size_t(B * G)), m(s.proj ? size_t(B * H) : 0), hp(s.proj ? size_t(B * P) : 0);
+  T* h = h_n;  // [B,P], the running state, frozen per row after its last step
+  T* c = c_n;  // [B,H] LSTM
+  std::memcpy(h, p.h0, sizeof(T) * B * P);
+  if (lstm) std::memcpy(c, p.c0, sizeof(T) * B * H);
+  for (int64_t step = 0; step < s.T; ++step) {
+    if (step < t_max) gemm<T>(false, true, B, G, P, T(1), h, P, p.w_hh, P, T(0), ah.data(), G);
+    for_rows(B, G, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if (step >= st.len(b)) {
+          // Steps len..T-1 are, in either direction, the padded times len..T-1:
+          // every output is 0 there (saved state included, so no output of
+          // the op is ever uninitialised memory).
+          const int64_t r = step * B + b;
+          std::memset(p.out + r * P, 0, sizeof(T) * P);
+          std::memset(p.gates + r * S, 0, sizeof(T) * S);
+          if (lstm) std::memset(p.cell + r * H, 0, sizeof(T) * H);
+          continue;
+        }
+        const int64_t r = st.time(step, b) * B + b;  // row of [T,B,*]
+        T* hb = h + b * P;
+        if (lstm) {
+          T* cr = p.cell + r * H;
+          T* mr = s.proj ? m.data() + b * H : p.out + r * P;
+          LstmRows::fwd<T>(H, p.ax + r * G, ah.data() + b * G, nullptr, nullptr, c + b * H,
+                           p.gates + r * S, cr, mr);
+          std::memcpy(c + b * H, cr, sizeof(T) * H);
+          if (s.proj) std::memcpy(p.proj_in + r * H, mr, sizeof(T) * H);
+          else std::memcpy(hb, mr, sizeof(T) * P);
+        } else {
+          T* hr = p.out + r * P;
+          GruRows::fwd<T>(H, p.ax + r * G, ah.data() + b * G, p.b_hh, hb, nullptr,
+                          p.gates + r * S, nullptr, hr);
+          std::memcpy(hb, hr, sizeof(T) * P);
+        }
+      }
+    });
+    if (s.proj && step < t_max) {
+      gemm<T>(false, true, B, P, H, T(1), m.data(), H, p.w_hr, H, T(0), hp.data(), P);
+      for (int64_t b = 0; b < B; ++b) {
+        if (step >= st.len(b)) continue;
+        const int64_t r = st.time(step, b) * B + b;
+        std::memcpy(p.out + r * P, hp.data() + b * P, sizeof(T) * P);
+        std::memcpy(h + b * P, hp.data() + b * P, sizeof(T) * P);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct LayerGradPtrs {
+  const T* grad_out;  // [T,B,P]
+  T* dh;              // [B,P] dL/dh_n in, dL/dh0 out
+  T* dc;              // [B,H] dL/dc_n in, dL/dc0 out (LSTM)
+  T* dax;             // [T,B,G] zero on entry; zero where t >= len_b on exit
+  T* dah;             // [T,B,G] GRU (zero on entry), else == dax
+  T* dh_all;          // [T,B,P] dL/dh_t in total, for dW_hr (projection; zero on entry)
+};
+
+template <typename T>
+void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGradPtrs<T>& g) {
+  const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
+  const bool lstm = s.cell == CellKind::kLstm;
+  const Steps st{s};
+  const int64_t t_max = st.max_len();
+  std::vector<T> dah_step(size_t(B * G)), carry(size_t(B * P));
+  std::vector<T> dh_step(s.proj ? size_t(B * P) : 0), dm(s.proj ? size_t(B * H) : 0);
+  // The state a row read at `step` (its value before that step).
+  auto prev_row = [&](int64_t step, int64_t b) -> int64_t {
+    return step == 0 ? -1 : st.time(step - 1, b) * B + b;
+  };
+  for (int64_t step = s.T - 1; step >= 0; --step) {
+    if (step >= t_max) {
+      // Every sequence has ended: the frozen states pass their gradients
+      // through, unless a truncation boundary cuts them (as it cuts every
+      // state, finished or not).
+      if (st.cut_before(step)) {
+        std::memset(g.dh, 0, sizeof(T) * B * P);
+        if (lstm) std::memset(g.dc, 0, sizeof(T) * B * H);
+      }
+      continue;
+    }
+    if (s.proj) {
+      // dL/dh_t of the active rows, then dm = dh_t W_hr for all of them at once.
+      for (int64_t b = 0; b < B; ++b) {
+        T* d = dh_step.data() + b * P;
+        if (step >= st.len(b)) {
+          std::memset(d, 0, sizeof(T) * P);
+          continue;
+        }
+        const int64_t r = st.time(step, b) * B + b;
+        for (int64_t j = 0; j < P; ++j) d[j] = g.grad_out[r * P + j] + g.dh[b * P + j];
+        std::memcpy(g.dh_all + r * P, d, sizeof(T) * P);
+      }
+      gemm<T>(false, false, B, H, P, T(1), dh_step.data(), P, p.w_hr, H, T(0), dm.data(), H);
+    }
+    for_rows(B, G, [&](int64_t b0, int64_t b1) {
+      std::vector<T> dtot(size_t(std::max(H, P)));
+      for (int64_t b = b0; b < b1; ++b) {
+        T* dahb = dah_step.data() + b * G;
+        if (step >= st.len(b)) {
+          // A frozen state passes its gradients through unchanged.
+          std::memset(dahb, 0, sizeof(T) * G);
+          continue;
+        }
+        const int64_t r = st.time(step, b) * B + b, pr = prev_row(step, b);
+        if (lstm) {
+          const T* dmb;
+          if (s.proj) {
+            dmb = dm.data() + b * H;
+          } else {
+            for (int64_t j = 0; j < H; ++j) dtot[j] = g.grad_out[r * P + j] + g.dh[b * P + j];
+            dmb = dtot.data();
+          }
+          const T* c_prev = pr < 0 ? p.c0 + b * H : p.cell + pr * H;
+          LstmRows::bwd<T>(H, p.gates + r * S, p.cell + r * H, c_prev, dmb, g.dc + b * H,
+                           g.dax + r * G);
+          std::memcpy(dahb, g.dax + r * G, sizeof(T) * G);
+        } else {
+          T* dhb = g.dh + b * P;  // becomes the direct part of dL/dh_prev
+          for (int64_t j = 0; j < H; ++j) dhb[j] += g.grad_out[r * P + j];
+          const T* h_prev = pr < 0 ? p.h0 + b * P : p.out + pr * P;
+          GruRows::bwd<T>(H, p.gates + r * S, h_prev, dhb, g.dax + r * G, g.dah + r * G);
+          std::memcpy(dahb, g.dah + r * G, sizeof(T) * G);
+        }
+      }
+    });
+    if (st.cut_before(step)) {
+      std::memset(g.dh, 0, sizeof(T) * B * P);
+      if (lstm) std::memset(g.dc, 0, sizeof(T) * B * H);
+      continue;
+    }
+    gemm<T>(false, false, B, P, G, T(1), dah_step.data(), G, p.w_hh, P, T(0), carry.data(), P);
+    for (int64_t b = 0; b < B; ++b) {
+      if (step >= st.len(b)) continue;
+      T* dhb = g.dh + b * P;
+      const T* cb = carry.data() + b * P;
+      if (lstm) std::memcpy(dhb, cb, sizeof(T) * P);
+      else
+        for (int64_t j = 0; j < P; ++j) dhb[j] += cb[j];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ATen glue
+// ---------------------------------------------------------------------------
+
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_fwd_cpu(
+    const at::Tensor& input, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
+    const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& lengths,
+    c10::string_view mode, bool reverse, int64_t truncate) {
+  LayerShape s = check_layer_args("rnnkern.layer_fwd", input, h0, c0, weight_ih, weight_hh,
+                                  bias_ih, bias_hh, weight_hr, lengths, mode, reverse, truncate);
+  const bool lstm = s.cell == CellKind::kLstm;
+  const auto opts = input.options();
+  const auto x = input.contiguous();
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  // Every operand in the one layout the GEMMs read (a view gives its copy's bits).
+  const auto w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const at::Tensor w_hr = s.proj ? weight_hr->contiguous() : at::Tensor();
+  const auto hx = h0.contiguous();
+  const at::Tensor cx = lstm ? c0->contiguous() : at::Tensor();
+  // The LSTM adds both biases before the loop; the GRU's b_hh stays inside r * (.)
+  const at::Tensor b_x = lstm ? bias_sum(bias_ih, bias_hh)
+                              : (bias_ih.has_value() ? *bias_ih : at::Tensor());
+  const at::Tensor b_h = !lstm && bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+
+  auto ax = at::empty({s.T, s.B, s.G}, opts);  // [T,B,G]
+  if (s.T * s.B > 0) {
+    auto ax2 = ax.view({s.T * s.B, s.G});
+    if (b_x.defined()) at::addmm_out(ax2, b_x.contiguous(), x.view({s.T * s.B, s.I}), w_ih.t());
+    else at::mm_out(ax2, x.view({s.T * s.B, s.I}), w_ih.t());
+  }
+  auto out = at::empty({s.T, s.B, s.P}, opts);
+  auto h_n = at::empty({s.B, s.P}, opts);
+  auto c_n = lstm ? at::empty({s.B, s.H}, opts) : empty0(input);
+  auto gates = at::empty({s.T, s.B, 4 * s.H}, opts);
+  auto cell = lstm ? at::empty({s.T, s.B, s.H}, opts) : empty0(input);
+  // Zero at padded steps (written by no step): dW_hr multiplies all of it.
+  auto proj_in = s.proj ? at::zeros({s.T, s.B, s.H}, opts) : empty0(input);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_fwd", [&] {
+    LayerPtrs<scalar_t> p{};
+    p.ax = ax.const_data_ptr<scalar_t>();
+    p.b_hh = b_h.defined() ? b_h.const_data_ptr<scalar_t>() : nullptr;
+    p.w_hh = w_hh.const_data_ptr<scalar_t>();
+    p.w_hr = s.proj ? w_hr.const_data_ptr<scalar_t>() : nullptr;
+    p.h0 = hx.const_data_ptr<scalar_t>();
+    p.c0 = lstm ? cx.const_data_ptr<scalar_t>() : nullptr;
+    p.out = out.data_ptr<scalar_t>();
+    p.gates = gates.data_ptr<scalar_t>();
+    p.cell = lstm ? cell.data_ptr<scalar_t>() : nullptr;
+    p.proj_in = s.proj ? proj_in.data_ptr<scalar_t>() : nullptr;
+    layer_fwd_kernel(s, p, h_n.data_ptr<scalar_t>(), lstm ? c_n.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, h_n, c_n, gates, cell, proj_in};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+              const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
+              const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+              const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+              const c10::optional<at::Tensor>& weight_hr, const at::Tensor& output,
+              const at::Tensor& gates, const at::Tensor& cell, const at::Tensor& proj_in,
+              const c10::optional<at::Tensor>& lengths, c10::string_view mode, bool reverse,
+              int64_t truncate, bool grad_input) {
+  const char* op = "rnnkern.layer_bwd";
+  LayerShape s = check_layer_args(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt,
+                                  c10::nullopt, weight_hr, lengths, mode, reverse, truncate);
+  check_layer_bwd_args(op, s, input, grad_output, grad_h_n, grad_c_n, output, gates, cell,
+                       proj_in);
+  const bool lstm = s.cell == CellKind::kLstm;
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, G = s.G;
+  const auto opts = input.options();
+  const auto x = input.contiguous();
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  const auto w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
+  const at::Tensor w_hr = s.proj ? weight_hr->contiguous() : at::Tensor();
+  const auto hx = h0.contiguous();
+  const at::Tensor cx = lstm ? c0->contiguous() : at::Tensor();
+  const auto out = output.contiguous(), g_out = grad_output.contiguous();
+  const auto gts = gates.contiguous(), cl = cell.contiguous(), pin = proj_in.contiguous();
+
+  auto dh = grad_h_n.contiguous().clone();                                  // [B,P] -> dL/dh0
+  auto dc = lstm ? grad_c_n->contiguous().clone() : empty0(input);          // [B,H] -> dL/dc0
+  auto dax = at::zeros({T, B, G}, opts);                                    // [T,B,G]
+  auto dah = lstm ? dax : at::zeros({T, B, G}, opts);                       // [T,B,G]
+  auto dh_all = s.proj ? at::zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
+  if (T * B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_bwd", [&] {
+      LayerPtrs<scalar_t> p{};
+      p.w_hh = w_hh.const_data_ptr<scalar_t>();
+      p.w_hr = s.proj ? w_hr.const_data_ptr<scalar_t>() : nullptr;
+      p.h0 = hx.const_data_ptr<scalar_t>();
+      p.c0 = lstm ? cx.const_data_ptr<scalar_t>() : nullptr;
+      p.out = const_cast<scalar_t*>(out.const_data_ptr<scalar_t>());
+      p.gates = const_cast<scalar_t*>(gts.const_data_ptr<scalar_t>());
+      p.cell = lstm ? const_cast<scalar_t*>(cl.const_data_ptr<scalar_t>()) : nullptr;
+      LayerGradPtrs<scalar_t> gp{};
+      gp.grad_out = g_out.const_data_ptr<scalar_t>();
+      gp.dh = dh.data_ptr<scalar_t>();
+      gp.dc = lstm ? dc.data_ptr<scalar_t>() : nullptr;
+      gp.dax = dax.data_ptr<scalar_t>();
+      gp.dah = dah.data_ptr<scalar_t>();
+      gp.dh_all = s.proj ? dh_all.data_ptr<scalar_t>() : nullptr;
+      layer_bwd_kernel(s, p, gp);
+    });
+  }
+  const auto dax2 = dax.view({T * B, G}), dah2 = dah.view({T * B, G});
+  auto g_in = grad_input ? at::mm(dax2, w_ih).view({T, B, I}) : empty0(input);
+  auto g_w_ih = at::mm(dax2.t(), x.view({T * B, I}));
+  auto g_b_ih = at::zeros({G}, opts);
+  add_column_sums(g_b_ih, dax2);
+  at::Tensor g_b_hh = g_b_ih;
+  if (!lstm) {
+    g_b_hh = at::zeros({G}, opts);
+    add_column_sums(g_b_hh, dah2);
+  }
+  // dW_hh = sum_t dah_t^T h_prev(t): h0 at each sequence's first processed
+  // step, the neighbouring step's output otherwise (0 at padded times, whose
+  // dah is 0 too).
+  at::Tensor dah_first;
+  if (T == 0) {
+    dah_first = at::zeros({B, G}, opts);
+  } else if (s.reverse && s.lengths) {
+    dah_first = at::zeros({B, G}, opts);
+    for (int64_t b = 0; b < B; ++b)
+      if (s.lengths[b] > 0) dah_first[b].copy_(dah[s.lengths[b] - 1][b]);
+  } else {
+    dah_first = dah[s.reverse ? T - 1 : 0];
+  }
+  auto g_w_hh = at::mm(dah_first.t(), hx);
+  if (T > 1) {
+    const auto rest = s.reverse ? dah.narrow(0, 0, T - 1) : dah.narrow(0, 1, T - 1);
+    const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
+    g_w_hh.addmm_(rest.reshape({(T - 1) * B, G}).t(), h_prev.reshape({(T - 1) * B, P}));
+  }
+  auto g_w_hr = s.proj ? at::mm(dh_all.view({T * B, P}).t(), pin.view({T * B, H}))
+                       : empty0(input);
+  return {g_in, dh, dc, g_w_ih, g_w_hh, g_b_ih, g_b_hh.clone(), g_w_hr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnnkern, CPU, m) {
+  m.impl("layer_fwd", &layer_fwd_cpu);
+  m.impl("layer_bwd", &layer_bwd_cpu);
+}
+
+}  // namespace rnnkern::cpu

@@ -1,0 +1,410 @@
+"""LSTM and GRU on the cell-generic time loop: the kernels against the
+reference (float64, every gradient), gradcheck, opcheck, determinism, and
+rnnkern.LSTM / rnnkern.GRU against torch.nn.LSTM / nn.GRU for every input form
+and option; bad input."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import rnnkern
+from helpers import TOL, TruncatedProbe, assert_close, grads_of, product
+from rnnkern import functional, reference
+
+CELLS = ["lstm", "gru"]
+
+
+def make_gated(cell, T, B, I, H, *, P=None, dtype=torch.float64, bias=True, hx=True, seed=None):
+    """Fresh random inputs of one gated layer, all requiring grad."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    P = P or H
+    G = (4 if cell == "lstm" else 3) * H
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, dtype=dtype, generator=g) * s).requires_grad_()
+
+    k = 1.0 / H**0.5
+    d = dict(input=rnd(T, B, I), weight_ih=rnd(G, I, s=k), weight_hh=rnd(G, P, s=k),
+             bias_ih=rnd(G, s=k) if bias else None, bias_hh=rnd(G, s=k) if bias else None,
+             weight_hr=rnd(P, H, s=k) if (cell == "lstm" and P != H) else None)
+    if hx:
+        d["hx"] = (rnd(B, P), rnd(B, H)) if cell == "lstm" else rnd(B, H)
+    else:
+        d["hx"] = None
+    return d
+
+
+def leaves(d):
+    out = [d["input"], d["weight_ih"], d["weight_hh"], d["bias_ih"], d["bias_hh"], d["weight_hr"]]
+    hx = d["hx"]
+    out += list(hx) if isinstance(hx, tuple) else [hx]
+    return out
+
+
+def run(impl, cell, d, **kw):
+    """(outputs, gradients of a random functional of them) of one layer."""
+    args = (d["input"], d["hx"], d["weight_ih"], d["weight_hh"], d["bias_ih"], d["bias_hh"])
+    if cell == "lstm":
+        out, (h, c) = impl.lstm(*args, d["weight_hr"], **kw)
+        outs = [out, h, c]
+    else:
+        out, h = impl.gru(*args, **kw)
+        outs = [out, h]
+    return outs, grads_of(outs, leaves(d))
+
+
+def compare(cell, d, tol, **kw):
+    got, g_got = run(functional, cell, d, **kw)
+    want, g_want = run(reference, cell, d, **kw)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_close(a, b, tol, f"output {i}")
+    for i, (a, b) in enumerate(zip(g_got, g_want)):
+        assert (a is None) == (b is None), i
+        if b is not None:
+            assert_close(a, b, tol, f"grad {i}")
+    return got, g_got
+
+
+@pytest.mark.parametrize("case", product(
+    cell=CELLS, TBIH=[(1, 1, 1, 1), (6, 3, 4, 7), (5, 2, 3, 17), (4, 9, 2, 33)],
+    lengths=[False, True], reverse=[False, True], truncate=[None, 2]), ids=str)
+def test_kernel_equals_reference(case):
+    T, B, I, H = case["TBIH"]
+    d = make_gated(case["cell"], T, B, I, H)
+    lengths = torch.randint(0, T + 1, (B,)) if case["lengths"] else None
+    compare(case["cell"], d, 1e-10, lengths=lengths, reverse=case["reverse"],
+            truncate=case["truncate"])
+
+
+@pytest.mark.parametrize("case", product(cell=["lstm"], bias=[True, False], hx=[True, False],
+                                         proj=[False, True], batch_first=[False, True])
+                         + product(cell=["gru"], bias=[True, False], hx=[True, False],
+                                   proj=[False], batch_first=[False, True]), ids=str)
+def test_kernel_options_equal_reference(case):
+    T, B, I, H = 5, 3, 4, 6
+    d = make_gated(case["cell"], T, B, I, H, P=3 if case["proj"] else None, bias=case["bias"],
+                   hx=case["hx"])
+    if case["batch_first"]:
+        d["input"] = d["input"].detach().transpose(0, 1).contiguous().requires_grad_()
+    compare(case["cell"], d, 1e-10, batch_first=case["batch_first"],
+            lengths=torch.tensor([5, 0, 2]), truncate=3)
+
+
+@pytest.mark.parametrize("case", product(cell=["lstm"], proj=[False, True])
+                         + product(cell=["gru"], proj=[False]), ids=str)
+def test_float32_at_a_realistic_size(case):
+    d64 = make_gated(case["cell"], 40, 16, 32, 64, P=24 if case["proj"] else None, seed=1)
+    d32 = {k: (tuple(t.detach().float().requires_grad_() for t in v) if isinstance(v, tuple)
+               else (v.detach().float().requires_grad_() if v is not None else None))
+           for k, v in d64.items()}
+    lengths = torch.randint(1, 41, (16,), generator=torch.Generator().manual_seed(0))
+
+    def outputs_and_grads(impl, d):
+        args = (d["input"], d["hx"], d["weight_ih"], d["weight_hh"], d["bias_ih"], d["bias_hh"])
+        if case["cell"] == "lstm":
+            out, (h, c) = impl.lstm(*args, d["weight_hr"], lengths=lengths, truncate=7)
+            outs = [out, h, c]
+        else:
+            outs = list(impl.gru(*args, lengths=lengths, truncate=7))
+        # one upstream gradient for both dtypes
+        g = torch.Generator().manual_seed(0)
+        ups = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.dtype) for o in outs]
+        wanted = [t for t in leaves(d) if t is not None]
+        return outs + list(torch.autograd.grad(outs, wanted, ups))
+
+    got = outputs_and_grads(functional, d32)
+    want = outputs_and_grads(reference, d64)
+    for a, b in zip(got, want):
+        assert_close(a.double(), b, 10 * TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", product(cell=CELLS, lengths=[False, True], truncate=[None, 2],
+                                         reverse=[False, True]), ids=str)
+def test_gradcheck(case):
+    """float64 gradcheck; with truncate, against the function whose boundary
+    states are constants (helpers.TruncatedProbe, as for the Elman kernel)."""
+    cell = case["cell"]
+    T, B, I, H = 5, 3, 2, 3
+    d = make_gated(cell, T, B, I, H, P=2 if cell == "lstm" else None, seed=3)
+    lengths = torch.tensor([3, 0, 5]) if case["lengths"] else None
+    names = [n for n in ("input", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+             if d[n] is not None]
+    hx = list(d["hx"]) if isinstance(d["hx"], tuple) else [d["hx"]]
+    P = hx[0].shape[1]
+    opts = dict(lengths=lengths, truncate=case["truncate"], reverse=case["reverse"])
+
+    def call(impl, tensors, cut):
+        kw = dict(zip(names, tensors[:len(names)]))
+        h = tuple(tensors[len(names):]) if cell == "lstm" else tensors[len(names)]
+        extra = {}
+        if cut is not None:
+            # the probe keeps one tensor per boundary: (h, c) travel concatenated
+            extra["_cut"] = ((lambda s, st: cut(s, torch.cat(st, 1)).split([P, H], 1))
+                             if cell == "lstm" else cut)
+        args = (kw["input"], h, kw["weight_ih"], kw["weight_hh"], kw.get("bias_ih"),
+                kw.get("bias_hh"))
+        if cell == "lstm":
+            out, (hn, cn) = impl.lstm(*args, kw.get("weight_hr"), **opts, **extra)
+            return out, hn, cn
+        return impl.gru(*args, **opts, **extra)
+
+    inputs = tuple(d[n] for n in names) + tuple(hx)
+    if case["truncate"] is None:
+        f = lambda *t: call(functional, t, None)  # noqa: E731
+    else:
+        TruncatedProbe.frozen = None
+        f = lambda *t: TruncatedProbe.apply(call, *t)  # noqa: E731
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", product(cell=CELLS, dtype=[torch.float32, torch.float64],
+                                         lengths=[False, True], reverse=[False, True]), ids=str)
+def test_opcheck(case):
+    cell = case["cell"]
+    T, B, I, H = 5, 3, 2, 4
+    P = 3 if cell == "lstm" else H
+    d = make_gated(cell, T, B, I, H, P=P, dtype=case["dtype"])
+    x, wi, wh, bi, bh, wr = (None if v is None else v.detach() for v in
+                             (d["input"], d["weight_ih"], d["weight_hh"], d["bias_ih"],
+                              d["bias_hh"], d["weight_hr"]))
+    h0, c0 = ((d["hx"][0].detach(), d["hx"][1].detach()) if cell == "lstm"
+              else (d["hx"].detach(), None))
+    lens = torch.randint(0, T + 1, (B,)) if case["lengths"] else None
+    fwd = (x, h0, c0, wi, wh, bi, bh, wr, lens, cell, case["reverse"], 2)
+    torch.library.opcheck(torch.ops.rnnkern.layer_fwd.default, fwd)
+    out, h_n, c_n, gates, cl, pin = torch.ops.rnnkern.layer_fwd(*fwd)
+    bwd = (torch.randn_like(out), torch.randn_like(h_n),
+           torch.randn_like(c_n) if cell == "lstm" else None, x, h0, c0, wi, wh, wr, out, gates,
+           cl, pin, lens, cell, case["reverse"], 2)
+    torch.library.opcheck(torch.ops.rnnkern.layer_bwd.default, bwd)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bitwise_deterministic(cell):
+    d = make_gated(cell, 30, 16, 8, 40, dtype=torch.float32)
+    lengths = torch.randint(0, 31, (16,))
+    runs = [run(functional, cell, d, lengths=lengths, truncate=9) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0][0] + runs[0][1], other[0] + other[1]):
+            assert a is None and b is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_same_bits_at_one_and_two_threads(cell):
+    d = make_gated(cell, 12, 40, 8, 48, dtype=torch.float32, seed=2)
+    lengths = torch.randint(0, 13, (40,), generator=torch.Generator().manual_seed(1))
+    old = torch.get_num_threads()
+    res = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            res.append(run(functional, cell, d, lengths=lengths))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(res[0][0] + res[0][1], res[1][0] + res[1][1]):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+# --- the modules against torch.nn ---------------------------------------------
+
+T, B, I, H = 7, 3, 4, 5
+FORMS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
+
+
+def module_pair(cell, num_layers, bias, batch_first, bidirectional, proj_size, dtype, dropout=0.0):
+    nn_cls, ours_cls = (nn.LSTM, rnnkern.LSTM) if cell == "lstm" else (nn.GRU, rnnkern.GRU)
+    args = (I, H, num_layers, bias, batch_first, dropout, bidirectional)
+    kw = dict(proj_size=proj_size) if cell == "lstm" else {}
+    theirs = nn_cls(*args, **kw, dtype=dtype)
+    ours = ours_cls(*args, **kw, dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def make_input(form, batch_first, dtype):
+    if form == "unbatched":
+        x = torch.randn(T, I, dtype=dtype, requires_grad=True)
+        return x, x
+    x = torch.randn(*((B, T, I) if batch_first else (T, B, I)), dtype=dtype, requires_grad=True)
+    if form == "padded":
+        return x, x
+    lengths = (torch.randperm(T)[:B] + 1).sort(descending=True).values
+    if form == "packed_unsorted":
+        lengths = lengths[torch.tensor([2, 0, 1])]
+    packed = pack_padded_sequence(x.detach(), lengths, batch_first=batch_first,
+                                  enforce_sorted=form == "packed_sorted")
+    data = packed.data.requires_grad_()
+    return data, PackedSequence(data, *packed[1:])
+
+
+def make_hx(m, cell, form, dtype):
+    LD = m.num_layers * (2 if m.bidirectional else 1)
+    P = m.proj_size or H
+    lead = (LD,) if form == "unbatched" else (LD, B)
+    h = torch.randn(*lead, P, dtype=dtype, requires_grad=True)
+    if cell == "lstm":
+        return (h, torch.randn(*lead, H, dtype=dtype, requires_grad=True))
+    return h
+
+
+def flat(out, state):
+    data = out.data if isinstance(out, PackedSequence) else out
+    return [data, *(state if isinstance(state, tuple) else (state,))]
+
+
+MODULE_AXES = dict(dtype=[torch.float64, torch.float32], layers=[1, 2],
+                   bidirectional=[False, True], batch_first=[False, True], bias=[True, False],
+                   form=FORMS, hx=[False, True])
+
+
+@pytest.mark.parametrize("case", product(cell=["lstm"], proj=[0, 2], **MODULE_AXES)
+                         + product(cell=["gru"], proj=[0], **MODULE_AXES), ids=str)
+def test_module_matches_nn(case):
+    cell, dtype = case["cell"], case["dtype"]
+    torch.manual_seed(hash(str(case)) % 2**31)
+    ours, theirs = module_pair(cell, case["layers"], case["bias"], case["batch_first"],
+                               case["bidirectional"], case["proj"], dtype)
+    x, inp = make_input(case["form"], case["batch_first"], dtype)
+    hx = make_hx(theirs, cell, case["form"], dtype) if case["hx"] else None
+    got = flat(*ours(inp, hx))
+    params_o, params_t = list(ours.parameters()), list(theirs.parameters())
+    hx_leaves = list(hx) if isinstance(hx, tuple) else ([hx] if hx is not None else [])
+    g_got = grads_of(got, [x, *hx_leaves, *params_o])
+    want = flat(*theirs(inp, hx))
+    g_want = grads_of(want, [x, *hx_leaves, *params_t])
+    tol = TOL[dtype]
+    for i, (a, b) in enumerate(zip(got + g_got, want + g_want)):
+        assert_close(a, b, tol, f"result {i}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_lengths_equal_packed_nn(cell):
+    torch.manual_seed(0)
+    ours, theirs = module_pair(cell, 2, True, True, True, 0, torch.float64)
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([7, 2, 5])
+    out, state = ours(x, lengths=lengths)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out_n, state_n = theirs(packed)
+    out_n, _ = torch.nn.utils.rnn.pad_packed_sequence(out_n, batch_first=True, total_length=T)
+    got, want = flat(out, state), flat(out_n, state_n)
+    for a, b in zip(got + grads_of(got, [x, *ours.parameters()]),
+                    want + grads_of(want, [x, *theirs.parameters()])):
+        assert_close(a, b, 1e-10)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_module_truncate_equals_chunk_loop(cell):
+    torch.manual_seed(1)
+    ours, theirs = module_pair(cell, 2, True, False, False, 0, torch.float64)
+    x = torch.randn(9, B, I, dtype=torch.float64, requires_grad=True)
+    out, state = ours(x, truncate=4)
+    got = flat(out, state)
+    outs, st = [], None
+    for t0 in range(0, 9, 4):
+        o, st = theirs(x[t0:t0 + 4], st)
+        outs.append(o)
+        st = tuple(s.detach() for s in st) if isinstance(st, tuple) else st.detach()
+    # the last chunk's state is the returned one (its gradient flows)
+    want = [torch.cat(outs)]
+    g_got = grads_of(got[:1], [x, *ours.parameters()])
+    g_want = grads_of(want, [x, *theirs.parameters()])
+    for a, b in zip(got[:1] + g_got, want + g_want):
+        assert_close(a, b, 1e-10)
+
+
+def test_lstm_state_dict_both_ways_and_checkpoint(tmp_path):
+    theirs = nn.LSTM(4, 6, 2, proj_size=3, bidirectional=True)
+    ours = rnnkern.LSTM(4, 6, 2, proj_size=3, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict())
+    back = nn.LSTM(4, 6, 2, proj_size=3, bidirectional=True)
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(ours(x)[0], back(x)[0], rtol=1e-5, atol=1e-6)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only=True
+    assert torch.equal(loaded(x)[0], ours(x)[0])
+    assert isinstance(copy.deepcopy(ours), rnnkern.LSTM)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_same_init_as_nn_from_the_same_seed(cell):
+    torch.manual_seed(5)
+    theirs = (nn.LSTM if cell == "lstm" else nn.GRU)(4, 6, 2)
+    torch.manual_seed(5)
+    ours = (rnnkern.LSTM if cell == "lstm" else rnnkern.GRU)(4, 6, 2)
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_compile_fullgraph(cell):
+    m = (rnnkern.LSTM if cell == "lstm" else rnnkern.GRU)(4, 6, 2, bidirectional=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for T_ in (5, 8):
+        x = torch.randn(T_, 3, 4)
+        got = flat(*compiled(x))
+        want = flat(*m(x))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        g1 = torch.autograd.grad(got[0].sum(), list(m.parameters()))
+        g2 = torch.autograd.grad(want[0].sum(), list(m.parameters()))
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --- bad input -----------------------------------------------------------------
+
+
+def test_lstm_hx_errors_as_nn():
+    ours, theirs = rnnkern.LSTM(4, 6), nn.LSTM(4, 6)
+    x = torch.randn(5, 3, 4)
+    bad_shape = (torch.zeros(1, 3, 6), torch.zeros(1, 2, 6))
+    for m in (theirs, ours):
+        with pytest.raises(RuntimeError):
+            m(x, bad_shape)
+        with pytest.raises(RuntimeError):
+            m(x, (torch.zeros(3, 6), torch.zeros(3, 6)))  # 2-D states for 3-D input
+    with pytest.raises(RuntimeError, match=r"hx\[1\] must have shape \(L\*D, B, \*\) = \(1, 3, 6\)"):
+        ours(x, bad_shape)
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\) of two tensors"):
+        ours(x, torch.zeros(1, 3, 6))
+    with pytest.raises(TypeError, match=r"of length 1"):
+        ours(x, (torch.zeros(1, 3, 6),))
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(weight_ih=torch.randn(12, 4)), ValueError, r"weight_ih must have shape \(4H, I\) = \(24, 3\)"),
+    (dict(hx=torch.zeros(2, 6)), TypeError, r"hx must be a tuple \(h_0, c_0\)"),
+    (dict(reverse="no"), TypeError, r"reverse must be a bool"),
+    (dict(lengths=torch.tensor([1, 9])), ValueError, r"lengths must be in \[0, T=5\], got min 1 and max 9"),
+    (dict(truncate=0), ValueError, r"truncate must be an int >= 1 or None, got 0"),
+])
+def test_functional_lstm_refuses(kw, exc, match):
+    args = dict(input=torch.randn(5, 2, 3), hx=None, weight_ih=torch.randn(24, 3),
+                weight_hh=torch.randn(24, 6))
+    args.update({k: v for k, v in kw.items() if k in args})
+    opts = {k: v for k, v in kw.items() if k not in args}
+    with pytest.raises(exc, match=match):
+        functional.lstm(args["input"], args["hx"], args["weight_ih"], args["weight_hh"], **opts)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="rnn"), r"mode must be 'lstm' or 'gru', got 'rnn'"),
+    (dict(c0=None), r"c0 \[B, H\] is required for mode='lstm'"),
+    (dict(weight_hh=torch.randn(23, 6)), r"weight_hh must have 4H rows"),
+    (dict(h0=torch.randn(3, 6)), r"h0 must have shape \[B, P\] = \[2, 6\], got \[3, 6\]"),
+])
+def test_op_refuses(kw, match):
+    args = dict(input=torch.randn(5, 2, 3), h0=torch.randn(2, 6), c0=torch.randn(2, 6),
+                weight_ih=torch.randn(24, 3), weight_hh=torch.randn(24, 6), bias_ih=None,
+                bias_hh=None, weight_hr=None, lengths=None, mode="lstm", reverse=False)
+    args.update(kw)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.rnnkern.layer_fwd(*args.values())
