@@ -1,10 +1,10 @@
 """pytest-benchmark suites over the configurations of `python -m rnnkern bench`.
 
     pytest bench/ --benchmark-only                 # all
-    pytest bench/ --benchmark-only -k "seed"       # one configuration
+    pytest bench/ --benchmark-only -k "rnn-seed"   # one cell's configuration
 
 Each configuration and phase (forward, train) is one benchmark group, so
-pytest-benchmark's comparison table shows rnnkern beside nn.RNN (and the
+pytest-benchmark's comparison table shows rnnkern beside the cell's torch.nn module (and the
 packed / chunked baselines and the reference) in the same table. Threads:
 RNNKERN_BENCH_THREADS (default 2).
 """
@@ -13,13 +13,13 @@ import pytest
 
 from rnnkern import bench
 
-CASES = [(cfg, name, make) for cfg in bench.SUITE
+CASES = [(cfg, name, make) for cfg in bench.suite()
          for name, make in bench.implementations(cfg, with_reference=True)]
 
 
 def _id(case):
     cfg, name, _ = case
-    return f"{cfg.name}-{name.replace(' ', '_')}"
+    return f"{cfg.cell}-{cfg.name}-{name.replace(' ', '_')}"
 
 
 _problems = {}
@@ -34,7 +34,7 @@ def problem(cfg):
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_forward(benchmark, case):
     cfg, name, make = case
-    benchmark.group = f"{cfg.name} forward"
+    benchmark.group = f"{cfg.cell} {cfg.name} forward"
     forward, _ = make(problem(cfg))
     benchmark(forward)
 
@@ -42,7 +42,7 @@ def test_forward(benchmark, case):
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_train(benchmark, case):
     cfg, name, make = case
-    benchmark.group = f"{cfg.name} train"
+    benchmark.group = f"{cfg.cell} {cfg.name} train"
     p = problem(cfg)
     _, train = make(p)
 

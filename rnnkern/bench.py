@@ -1,7 +1,8 @@
 """The benchmark suite behind ``python -m rnnkern bench``.
 
-Each configuration is a training problem: an Elman RNN with a per-step MSE loss
-over a linear head with O = I, reduced as in seed 000, example 3 (each
+Each configuration is a training problem: one recurrent layer (an Elman RNN,
+an LSTM or a GRU: ``--cell``) with a per-step MSE loss over a linear head with
+O = I, reduced as in seed 000, example 3 (each
 sequence's mean over its valid steps, summed over the batch). Every
 implementation is timed interleaved with the others in the same run (medians
 over repeats after a warm-up), so the ratios hold on a shared, noisy machine.
@@ -36,14 +37,21 @@ class Config:
     H: int
     lengths: bool = False  # lengths uniform in [T/2, T]
     truncate: Optional[int] = None
+    cell: str = "rnn"  # 'rnn' | 'lstm' | 'gru'
 
     @property
     def label(self) -> str:
         extra = " lengths~U[T/2,T]" if self.lengths else ""
         extra += f" truncate={self.truncate}" if self.truncate else ""
-        return f"{self.name} (B={self.B}, T={self.T}, I={self.I}, H={self.H}, O={self.I}){extra}"
+        return (f"{self.cell} {self.name} (B={self.B}, T={self.T}, I={self.I}, H={self.H}, "
+                f"O={self.I}){extra}")
+
+    @property
+    def nn_name(self) -> str:
+        return {"rnn": "nn.RNN", "lstm": "nn.LSTM", "gru": "nn.GRU"}[self.cell]
 
 
+CELLS = ("rnn", "lstm", "gru")
 SUITE = [
     Config("seed", 64, 50, 8, 32),
     Config("small", 32, 100, 64, 128),
@@ -54,6 +62,12 @@ SUITE = [
 ]
 
 
+def suite(cells=CELLS, names=None) -> list:
+    """The configurations for each cell, cell-major."""
+    return [dataclasses.replace(c, cell=cell) for cell in cells for c in SUITE
+            if not names or c.name in names]
+
+
 class Problem:
     """One configuration's data and parameters, shared by every implementation."""
 
@@ -62,7 +76,7 @@ class Problem:
         self.cfg = cfg
         B, T, I, H = cfg.B, cfg.T, cfg.I, cfg.H
         torch.manual_seed(seed)
-        self.rnn = torch.nn.RNN(I, H)
+        self.rnn = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cfg.cell](I, H)
         self.head = torch.nn.Linear(H, I)
         self.params = [*self.rnn.parameters(), *self.head.parameters()]
         self.x = torch.randn(T, B, I, generator=g)  # [T,B,I]
@@ -95,15 +109,18 @@ class Problem:
 # ---------------------------------------------------------------------------
 
 
+def _layer(p: Problem, impl, **kw):
+    """One layer of the problem's cell through impl (functional or reference)."""
+    return getattr(impl, p.cfg.cell)(p.x, None, *p.weights(), **kw)[0]
+
+
 def _rnnkern_loss(p: Problem, impl):
     lengths = p.lengths if p.cfg.lengths else None
-    rnn_loss = getattr(impl, "rnn_loss", None)
-    if rnn_loss is not None:
-        return rnn_loss(p.x, p.target, None, *p.weights(), p.head.weight, p.head.bias,
-                        loss="mse", lengths=lengths, reduction="seq_sum",
-                        truncate=p.cfg.truncate)
-    out, _ = impl.rnn(p.x, None, *p.weights(), lengths=lengths, truncate=p.cfg.truncate)
-    return p.masked_loss(out)
+    if p.cfg.cell == "rnn":  # the fused per-step loss (the Elman cell's, for now)
+        return impl.rnn_loss(p.x, p.target, None, *p.weights(), p.head.weight, p.head.bias,
+                             loss="mse", lengths=lengths, reduction="seq_sum",
+                             truncate=p.cfg.truncate)
+    return p.masked_loss(_layer(p, impl, lengths=lengths, truncate=p.cfg.truncate))
 
 
 def impl_rnnkern(p: Problem):
@@ -111,7 +128,7 @@ def impl_rnnkern(p: Problem):
 
     def forward():
         with torch.no_grad():
-            functional.rnn(p.x, None, *p.weights(), lengths=lengths)
+            _layer(p, functional, lengths=lengths)
 
     def train():
         _rnnkern_loss(p, functional).backward()
@@ -124,7 +141,7 @@ def impl_reference(p: Problem):
 
     def forward():
         with torch.no_grad():
-            reference.rnn(p.x, None, *p.weights(), lengths=lengths)
+            _layer(p, reference, lengths=lengths)
 
     def train():
         _rnnkern_loss(p, reference).backward()
@@ -176,17 +193,17 @@ def impl_nn_rnn_chunked(p: Problem):
         for c0 in range(0, p.cfg.T, K):
             out, h = p.rnn(p.x[c0:c0 + K], h)
             p.masked_loss(out, p.mask[c0:c0 + K], p.target[c0:c0 + K]).backward()
-            h = h.detach()
+            h = tuple(v.detach() for v in h) if isinstance(h, tuple) else h.detach()
 
     return forward, train
 
 
 def implementations(cfg: Config, with_reference: bool = True):
-    impls = [("rnnkern", impl_rnnkern), ("nn.RNN", impl_nn_rnn)]
+    impls = [("rnnkern", impl_rnnkern), (cfg.nn_name, impl_nn_rnn)]
     if cfg.lengths:
-        impls.append(("nn.RNN packed", impl_nn_rnn_packed))
+        impls.append((f"{cfg.nn_name} packed", impl_nn_rnn_packed))
     if cfg.truncate:
-        impls.append((f"nn.RNN chunked K={cfg.truncate}", impl_nn_rnn_chunked))
+        impls.append((f"{cfg.nn_name} chunked K={cfg.truncate}", impl_nn_rnn_chunked))
     if with_reference:
         impls.append(("reference", impl_reference))
     return impls
@@ -195,10 +212,10 @@ def implementations(cfg: Config, with_reference: bool = True):
 def baseline_name(cfg: Config) -> str:
     """The alternative a user would otherwise write for this configuration."""
     if cfg.lengths:
-        return "nn.RNN packed"
+        return f"{cfg.nn_name} packed"
     if cfg.truncate:
-        return f"nn.RNN chunked K={cfg.truncate}"
-    return "nn.RNN"
+        return f"{cfg.nn_name} chunked K={cfg.truncate}"
+    return cfg.nn_name
 
 
 # ---------------------------------------------------------------------------
@@ -267,7 +284,8 @@ def sgemm_gflops(cfg: Config, repeats: int = 5) -> float:
 def train_flops(cfg: Config) -> float:
     """Multiply-add work of a training step: forward GEMMs (input projection,
     recurrence, head) and twice that in backward (inputs' and weights' gradients)."""
-    fwd = 2 * cfg.T * cfg.B * (cfg.I * cfg.H + cfg.H * cfg.H + cfg.H * cfg.I)
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell] * cfg.H
+    fwd = 2 * cfg.T * cfg.B * (cfg.I * G + cfg.H * G + cfg.H * cfg.I)
     return 3 * fwd
 
 
@@ -347,7 +365,7 @@ def plot(results: list, path: str) -> None:
     except ImportError as e:  # matplotlib is the optional `bench` extra
         raise SystemExit(f"--plot needs matplotlib: pip install matplotlib ({e})")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["config"]["name"] for r in results]
+    names = [f"{r['config']['cell']} {r['config']['name']}" for r in results]
     for ax, kind in zip(axes, ("forward", "train")):
         vals = [speedups(r)[kind] for r in results]
         ax.bar(names, vals, color="tab:blue")
@@ -363,7 +381,7 @@ def plot(results: list, path: str) -> None:
 
 def main(args) -> int:
     torch.set_num_threads(args.threads)
-    configs = [c for c in SUITE if not args.config or c.name in args.config]
+    configs = suite(args.cell or CELLS, args.config)
     if args.quick:
         repeats, warmup = 5, 1
     else:
@@ -382,10 +400,12 @@ def main(args) -> int:
                             with_reference=not args.no_reference, progress=progress)
         results.append(result)
         print("\n" + format_table(result), flush=True)
-    print("\nSpeedup of rnnkern over the baseline (nn.RNN; packed for lengths; chunked for truncate):")
+    print("\nSpeedup of rnnkern over the baseline (the cell's torch.nn module; packed for "
+          "lengths; chunked for truncate):")
     for r in results:
         s = speedups(r)
-        print(f"  {r['config']['name']:14s} forward {s['forward']:6.2f}x   training step {s['train']:6.2f}x")
+        name = f"{r['config']['cell']} {r['config']['name']}"
+        print(f"  {name:18s} forward {s['forward']:6.2f}x   training step {s['train']:6.2f}x")
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -13,6 +13,7 @@ from . import functional, reference
 
 # max|kernel - reference| / max|reference| per tensor
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+CELLS = ("rnn", "lstm", "gru")
 
 
 @dataclasses.dataclass
@@ -53,7 +54,8 @@ def _error(name, a, b, tol) -> TensorError:
     return TensorError(name, abs_err, abs_err / scale if scale > 0 else abs_err, tol)
 
 
-def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: str = "tanh",
+def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, cell: str = "rnn",
+              nonlinearity: str = "tanh",
               lengths: Union[None, str, Sequence[int], torch.Tensor] = None,
               truncate: Optional[int] = None, loss: Optional[str] = None,
               reverse: bool = False, batch_first: bool = False, bias: bool = True,
@@ -62,14 +64,20 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: 
     """Runs one configuration through the fused kernel and the reference on the
     same random inputs and compares every output and every gradient.
 
+    cell: 'rnn' (Elman, with ``nonlinearity``), 'lstm' or 'gru'.
     lengths: None (all T), 'random' (uniform in [0, T]) or B ints.
-    loss: None compares output and h_n under a random linear loss; 'mse' or
+    loss: None compares output and the final state under a random linear loss; 'mse' or
         'cross_entropy' compares rnnkern.functional.rnn_loss (head with O = I,
         reduction 'seq_mean'), where that op is available.
     Returns a CheckResult; ``.passed`` is False if any tensor's relative error
     (max abs error / max abs value) exceeds ``tol`` (default 1e-10 in float64,
     1e-4 in float32).
     """
+    if cell not in ("rnn", "lstm", "gru"):
+        raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
+    if cell != "rnn" and loss is not None:
+        raise ValueError(f"loss= runs the fused per-step loss, which takes the Elman cell only; "
+                         f"got cell={cell!r}")
     g = torch.Generator().manual_seed(seed)
     tol = TOLERANCE[dtype] if tol is None else tol
 
@@ -83,18 +91,25 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: 
     elif lengths is not None:
         lengths = torch.as_tensor(lengths, dtype=torch.int64)
     k = H ** -0.5
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell] * H
     x = rnd(*((B, T, I) if batch_first else (T, B, I)))
-    tensors = {"input": x, "hx": rnd(B, H), "weight_ih": rnd(H, I, scale=k),
-               "weight_hh": rnd(H, H, scale=k)}
+    tensors = {"input": x, "hx": rnd(B, H)}
+    if cell == "lstm":
+        tensors["cx"] = rnd(B, H)
+    tensors.update(weight_ih=rnd(G, I, scale=k), weight_hh=rnd(G, H, scale=k))
     if bias:
-        tensors.update(bias_ih=rnd(H, scale=k), bias_hh=rnd(H, scale=k))
+        tensors.update(bias_ih=rnd(G, scale=k), bias_hh=rnd(G, scale=k))
     opts = dict(nonlinearity=nonlinearity, batch_first=batch_first, lengths=lengths,
                 truncate=truncate)
-    config = dict(T=T, B=B, I=I, H=H, nonlinearity=nonlinearity,
+    config = dict(cell=cell, T=T, B=B, I=I, H=H, nonlinearity=nonlinearity,
                   lengths=None if lengths is None else lengths.tolist(), truncate=truncate,
                   loss=loss, reverse=reverse, batch_first=batch_first, bias=bias,
                   dtype=str(dtype).replace("torch.", ""))
-    args = [tensors["input"], tensors["hx"], tensors["weight_ih"], tensors["weight_hh"],
+    if cell != "rnn":
+        del config["nonlinearity"]
+        del opts["nonlinearity"]
+    hx = (tensors["hx"], tensors["cx"]) if cell == "lstm" else tensors["hx"]
+    args = [tensors["input"], hx, tensors["weight_ih"], tensors["weight_hh"],
             tensors.get("bias_ih"), tensors.get("bias_hh")]
 
     if loss is None:
@@ -102,11 +117,13 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: 
 
         def run(impl):
             nonlocal w_out, w_hn
-            out, h_n = impl.rnn(*args, reverse=reverse, **opts)
+            out, state = getattr(impl, cell)(*args, reverse=reverse, **opts)
+            outs = {"output": out, **({"h_n": state[0], "c_n": state[1]} if cell == "lstm"
+                                      else {"h_n": state})}
             if w_out is None:
-                w_out = torch.randn(out.shape, generator=g, dtype=dtype)
-                w_hn = torch.randn(h_n.shape, generator=g, dtype=dtype)
-            return {"output": out, "h_n": h_n}, (out * w_out).sum() + (h_n * w_hn).sum()
+                w_out = {n: torch.randn(v.shape, generator=g, dtype=dtype)
+                         for n, v in outs.items()}
+            return outs, sum((v * w_out[n]).sum() for n, v in outs.items())
     else:
         if not hasattr(functional, "rnn_loss"):
             raise ValueError("loss= needs rnnkern.functional.rnn_loss, which this build lacks")
@@ -135,14 +152,17 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, nonlinearity: 
     return CheckResult(config, errors)
 
 
-def grid(dtype: torch.dtype, losses: Sequence[Optional[str]]):
+def grid(dtype: torch.dtype, losses: Sequence[Optional[str]], cells: Sequence[str] = CELLS):
     """The default grid of `python -m rnnkern check`."""
-    for nl, lengths, truncate, loss, reverse in itertools.product(
-            ("tanh", "relu"), (None, "random"), (None, 5), losses, (False, True)):
-        if loss is not None and reverse:
-            continue  # the fused loss runs one forward layer
-        yield dict(T=23, B=6, I=5, H=9, nonlinearity=nl, lengths=lengths, truncate=truncate,
-                   loss=loss, reverse=reverse, dtype=dtype, seed=1)
+    for cell in cells:
+        nonlinearities = ("tanh", "relu") if cell == "rnn" else ("tanh",)
+        for nl, lengths, truncate, loss, reverse in itertools.product(
+                nonlinearities, (None, "random"), (None, 5),
+                losses if cell == "rnn" else [None], (False, True)):
+            if loss is not None and reverse:
+                continue  # the fused loss runs one forward layer
+            yield dict(T=23, B=6, I=5, H=9, cell=cell, nonlinearity=nl, lengths=lengths,
+                       truncate=truncate, loss=loss, reverse=reverse, dtype=dtype, seed=1)
 
 
 def main(args) -> int:
@@ -157,12 +177,13 @@ def main(args) -> int:
             if lengths not in (None, "random"):
                 lengths = [int(v) for v in lengths.split(",")]
             runs.append(dict(T=args.T or 20, B=args.B or 5, I=args.I or 4, H=args.H or 7,
+                             cell=(args.cell or ["rnn"])[0],
                              nonlinearity=args.nonlinearity or "tanh", lengths=lengths,
                              truncate=args.truncate, loss=args.loss, reverse=args.reverse,
                              dtype=dtype, seed=args.seed))
         else:
             losses = [None] + (["mse", "cross_entropy"] if hasattr(functional, "rnn_loss") else [])
-            runs.extend(grid(dtype, losses))
+            runs.extend(grid(dtype, losses, args.cell or CELLS))
     failed = 0
     for kw in runs:
         result = gradcheck(**kw)

@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per implementation")
     p.add_argument("--config", action="append", help="run only this configuration (repeatable)")
+    p.add_argument("--cell", action="append", choices=["rnn", "lstm", "gru"],
+                   help="run only this cell (repeatable; default: all three)")
     p.add_argument("--json", metavar="FILE", help="write machine-readable results")
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart (needs matplotlib)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow autograd reference")
@@ -114,6 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("-B", type=int)
     p.add_argument("-I", type=int)
     p.add_argument("-H", type=int)
+    p.add_argument("--cell", action="append", choices=["rnn", "lstm", "gru"],
+                   help="the cell (repeatable for the grid; default: all three)")
     p.add_argument("--nonlinearity", choices=["tanh", "relu"])
     p.add_argument("--lengths", help="'random' or comma-separated B ints")
     p.add_argument("--truncate", type=int)

@@ -68,12 +68,14 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "SUITE", tiny)
     out_json = tmp_path / "bench.json"
     rc = cli.main(["bench", "--repeats", "2", "--threads", "1", "--json", str(out_json),
-                   "--no-progress"])
+                   "--no-progress", "--cell", "rnn", "--cell", "lstm"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "1 threads" in text and "nn.RNN packed" in text and "nn.RNN chunked K=5" in text
+    assert "nn.LSTM packed" in text and "nn.LSTM chunked K=5" in text and "nn.GRU" not in text
     data = json.loads(out_json.read_text())
-    assert [r["config"]["name"] for r in data["results"]] == ["seed", "long-lengths", "long-truncate"]
+    assert [(r["config"]["cell"], r["config"]["name"]) for r in data["results"]] == [
+        (cell, name) for cell in ("rnn", "lstm") for name in ("seed", "long-lengths", "long-truncate")]
     for r in data["results"]:
         impls = [row["impl"] for row in r["rows"]]
         assert impls[0] == "rnnkern" and "reference" in impls and r["baseline"] in impls
@@ -86,14 +88,14 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
 def test_bench_training_steps_compute_the_same_loss_gradients():
     """Every implementation the bench times trains the same problem: their
     gradients agree with rnnkern's (the ratios compare equal work)."""
-    for cfg in (bench.Config("t", 3, 12, 2, 4), bench.Config("l", 3, 12, 2, 4, lengths=True),
-                bench.Config("k", 3, 12, 2, 4, truncate=5)):
+    for cfg in [bench.Config(n, 3, 12, 2, 4, lengths=n == "l", truncate=5 if n == "k" else None,
+                             cell=cell) for cell in bench.CELLS for n in ("t", "l", "k")]:
         p = bench.Problem(cfg)
         grads = {}
         for name, make in bench.implementations(cfg):
-            if name == "nn.RNN" and cfg.lengths:
+            if name == cfg.nn_name and cfg.lengths:
                 continue  # runs the padding: a speed baseline, not the same computation
-            if name == "nn.RNN" and cfg.truncate:
+            if name == cfg.nn_name and cfg.truncate:
                 continue  # full BPTT
             p.zero_grad()
             make(p)[1]()
