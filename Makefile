@@ -63,7 +63,8 @@ SAN_TESTS := tests/test_elman_agreement.py tests/test_elman_edges.py \
              tests/test_elman_bad_input.py tests/test_elman_gradcheck.py \
              tests/test_loss_agreement.py tests/test_loss_bad_input.py \
              tests/test_loss_gradcheck.py tests/test_loss_module.py tests/test_modules.py \
-             tests/test_activation.py tests/test_properties.py
+             tests/test_activation.py tests/test_client.py tests/test_opcheck.py \
+             tests/test_properties.py
 SAN_SKIP  := not lower_cpu_capability_in_subprocess
 SAN_CHECK := import os, rnnkern._C as c; print("sanitized _C:", c.__file__); \
              assert c.__file__.startswith(os.environ["RNNKERN_EXPECT_C_IN"])
