@@ -1,7 +1,8 @@
 # The two README commands:
 #   make bench  set everything up, then run the main job (the quick benchmark suite)
 #   make test   set everything up, then run the tests
-# and: make demo (a small training run with a gradient comparison), make check.
+# and: make demo (a small training run with a gradient comparison), make check,
+# make sanitize (the C++-heavy tests against an ASan + UBSan build of the extension).
 # A second run rebuilds nothing unless csrc/, setup.py or the requirements changed.
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ DEPS      := $(VENV)/.rnnkern-deps
 EXT       := build/.rnnkern-ext
 EXT_SRCS  := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/cells/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: setup bench demo check test clean
+.PHONY: setup bench demo check test sanitize clean
 
 setup: $(EXT)
 
@@ -45,6 +46,42 @@ check: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# make sanitize: the extension built with -fsanitize=address,undefined (setup.py,
+# RNNKERN_SANITIZE=1) into its own folder, so the in-place build is untouched;
+# the package's .py files are copied beside it and the tests run from there, so
+# `import rnnkern` loads the sanitized _C (checked here and in conftest.py). Any
+# ASan or UBSan finding aborts the process and fails the target (pytest captures
+# sys.stdout/err only, so the report, written to fd 2, is shown). libasan must
+# be loaded first (LD_PRELOAD), and with libstdc++ beside it: with libasan alone
+# ASan aborts at the first C++ exception. Left out: tests that compile
+# (test_compile: torch.compile runs the C++ compiler and its workers), spawn
+# processes (test_ddp, test_cli, the lower-capability subprocess test).
+SAN_DIR   := build/sanitize
+SAN_EXT   := $(SAN_DIR)/.rnnkern-ext
+SAN_TESTS := tests/test_elman_agreement.py tests/test_elman_edges.py \
+             tests/test_elman_bad_input.py tests/test_elman_gradcheck.py \
+             tests/test_loss_agreement.py tests/test_loss_bad_input.py \
+             tests/test_loss_gradcheck.py tests/test_loss_module.py tests/test_modules.py \
+             tests/test_activation.py tests/test_client.py tests/test_opcheck.py \
+             tests/test_properties.py
+SAN_SKIP  := not lower_cpu_capability_in_subprocess
+SAN_CHECK := import os, rnnkern._C as c; print("sanitized _C:", c.__file__); \
+             assert c.__file__.startswith(os.environ["RNNKERN_EXPECT_C_IN"])
+SAN_ENV    = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+             ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
+             UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+             PYTHONPATH=$(abspath $(SAN_DIR)) RNNKERN_EXPECT_C_IN=$(abspath $(SAN_DIR))/rnnkern/
+
+$(SAN_EXT): $(DEPS) $(EXT_SRCS)
+	RNNKERN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp $(SAN_DIR)-tmp
+	@touch $@
+
+sanitize: $(SAN_EXT)
+	rm -f $(SAN_DIR)/rnnkern/*.py && cp rnnkern/*.py $(SAN_DIR)/rnnkern/
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -c '$(SAN_CHECK)'
+	cd $(SAN_DIR) && $(SAN_ENV) $(abspath $(PY)) -m pytest -q -p no:cacheprovider --capture=sys \
+	  -k '$(SAN_SKIP)' $(addprefix $(CURDIR)/,$(SAN_TESTS))
 
 clean:
 	rm -rf build rnnkern/*.so *.egg-info

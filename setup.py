@@ -6,6 +6,9 @@ RNNKERN_CUDA decides whether the CUDA backend is built:
   1               build it or fail saying why (a GPU-less machine can build it);
   0               CPU only.
 It never asks torch.cuda.is_available(): a build machine need not have a GPU.
+
+RNNKERN_SANITIZE=1 builds the C++ with AddressSanitizer and UBSan (-O1 -g), for
+`make sanitize`, which builds into its own folder (build/sanitize).
 """
 
 import glob
@@ -46,17 +49,27 @@ def extension():
     cpu_sources = ["csrc/rnnkern.cpp"] + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden"]
+    link = []
+    if os.environ.get("RNNKERN_SANITIZE", "0").strip() == "1":
+        # Later flags win over -O3; every finding is fatal (no recovery). At -O1
+        # GCC 12 warns about its own AVX-512 intrinsics headers (`__Y` uninitialized).
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cxx += san + ["-O1", "-g", "-fno-omit-frame-pointer", "-Wno-maybe-uninitialized",
+                      "-Wno-uninitialized"]
+        link += san
     if _want_cuda(cuda_sources):
         return cpp_extension.CUDAExtension(
             "rnnkern._C",
             cpu_sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DRNNKERN_WITH_CUDA"], "nvcc": ["-O3"]},
+            extra_link_args=link,
         )
     return cpp_extension.CppExtension(
         "rnnkern._C",
         cpu_sources,
         # libgomp is not linked: the OpenMP runtime is the one libtorch_cpu loads.
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 
