@@ -75,6 +75,9 @@ def extension():
 
 setup(
     packages=find_packages(include=["rnnkern", "rnnkern.*"]),
-    ext_modules=[extension()],
+    # The Makefile installs the package (editable) with RNNKERN_NO_EXT=1 and then
+    # builds the extension once, in place and incrementally (build_ext --inplace);
+    # building it during the install too would compile every file twice.
+    ext_modules=[] if os.environ.get("RNNKERN_NO_EXT", "0").strip() == "1" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -50,6 +50,8 @@ class _RecurrentBase(nn.RNNBase):
 
     # -- what a cell's module says ------------------------------------------
 
+    _feature_letter = "H"  # the state's feature axis in error messages
+
     def _state_sizes(self) -> tuple:
         """The feature size of each state tensor."""
         return (self.hidden_size,)
@@ -115,7 +117,8 @@ class _RecurrentBase(nn.RNNBase):
                              f"got {input.dim()}-D of shape {tuple(input.shape)}")
         batched = input.dim() == 3
         if state is not None and any(h.dim() != input.dim() for h in state):
-            expected = "3-D (L*D, B, *)" if batched else "2-D (L*D, *) for unbatched 2-D input"
+            f = self._feature_letter
+            expected = f"3-D (L*D, B, {f})" if batched else f"2-D (L*D, {f}) for unbatched 2-D input"
             got = ", ".join(f"{h.dim()}-D of shape {tuple(h.shape)}" for h in state)
             raise RuntimeError(f"hx must be {expected}, got {got}")
         self._check_input(input)
@@ -150,7 +153,8 @@ class _RecurrentBase(nn.RNNBase):
         T, B = batch_sizes.shape[0], int(batch_sizes[0])
         if hx is not None and any(h.dim() != 3 for h in hx):
             got = ", ".join(f"{h.dim()}-D of shape {tuple(h.shape)}" for h in hx)
-            raise RuntimeError(f"hx must be 3-D (L*D, B, *) for a PackedSequence input, got {got}")
+            raise RuntimeError(f"hx must be 3-D (L*D, B, {self._feature_letter}) for a "
+                               f"PackedSequence input, got {got}")
         self._check_hx(hx, B, data, True)
         # Packed data is time-major over the batch sorted by decreasing length:
         # row t of the padded (sorted) batch holds its first batch_sizes[t] entries.
@@ -219,7 +223,8 @@ class _RecurrentBase(nn.RNNBase):
                 # Speak the caller's layout: unbatched hx was (L*D, *) before unsqueeze.
                 given = tuple(h.shape) if batched else (h.shape[0], h.shape[2])
                 want = expected if batched else (LD, size)
-                letters = "(L*D, B, *)" if batched else "(L*D, *)"
+                f = self._feature_letter
+                letters = f"(L*D, B, {f})" if batched else f"(L*D, {f})"
                 raise RuntimeError(f"{name} must have shape {letters} = {want} "
                                    f"(num_layers={self.num_layers}, D={LD // self.num_layers}), "
                                    f"got {given}")
@@ -312,6 +317,8 @@ class LSTM(_RecurrentBase):
                  proj_size: int = 0, device=None, dtype=None):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size=proj_size, device=device, dtype=dtype)
+
+    _feature_letter = "*"  # h has P features, c has H
 
     def _state_sizes(self) -> tuple:
         return (self.proj_size or self.hidden_size, self.hidden_size)
