@@ -54,6 +54,15 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
                          const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
                          bool has_bias_out);
 
+// lengths [B] int64 on the CPU with 0 <= len <= T, or None.
+void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int64_t B,
+                   int64_t T);
+
+// The head op's hidden states h [T,B,P] (any cell's) and lengths; returns the
+// sizes with H = P (the head reads P features).
+ElmanShape check_head_args(const char* op, const at::Tensor& h,
+                           const c10::optional<at::Tensor>& lengths);
+
 // A gated layer's forward arguments ('lstm' or 'gru'); lengths as above.
 //   input [T,B,I]  h0 [B,P]  c0 [B,H] (LSTM) or None (GRU)
 //   weight_ih [G,I]  weight_hh [G,P]  bias_ih, bias_hh [G] or None

@@ -102,15 +102,41 @@ TORCH_LIBRARY(rnnkern, m) {
       "bool reverse, int truncate=0) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
       "Tensor cell, Tensor proj_in)",
       {at::Tag::pt2_compliant_tag});
+  // The per-step loss head on the hidden states of any cell, y_t = h_t W_out^T
+  // + b_out, with the loss and reduction of elman_loss_fwd (csrc/loss.h), a
+  // [C,O] chunk of rows at a time: the [T,B,O] logits never exist.
+  //   h [T,B,P], target [T,B] int64 or [T,B,O], weight_out [O,P], bias_out [O]
+  //   -> loss [] ([T,B] for 'none'), step_loss [T,B], weight [T,B], and with
+  //      compute_grad and a scalar reduction the gradients of the same sweep:
+  //      grad_h [T,B,P], grad_weight_out [O,P], grad_bias_out [O] (else [0]).
+  m.def(
+      "head_loss_fwd(Tensor h, Tensor target, Tensor weight_out, Tensor? bias_out, "
+      "Tensor? lengths, Tensor? loss_mask, str loss, str steps, str reduction, "
+      "int ignore_index, float label_smoothing, bool compute_grad, int chunk_rows) -> "
+      "(Tensor loss, Tensor step_loss, Tensor weight, Tensor grad_h, Tensor grad_weight_out, "
+      "Tensor grad_bias_out)",
+      {at::Tag::pt2_compliant_tag});
+  // Its backward: the forward's gradients scaled by grad_loss [], or the sweep
+  // again ('none', or grad_h passed as [0]) -> grad_h, grad_weight_out, grad_bias_out.
+  m.def(
+      "head_loss_bwd(Tensor grad_loss, Tensor h, Tensor target, Tensor weight_out, "
+      "Tensor? bias_out, Tensor? lengths, Tensor weight, Tensor grad_h, "
+      "Tensor grad_weight_out, Tensor grad_bias_out, str loss, str reduction, "
+      "int ignore_index, float label_smoothing, int chunk_rows) -> (Tensor grad_h, "
+      "Tensor grad_weight_out, Tensor grad_bias_out)",
+      {at::Tag::pt2_compliant_tag});
   // Its whole BPTT in one call. grad_c0 is [0] for GRU, grad_weight_hr [0]
-  // without a projection, grad_input [0] with grad_input=False.
+  // without a projection, grad_input [0] with grad_input=False; grad_norm [T,B]
+  // with want_grad_norm (else [0]) is ||dL/dh_t||, the whole gradient reaching
+  // the emitted h_t, 0 where t >= len_b.
   m.def(
       "layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor input, "
       "Tensor h0, Tensor? c0, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
       "Tensor output, Tensor gates, Tensor cell, Tensor proj_in, Tensor? lengths, str mode, "
-      "bool reverse, int truncate, bool grad_input=True) -> (Tensor grad_input, "
-      "Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, "
-      "Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_hr)",
+      "bool reverse, int truncate, bool grad_input=True, bool want_grad_norm=False) -> "
+      "(Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias_ih, Tensor grad_bias_hh, Tensor grad_weight_hr, "
+      "Tensor grad_norm)",
       {at::Tag::pt2_compliant_tag});
 }
 
@@ -138,6 +164,15 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
                     " = ", shape_str(expected), ", got ", shape_str(t.sizes()));
 }
 
+// BLAS takes 32-bit sizes.
+void check_blas_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {
+  for (const auto& [name, v] : sizes)
+    TORCH_CHECK_VALUE(v <= INT32_MAX, op, ": ", name, " must be < 2^31 (BLAS takes 32-bit sizes), got ",
+                      v);
+}
+
+}  // namespace
+
 void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int64_t B,
                    int64_t T) {
   if (!lengths.has_value()) return;
@@ -156,15 +191,6 @@ void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int
                       "], got min ", *lo, " and max ", *hi);
   }
 }
-
-// BLAS takes 32-bit sizes.
-void check_blas_sizes(const char* op, std::initializer_list<std::pair<const char*, int64_t>> sizes) {
-  for (const auto& [name, v] : sizes)
-    TORCH_CHECK_VALUE(v <= INT32_MAX, op, ": ", name, " must be < 2^31 (BLAS takes 32-bit sizes), got ",
-                      v);
-}
-
-}  // namespace
 
 Activation parse_activation(c10::string_view nonlinearity) {
   if (nonlinearity == "tanh") return Activation::kTanh;
@@ -362,6 +388,21 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
   check_shape(op, "output", output, {s.T, s.B, s.H}, "[T, B, H]");
   check_float_like(op, "weight", weight, input);
   check_shape(op, "weight", weight, {s.T, s.B}, "[T, B]");
+}
+
+ElmanShape check_head_args(const char* op, const at::Tensor& h,
+                           const c10::optional<at::Tensor>& lengths) {
+  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
+                   ": h must be float32 or float64, got ", h.scalar_type());
+  TORCH_CHECK_VALUE(h.dim() == 3, op, ": h must be 3-D [T, B, P], got shape ",
+                    shape_str(h.sizes()));
+  ElmanShape s;
+  s.T = h.size(0);
+  s.B = h.size(1);
+  s.H = h.size(2);
+  check_blas_sizes(op, {{"B", s.B}, {"P", s.H}});
+  check_lengths(op, lengths, s.B, s.T);
+  return s;
 }
 
 CellKind parse_cell(const char* op, c10::string_view mode) {

@@ -204,6 +204,25 @@ def check_layer_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, we
     return lengths, truncate, H, H
 
 
+# The cells rnn_loss can put its head on (nn.RNNBase's mode names, lower case).
+MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+def resolve_mode(mode: Optional[str], nonlinearity: str) -> str:
+    """mode=None means the Elman cell with ``nonlinearity`` (rnn_loss before it had cells)."""
+    if mode is None:
+        return "rnn_" + check_nonlinearity(nonlinearity)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
+    # nonlinearity's default 'tanh' cannot be told from an explicit one, so
+    # only a non-default value can contradict the mode
+    if nonlinearity != "tanh" and mode != "rnn_" + nonlinearity:
+        raise ValueError(f"nonlinearity={nonlinearity!r} contradicts mode={mode!r}: nonlinearity "
+                         "chooses the Elman activation when mode is None; with mode given, "
+                         "leave it out")
+    return mode
+
+
 LOSSES = ("cross_entropy", "mse")
 REDUCTIONS = ("mean", "sum", "seq_mean", "seq_sum", "none")
 STEPS = ("all", "last")

@@ -13,7 +13,7 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
 __all__ = ["elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "layer_fwd", "layer_bwd",
-           "cpu_capability"]
+           "head_loss_fwd", "head_loss_bwd", "cpu_capability"]
 
 
 def cpu_capability() -> str:
@@ -354,13 +354,15 @@ def layer_fwd(
 
 
 def layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
-              output, gates, cell, proj_in, lengths, mode, reverse, truncate, grad_input=True):
+              output, gates, cell, proj_in, lengths, mode, reverse, truncate, grad_input=True,
+              want_grad_norm=False):
     """-> grad_input ([0] unless grad_input), grad_h0, grad_c0 ([0] for GRU),
     grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr
-    ([0] without projection); shapes as layer_fwd's arguments."""
+    ([0] without projection), grad_norm [T,B] ||dL/dh_t|| ([0] unless
+    want_grad_norm); shapes as layer_fwd's arguments."""
     return torch.ops.rnnkern.layer_bwd.default(
         grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr, output,
-        gates, cell, proj_in, lengths, mode, reverse, truncate, grad_input)
+        gates, cell, proj_in, lengths, mode, reverse, truncate, grad_input, want_grad_norm)
 
 
 @torch.library.register_fake("rnnkern::layer_fwd")
@@ -382,7 +384,7 @@ def _layer_fwd_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weigh
 @torch.library.register_fake("rnnkern::layer_bwd")
 def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                     weight_hr, output, gates, cell, proj_in, lengths, mode, reverse, truncate,
-                    grad_input=True):
+                    grad_input=True, want_grad_norm=False):
     torch._check(grad_output.shape == output.shape, lambda: "grad_output must match output")
     G = weight_hh.shape[0]
     return (torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
@@ -392,7 +394,8 @@ def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, w
             weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
             weight_hh.new_empty((G,)), weight_hh.new_empty((G,)),
             weight_hr.new_empty(weight_hr.shape) if weight_hr is not None
-            else input.new_empty((0,)))
+            else input.new_empty((0,)),
+            output.new_empty(output.shape[:2] if want_grad_norm else (0,)))
 
 
 def layer_fwd_setup(ctx, inputs, output):
@@ -407,15 +410,20 @@ def layer_fwd_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(gates, cell, proj_in)
 
 
-def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved):
+def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved, want_input=None,
+                       grad_norm=None):
+    """The gradients of layer_fwd's inputs; with grad_norm (a [T,B] tensor),
+    ||dL/dh_t|| is written into it too."""
     (input, h0, c0, weight_ih, weight_hh, weight_hr, out, gates, cell, proj_in,
      lengths) = ctx.saved_tensors
     mode, reverse, truncate, has_b_ih, has_b_hh = ctx.config
-    want_in = ctx.needs_input_grad[0]
-    g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = layer_bwd(
+    want_in = ctx.needs_input_grad[0] if want_input is None else want_input
+    g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, norms = layer_bwd(
         grad_output, grad_h_n, grad_c_n if c0 is not None else None, input, h0, c0, weight_ih,
         weight_hh, weight_hr, out, gates, cell, proj_in, lengths, mode, reverse, truncate,
-        want_in)
+        want_in, grad_norm is not None)
+    if grad_norm is not None:
+        grad_norm.copy_(norms)
     g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr = _first_order(
         f"rnnkern.functional.{mode}",
         (g_in if want_in else None, g_h0, g_c0 if c0 is not None else None, g_w_ih, g_w_hh,
@@ -427,3 +435,75 @@ def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved):
 
 torch.library.register_autograd("rnnkern::layer_fwd", layer_fwd_backward,
                                 setup_context=layer_fwd_setup)
+
+
+# ---------------------------------------------------------------------------
+# The per-step loss head on any cell's hidden states: head_loss_fwd / _bwd
+# ---------------------------------------------------------------------------
+
+
+def head_loss_fwd(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps, reduction,
+                  ignore_index, label_smoothing, compute_grad, chunk_rows):
+    """h [T,B,P] -> loss [] ([T,B] for 'none'), step_loss [T,B], weight [T,B],
+    grad_h [T,B,P], grad_weight_out [O,P], grad_bias_out [O] (the last three [0]
+    unless computed; see csrc/rnnkern.cpp)."""
+    return torch.ops.rnnkern.head_loss_fwd.default(
+        h, target, weight_out, bias_out, lengths, loss_mask, loss, steps, reduction, ignore_index,
+        float(label_smoothing), compute_grad, chunk_rows)
+
+
+def head_loss_bwd(grad_loss, h, target, weight_out, bias_out, lengths, weight, grad_h,
+                  grad_weight_out, grad_bias_out, loss, reduction, ignore_index, label_smoothing,
+                  chunk_rows):
+    """-> grad_h [T,B,P], grad_weight_out [O,P], grad_bias_out [O] ([0] without bias)."""
+    return torch.ops.rnnkern.head_loss_bwd.default(
+        grad_loss, h, target, weight_out, bias_out, lengths, weight, grad_h, grad_weight_out,
+        grad_bias_out, loss, reduction, ignore_index, float(label_smoothing), chunk_rows)
+
+
+@torch.library.register_fake("rnnkern::head_loss_fwd")
+def _head_loss_fwd_fake(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
+                        reduction, ignore_index, label_smoothing, compute_grad, chunk_rows):
+    torch._check(h.dim() == 3, lambda: f"h must be 3-D [T, B, P], got {tuple(h.shape)}")
+    T, B, P = h.shape
+    O = weight_out.shape[0]
+    scalar = reduction != "none"
+    grads = compute_grad and scalar
+    return (h.new_empty(() if scalar else (T, B)), h.new_empty((T, B)), h.new_empty((T, B)),
+            h.new_empty((T, B, P) if grads else (0,)), h.new_empty((O, P) if grads else (0,)),
+            h.new_empty((O,) if grads and bias_out is not None else (0,)))
+
+
+@torch.library.register_fake("rnnkern::head_loss_bwd")
+def _head_loss_bwd_fake(grad_loss, h, target, weight_out, bias_out, lengths, weight, grad_h,
+                        grad_weight_out, grad_bias_out, loss, reduction, ignore_index,
+                        label_smoothing, chunk_rows):
+    O, P = weight_out.shape
+    return (h.new_empty(h.shape), h.new_empty((O, P)),
+            h.new_empty((O,) if bias_out is not None else (0,)))
+
+
+def head_loss_setup(ctx, inputs, output):
+    (h, target, weight_out, bias_out, lengths, _mask, loss, _steps, reduction, ignore_index,
+     label_smoothing, _compute_grad, chunk_rows) = inputs
+    _value, _step_loss, weight, g_h, g_w_out, g_b_out = output
+    ctx.save_for_backward(h, target, weight_out, bias_out, lengths, weight, g_h, g_w_out,
+                          g_b_out)
+    ctx.head_config = (loss, reduction, ignore_index, label_smoothing, chunk_rows)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def head_loss_backward(ctx, grad_loss, *_rest):
+    h, target, weight_out, bias_out, lengths, weight, g_h, g_w_out, g_b_out = ctx.saved_tensors
+    loss, reduction, ignore_index, label_smoothing, chunk_rows = ctx.head_config
+    g_h, g_w_out, g_b_out = head_loss_bwd(grad_loss, h, target, weight_out, bias_out, lengths,
+                                          weight, g_h, g_w_out, g_b_out, loss, reduction,
+                                          ignore_index, label_smoothing, chunk_rows)
+    g_h, g_w_out, g_b_out = _first_order(
+        "rnnkern.functional.rnn_loss", (g_h, g_w_out, g_b_out if bias_out is not None else None),
+        (h, weight_out, bias_out))
+    return (g_h, None, g_w_out, g_b_out, *([None] * 9))
+
+
+torch.library.register_autograd("rnnkern::head_loss_fwd", head_loss_backward,
+                                setup_context=head_loss_setup)

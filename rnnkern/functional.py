@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import _ops
-from ._checks import LengthsLike, check_bool, check_gated_args, check_loss_args, check_rnn_args
+from ._checks import (LengthsLike, check_bool, check_gated_args, check_loss_args, check_rnn_args,
+                      resolve_mode)
 from ._details import RNNLossDetails
 
 __all__ = ["rnn", "lstm", "gru", "rnn_loss", "RNNLossDetails"]
@@ -102,19 +103,49 @@ class _ElmanEager(_Elman):
 
 class _Layer(torch.autograd.Function):
     """lstm's and gru's autograd.Function: ``rnnkern::layer_fwd`` with the op's
-    own backward (rnnkern/_ops.py), as _Elman."""
+    own backward (rnnkern/_ops.py), as _Elman; grad_norm (None, or a [T,B]
+    tensor) receives ||dL/dh_t|| in backward, for rnn_loss's details."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_norm, *inputs):
+        return _ops.layer_fwd(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ops.layer_fwd_setup(ctx, inputs[1:], output)
+        ctx.grad_norm = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved):
+        grads = _ops.layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n,
+                                        want_input=ctx.needs_input_grad[1],
+                                        grad_norm=ctx.grad_norm)
+        return (None, *grads)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """The per-step loss head on any cell's states: ``rnnkern::head_loss_fwd``
+    and its backward (rnnkern/_ops.py). Returns the op's outputs; only the
+    loss is differentiable."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(*inputs):
-        return _ops.layer_fwd(*inputs)
+        return _ops.head_loss_fwd(*inputs)
 
-    setup_context = staticmethod(_ops.layer_fwd_setup)
+    setup_context = staticmethod(_ops.head_loss_setup)
+    backward = staticmethod(_ops.head_loss_backward)
+
+
+class _HeadLossEager(_HeadLoss):
+    """_HeadLoss, refusing forward-mode AD by name (see _ElmanEager)."""
 
     @staticmethod
-    def backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved):
-        return _ops.layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n)
+    def jvp(ctx, *tangents):
+        _ops.no_forward_ad("rnnkern.functional.rnn_loss")
 
 
 class _LayerEager(_Layer):
@@ -132,17 +163,26 @@ def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *
         batch_first=batch_first, lengths=lengths, truncate=truncate)
     check_bool("reverse", reverse)
     x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
+    output, h_n, c_n = _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                    weight_hr, H=H, P=P, lengths=lengths, truncate=truncate,
+                                    reverse=reverse)
+    if batch_first:
+        output = output.transpose(0, 1)
+    return output, ((h_n, c_n) if mode == "lstm" else h_n)
+
+
+def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, H, P, lengths,
+                 truncate, reverse, grad_norm=None):
+    """One checked gated layer, time-major: x [T,B,I] -> output [T,B,P], h_n, c_n."""
     B = x.shape[1]
     if mode == "lstm":
         h0, c0 = hx if hx is not None else (x.new_zeros(B, P), x.new_zeros(B, H))  # [B,P], [B,H]
     else:
         h0, c0 = (hx if hx is not None else x.new_zeros(B, H)), None  # [B,H]
     fn = _Layer if torch.compiler.is_compiling() else _LayerEager
-    output, h_n, c_n, *_ = fn.apply(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                    lengths, mode, reverse, truncate or 0)
-    if batch_first:
-        output = output.transpose(0, 1)
-    return output, ((h_n, c_n) if mode == "lstm" else h_n)
+    output, h_n, c_n, *_ = fn.apply(grad_norm, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                    weight_hr, lengths, mode, reverse, truncate or 0)
+    return output, h_n, c_n
 
 
 def lstm(
@@ -256,7 +296,9 @@ def rnn_loss(
     bias_out: Optional[torch.Tensor] = None,
     *,
     loss: str = "cross_entropy",
+    mode: Optional[str] = None,
     nonlinearity: str = "tanh",
+    weight_hr: Optional[torch.Tensor] = None,
     batch_first: bool = False,
     lengths: LengthsLike = None,
     loss_mask: Optional[torch.Tensor] = None,
@@ -268,8 +310,9 @@ def rnn_loss(
     return_details: bool = False,
     _chunk_rows: int = 0,
 ):
-    """One Elman layer, the head y_t = h_t W_out^T + b_out and a loss at every
-    step, reduced with weights, in one fused kernel call each way. The (T, B, O)
+    """One recurrent layer (any cell), the head y_t = h_t W_out^T + b_out and a
+    loss at every step, reduced with weights; for the Elman cell in one fused
+    kernel call each way, for the LSTM and GRU one layer call and one head call. The (T, B, O)
     head output and its gradient are never held whole: the head runs over the
     T*B rows a chunk at a time, computing each chunk's loss and its gradient in
     the forward sweep.
@@ -280,8 +323,13 @@ def rnn_loss(
             indices in [0, O), or ignore_index. loss='mse': (T, B, O) of the
             input's dtype. Takes no gradient.
         hx: (B, H) initial state, or None for zeros.
-        weight_ih (H, I), weight_hh (H, H), bias_ih, bias_hh (H,) or None: the layer.
-        weight_out (O, H), bias_out (O,) or None: the head.
+        weight_ih (G, I), weight_hh (G, P), bias_ih, bias_hh (G,) or None: the
+            layer (G = H, 4H or 3H rows; P = H but for a projected LSTM).
+        weight_out (O, P), bias_out (O,) or None: the head.
+        mode: the cell, 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru'; None (the
+            default) is 'rnn_' + nonlinearity. hx is then the cell's: (h_0, c_0)
+            for 'lstm'.
+        weight_hr: (P, H), the LSTM's projection, or None.
         loss: 'cross_entropy' (with ``label_smoothing`` exactly as
             F.cross_entropy) or 'mse' (the mean over O of the squared error).
         nonlinearity, lengths, truncate: as in ``rnn``.
@@ -304,6 +352,17 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
+    mode = resolve_mode(mode, nonlinearity)
+    if mode in ("lstm", "gru"):
+        return _gated_loss(mode, input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                           weight_out, bias_out, weight_hr, loss=loss, batch_first=batch_first,
+                           lengths=lengths, loss_mask=loss_mask, steps=steps,
+                           reduction=reduction, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, truncate=truncate,
+                           return_details=return_details, chunk_rows=_chunk_rows)
+    if weight_hr is not None:
+        raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
+    nonlinearity = mode[len("rnn_"):]
     lengths, truncate = check_rnn_args(
         input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
@@ -335,3 +394,39 @@ def rnn_loss(
     if batch_first:
         step_loss, grad_norm = step_loss.transpose(0, 1), grad_norm.transpose(0, 1)
     return RNNLossDetails(value, h_n, step_loss, grad_norm)
+
+
+def _gated_loss(mode, input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
+                bias_out, weight_hr, *, loss, batch_first, lengths, loss_mask, steps, reduction,
+                ignore_index, label_smoothing, truncate, return_details, chunk_rows):
+    """rnn_loss for the LSTM and the GRU: the layer op, then the head op on its
+    states (the [T,B,O] logits never exist: the head runs a chunk of rows at a
+    time); autograd chains the two backward ops."""
+    lengths, truncate, H, P = check_gated_args(
+        mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+        batch_first=batch_first, lengths=lengths, truncate=truncate)
+    O, target, loss_mask, label_smoothing = check_loss_args(
+        input, target, weight_out, bias_out, H=P, lengths=lengths, batch_first=batch_first,
+        loss=loss, loss_mask=loss_mask, steps=steps, reduction=reduction,
+        ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
+    check_bool("return_details", return_details)
+    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
+    T, B, _ = x.shape
+    grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
+    output, h_n, c_n = _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                    weight_hr, H=H, P=P, lengths=lengths, truncate=truncate,
+                                    reverse=False, grad_norm=grad_norm)  # output [T,B,P]
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (output, weight_out, bias_out))
+    fn = _HeadLoss if torch.compiler.is_compiling() else _HeadLossEager
+    value, step_loss, *_ = fn.apply(output, target, weight_out, bias_out, lengths, loss_mask,
+                                    loss, steps, reduction, ignore_index, label_smoothing,
+                                    needs_grad, int(chunk_rows))
+    if reduction == "none" and batch_first:
+        value = value.transpose(0, 1)
+    if not return_details:
+        return value
+    state = (h_n, c_n) if mode == "lstm" else h_n
+    if batch_first:
+        step_loss, grad_norm = step_loss.transpose(0, 1), grad_norm.transpose(0, 1)
+    return RNNLossDetails(value, state, step_loss, grad_norm)

@@ -1,4 +1,4 @@
-"""RNNLoss: a one-layer RNN and a linear head trained with a per-step loss, fused."""
+"""RNNLoss: a one-layer RNN, LSTM or GRU and a linear head trained with a per-step loss, fused."""
 
 from __future__ import annotations
 
@@ -12,36 +12,39 @@ from ._checks import LengthsLike, check_loss_options
 
 __all__ = ["RNNLoss"]
 
-_NONLINEARITY = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+_MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
 
 class RNNLoss(nn.Module):
-    """Wraps a one-layer, one-direction Elman RNN (torch.nn.RNN, or any
-    nn.RNNBase of mode RNN_TANH / RNN_RELU, such as rnnkern's) and an nn.Linear
-    head, and computes ``loss(head(rnn(input)), target)`` at every step with
-    rnnkern.functional.rnn_loss: one fused kernel call each way, without the
-    (T, B, O) head output. The modules' parameters are used as they are (the
+    """Wraps a one-layer, one-direction recurrent layer (torch.nn.RNN, LSTM or
+    GRU, or rnnkern's drop-ins: any nn.RNNBase) and an nn.Linear head, and
+    computes ``loss(head(rnn(input)), target)`` at every step with
+    rnnkern.functional.rnn_loss, without the (T, B, O) head output: for the
+    Elman cell one fused kernel call each way, for the LSTM and GRU a layer
+    call and a head call. The modules' parameters are used as they are (the
     wrapped modules own them; optimise either).
 
     Args:
-        rnn: the recurrent layer: num_layers=1, bidirectional=False, dropout=0.
-        head: nn.Linear(rnn.hidden_size, O).
+        rnn: the recurrent layer: num_layers=1, bidirectional=False, dropout=0
+            (an LSTM's proj_size is supported).
+        head: nn.Linear(P, O), P = the LSTM's proj_size, else hidden_size.
         loss, reduction, steps, ignore_index, label_smoothing: as in rnn_loss.
 
     forward(input, target, hx=None, *, lengths=None, loss_mask=None,
     truncate=None, return_details=False): input, target and loss_mask laid out
-    as the rnn's batch_first says; hx (1, B, H) as nn.RNN takes it, (B, H), or
-    None. Returns what rnn_loss returns.
+    as the rnn's batch_first says; hx as the torch.nn module takes it
+    ((1, B, H), or the tuple of (1, B, P) and (1, B, H) for an LSTM), without
+    the leading 1, or None. Returns what rnn_loss returns.
     """
 
     def __init__(self, rnn: nn.Module, head: nn.Module, loss: str = "cross_entropy",
                  reduction: str = "mean", *, steps: str = "all", ignore_index: int = -100,
                  label_smoothing: float = 0.0):
         super().__init__()
-        if not isinstance(rnn, nn.RNNBase) or getattr(rnn, "mode", None) not in _NONLINEARITY:
+        if not isinstance(rnn, nn.RNNBase) or getattr(rnn, "mode", None) not in _MODES:
             got = getattr(rnn, "mode", None) if isinstance(rnn, nn.RNNBase) else type(rnn).__name__
-            raise TypeError("RNNLoss: rnn must be a torch.nn.RNN (an nn.RNNBase of mode RNN_TANH or "
-                            f"RNN_RELU), got {got}")
+            raise TypeError("RNNLoss: rnn must be a torch.nn.RNN, LSTM or GRU (an nn.RNNBase of "
+                            f"mode RNN_TANH, RNN_RELU, LSTM or GRU), got {got}")
         if rnn.num_layers != 1:
             raise ValueError(f"RNNLoss fuses a one-layer RNN only: rnn must have num_layers=1, "
                              f"got {rnn.num_layers}")
@@ -50,13 +53,12 @@ class RNNLoss(nn.Module):
                              "got True")
         if rnn.dropout != 0:
             raise ValueError(f"RNNLoss cannot fuse dropout: rnn must have dropout=0, got {rnn.dropout}")
-        if getattr(rnn, "proj_size", 0):
-            raise ValueError(f"RNNLoss cannot fuse a projection: rnn must have proj_size=0, "
-                             f"got {rnn.proj_size}")
         if not isinstance(head, nn.Linear):
             raise TypeError(f"RNNLoss: head must be a torch.nn.Linear, got {type(head).__name__}")
-        if head.in_features != rnn.hidden_size:
-            raise ValueError(f"RNNLoss: head must take the rnn's hidden_size={rnn.hidden_size} "
+        P = getattr(rnn, "proj_size", 0) or rnn.hidden_size
+        if head.in_features != P:
+            what = "proj_size" if getattr(rnn, "proj_size", 0) else "hidden_size"
+            raise ValueError(f"RNNLoss: head must take the rnn's {what}={P} "
                              f"features, got in_features={head.in_features}")
         self.label_smoothing = check_loss_options(
             loss=loss, reduction=reduction, steps=steps, ignore_index=ignore_index,
@@ -77,13 +79,16 @@ class RNNLoss(nn.Module):
                 loss_mask: Optional[torch.Tensor] = None, truncate: Optional[int] = None,
                 return_details: bool = False):
         rnn = self.rnn
-        if isinstance(hx, torch.Tensor) and hx.dim() == 3 and hx.shape[0] == 1:
-            hx = hx[0]  # nn.RNN's (num_layers=1, B, H)
+
+        def strip(h):  # torch.nn's (num_layers=1, B, *) -> (B, *)
+            return h[0] if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[0] == 1 else h
+
+        hx = tuple(strip(h) for h in hx) if isinstance(hx, (tuple, list)) else strip(hx)
         return functional.rnn_loss(
             input, target, hx, rnn.weight_ih_l0, rnn.weight_hh_l0,
             rnn.bias_ih_l0 if rnn.bias else None, rnn.bias_hh_l0 if rnn.bias else None,
-            self.head.weight, self.head.bias, loss=self.loss,
-            nonlinearity=_NONLINEARITY[rnn.mode], batch_first=rnn.batch_first,
+            self.head.weight, self.head.bias, loss=self.loss, mode=_MODES[rnn.mode],
+            weight_hr=getattr(rnn, "weight_hr_l0", None), batch_first=rnn.batch_first,
             lengths=lengths, loss_mask=loss_mask, steps=self.steps, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             truncate=truncate, return_details=return_details)

@@ -25,15 +25,14 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import (LengthsLike, check_gated_args, check_layer_args, check_lengths, check_loss_args,
-                      check_nonlinearity, check_rnn_args, check_tensor, check_truncate)
+from ._checks import (MODES, LengthsLike, check_gated_args, check_layer_args, check_lengths, check_loss_args,
+                      check_nonlinearity, check_rnn_args, check_tensor, check_truncate,
+                      resolve_mode)
 from ._details import RNNLossDetails
 
 __all__ = ["MODES", "elman_cell", "lstm_cell", "gru_cell", "scan", "rnn", "lstm", "gru",
            "rnn_loss"]
 
-# The cells rnn_loss can put its head on (nn.RNNBase's mode names, lower case).
-MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 State = tuple  # of tensors (B, *): (h,) for Elman and GRU, (h, c) for LSTM; h comes first
 Cell = Callable[[torch.Tensor, State], State]
@@ -385,19 +384,6 @@ def step_weights(T: int, B: int, *, lengths: Optional[torch.Tensor], steps: str,
     return w
 
 
-def _resolve_mode(mode: Optional[str], nonlinearity: str) -> str:
-    """mode=None means the Elman cell with ``nonlinearity`` (rnn_loss before it had cells)."""
-    if mode is None:
-        return "rnn_" + check_nonlinearity(nonlinearity)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
-    # nonlinearity's default 'tanh' cannot be told from an explicit one, so
-    # only a non-default value can contradict the mode
-    if nonlinearity != "tanh" and mode != "rnn_" + nonlinearity:
-        raise ValueError(f"nonlinearity={nonlinearity!r} contradicts mode={mode!r}: nonlinearity "
-                         "chooses the Elman activation when mode is None; with mode given, "
-                         "leave it out")
-    return mode
 
 
 def rnn_loss(
@@ -463,7 +449,7 @@ def rnn_loss(
     c_n) for 'lstm'); grad_norm (T, B) is ||dL/dh_t|| of the emitted state h_t
     (not c_t), filled in by backward. ``_cut`` is for tests, as in the layer.
     """
-    mode = _resolve_mode(mode, nonlinearity)
+    mode = resolve_mode(mode, nonlinearity)
     lengths, truncate, H, P = check_layer_args(
         mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
         batch_first=batch_first, lengths=lengths, truncate=truncate)

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "../cells/gru.h"
@@ -193,7 +194,15 @@ struct LayerGradPtrs {
   T* dax;             // [T,B,G] zero on entry; zero where t >= len_b on exit
   T* dah;             // [T,B,G] GRU (zero on entry), else == dax
   T* dh_all;          // [T,B,P] dL/dh_t in total, for dW_hr (projection; zero on entry)
+  T* grad_norm;       // [T,B] ||dL/dh_t|| (zero on entry), or nullptr
 };
+
+template <typename T>
+T norm_of(const T* v, int64_t n) {
+  double acc = 0;
+  for (int64_t i = 0; i < n; ++i) acc += double(v[i]) * double(v[i]);
+  return T(std::sqrt(acc));
+}
 
 template <typename T>
 void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGradPtrs<T>& g) {
@@ -229,6 +238,7 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
         const int64_t r = st.time(step, b) * B + b;
         for (int64_t j = 0; j < P; ++j) d[j] = g.grad_out[r * P + j] + g.dh[b * P + j];
         std::memcpy(g.dh_all + r * P, d, sizeof(T) * P);
+        if (g.grad_norm) g.grad_norm[r] = norm_of(d, P);
       }
       gemm<T>(false, false, B, H, P, T(1), dh_step.data(), P, p.w_hr, H, T(0), dm.data(), H);
     }
@@ -249,6 +259,7 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
           } else {
             for (int64_t j = 0; j < H; ++j) dtot[j] = g.grad_out[r * P + j] + g.dh[b * P + j];
             dmb = dtot.data();
+            if (g.grad_norm) g.grad_norm[r] = norm_of(dmb, H);
           }
           const T* c_prev = pr < 0 ? p.c0 + b * H : p.cell + pr * H;
           LstmRows::bwd<T>(H, p.gates + r * S, p.cell + r * H, c_prev, dmb, g.dc + b * H,
@@ -257,6 +268,7 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
         } else {
           T* dhb = g.dh + b * P;  // becomes the direct part of dL/dh_prev
           for (int64_t j = 0; j < H; ++j) dhb[j] += g.grad_out[r * P + j];
+          if (g.grad_norm) g.grad_norm[r] = norm_of(dhb, H);
           const T* h_prev = pr < 0 ? p.h0 + b * P : p.out + pr * P;
           GruRows::bwd<T>(H, p.gates + r * S, h_prev, dhb, g.dax + r * G, g.dah + r * G);
           std::memcpy(dahb, g.dah + r * G, sizeof(T) * G);
@@ -340,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor>
+           at::Tensor, at::Tensor>
 layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
               const c10::optional<at::Tensor>& grad_c_n, const at::Tensor& input,
               const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
@@ -348,7 +360,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
               const c10::optional<at::Tensor>& weight_hr, const at::Tensor& output,
               const at::Tensor& gates, const at::Tensor& cell, const at::Tensor& proj_in,
               const c10::optional<at::Tensor>& lengths, c10::string_view mode, bool reverse,
-              int64_t truncate, bool grad_input) {
+              int64_t truncate, bool grad_input, bool want_grad_norm) {
   const char* op = "rnnkern.layer_bwd";
   LayerShape s = check_layer_args(op, input, h0, c0, weight_ih, weight_hh, c10::nullopt,
                                   c10::nullopt, weight_hr, lengths, mode, reverse, truncate);
@@ -372,6 +384,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   auto dax = at::zeros({T, B, G}, opts);                                    // [T,B,G]
   auto dah = lstm ? dax : at::zeros({T, B, G}, opts);                       // [T,B,G]
   auto dh_all = s.proj ? at::zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
+  auto grad_norm = want_grad_norm ? at::zeros({T, B}, opts) : empty0(input);  // [T,B]
   if (T * B > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_bwd", [&] {
       LayerPtrs<scalar_t> p{};
@@ -389,6 +402,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       gp.dax = dax.data_ptr<scalar_t>();
       gp.dah = dah.data_ptr<scalar_t>();
       gp.dh_all = s.proj ? dh_all.data_ptr<scalar_t>() : nullptr;
+      gp.grad_norm = want_grad_norm ? grad_norm.data_ptr<scalar_t>() : nullptr;
       layer_bwd_kernel(s, p, gp);
     });
   }
@@ -423,7 +437,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   }
   auto g_w_hr = s.proj ? at::mm(dh_all.view({T * B, P}).t(), pin.view({T * B, H}))
                        : empty0(input);
-  return {g_in, dh, dc, g_w_ih, g_w_hh, g_b_ih, g_b_hh.clone(), g_w_hr};
+  return {g_in, dh, dc, g_w_ih, g_w_hh, g_b_ih, g_b_hh.clone(), g_w_hr, grad_norm};
 }
 
 }  // namespace

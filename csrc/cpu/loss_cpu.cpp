@@ -381,11 +381,74 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
           grads.weight_out, grads.bias_out, grad_norm};
 }
 
+// The head on any cell's hidden states: the same sweep as elman_loss_*, with
+// no layer around it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+head_loss_fwd_cpu(const at::Tensor& h, const at::Tensor& target, const at::Tensor& weight_out,
+                  const c10::optional<at::Tensor>& bias_out,
+                  const c10::optional<at::Tensor>& lengths,
+                  const c10::optional<at::Tensor>& loss_mask, c10::string_view loss,
+                  c10::string_view steps, c10::string_view reduction, int64_t ignore_index,
+                  double label_smoothing, bool compute_grad, int64_t chunk_rows) {
+  const char* op = "rnnkern.head_loss_fwd";
+  ElmanShape s = check_head_args(op, h, lengths);
+  const LossSpec spec = check_loss_args(op, s, h, target, weight_out, bias_out, lengths,
+                                        loss_mask, loss, steps, reduction, ignore_index,
+                                        label_smoothing, chunk_rows);
+  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
+  const auto opts = h.options();
+  const auto hc = h.contiguous();
+  auto weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
+  const bool scalar = spec.reduction != Reduction::kNone;
+  const auto coef = scalar ? reduction_coefs(spec, s, weight) : weight;  // [T,B]
+  auto step_loss = at::zeros({s.T, s.B}, opts);                          // [T,B]
+  const bool grads_now = compute_grad && scalar;
+  HeadGrads grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts)
+                              : no_head_grads(opts);
+  run_head(spec, s, hc, target, weight_out, bias_out, coef, step_loss,
+           grads_now ? &grads : nullptr);
+  auto value = scalar ? coef.mul(step_loss).sum(at::kDouble).to(h.scalar_type())
+                      : weight.mul(step_loss);
+  if (grads_now) grads.output = grads.output.view({s.T, s.B, s.H});
+  return {value, step_loss, weight, grads.output, grads.weight_out, grads.bias_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& h, const at::Tensor& target,
+    const at::Tensor& weight_out, const c10::optional<at::Tensor>& bias_out,
+    const c10::optional<at::Tensor>& lengths, const at::Tensor& weight,
+    const at::Tensor& grad_h, const at::Tensor& grad_weight_out,
+    const at::Tensor& grad_bias_out, c10::string_view loss, c10::string_view reduction,
+    int64_t ignore_index, double label_smoothing, int64_t chunk_rows) {
+  const char* op = "rnnkern.head_loss_bwd";
+  ElmanShape s = check_head_args(op, h, lengths);
+  const LossSpec spec = check_loss_args(op, s, h, target, weight_out, bias_out, lengths,
+                                        c10::nullopt, loss, "all", reduction, ignore_index,
+                                        label_smoothing, chunk_rows);
+  // The shared check also covers a layer's grad_h_n, which the head has not:
+  // a zero [B,P] stands in for it.
+  check_loss_bwd_args(op, s, spec, h, grad_loss, at::zeros({s.B, s.H}, h.options()), h, weight,
+                      grad_h, grad_weight_out, grad_bias_out, bias_out.has_value());
+  const auto opts = h.options();
+  const bool scalar = spec.reduction != Reduction::kNone;
+  if (scalar && grad_h.dim() == 3) {
+    return {grad_h.mul(grad_loss), grad_weight_out.mul(grad_loss), grad_bias_out.mul(grad_loss)};
+  }
+  const auto coef = scalar ? reduction_coefs(spec, s, weight).mul_(grad_loss)  // [T,B]
+                           : grad_loss.mul(weight);
+  HeadGrads grads = new_head_grads(spec, s, bias_out.has_value(), opts);
+  run_head(spec, s, h.contiguous(), target, weight_out, bias_out, coef, at::Tensor(), &grads);
+  return {grads.output.view({s.T, s.B, s.H}), grads.weight_out, grads.bias_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rnnkern, CPU, m) {
   m.impl("elman_loss_fwd", &elman_loss_fwd_cpu);
   m.impl("elman_loss_bwd", &elman_loss_bwd_cpu);
+  m.impl("head_loss_fwd", &head_loss_fwd_cpu);
+  m.impl("head_loss_bwd", &head_loss_bwd_cpu);
 }
 
 }  // namespace rnnkern::cpu
