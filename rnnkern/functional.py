@@ -7,7 +7,7 @@ call it: eager, torch.compile and torch.export programs differentiate alike.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -15,6 +15,9 @@ from . import _ops
 from ._checks import (LengthsLike, check_bool, check_gated_args, check_loss_args, check_rnn_args,
                       resolve_mode)
 from ._details import RNNLossDetails
+
+LSTMState = tuple  # (h (B, P), c (B, H))
+HxLike = Union[torch.Tensor, LSTMState, None]  # the cell's hx: h, or (h, c) for the LSTM
 
 __all__ = ["rnn", "lstm", "gru", "rnn_loss", "RNNLossDetails"]
 
@@ -187,7 +190,7 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
 
 def lstm(
     input: torch.Tensor,
-    hx: Optional[tuple[torch.Tensor, torch.Tensor]],
+    hx: Optional[LSTMState],
     weight_ih: torch.Tensor,
     weight_hh: torch.Tensor,
     bias_ih: Optional[torch.Tensor] = None,
@@ -287,7 +290,7 @@ class _ElmanLossEager(_ElmanLoss):
 def rnn_loss(
     input: torch.Tensor,
     target: torch.Tensor,
-    hx: Optional[torch.Tensor],
+    hx: HxLike,
     weight_ih: torch.Tensor,
     weight_hh: torch.Tensor,
     bias_ih: Optional[torch.Tensor],

@@ -113,7 +113,7 @@ def test_demo_runs():
 
 
 def test_bench_plot_png_or_clear_error(tmp_path):
-    results = [{"config": {"name": n}, "baseline": "nn.RNN",
+    results = [{"config": {"name": n, "cell": "rnn"}, "baseline": "nn.RNN",
                 "rows": [{"impl": "rnnkern", "forward_ms": 1.0, "train_ms": 2.0},
                          {"impl": "nn.RNN", "forward_ms": 3.0, "train_ms": 9.0}]}
                for n in ("seed", "long")]

@@ -324,9 +324,9 @@ def test_checks_can_fail():
         check_loss(LOSS_EXAMPLE, perturb=1e-7)
 
 
-@pytest.mark.parametrize("name", ["rnn", "rnn_loss"])
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru", "rnn_loss"])
 def test_reference_signature_matches_functional(name):
-    """reference.rnn / rnn_loss take the arguments functional's take, with the same
+    """reference.rnn / lstm / gru / rnn_loss take the arguments functional's take, with the same
     kinds, defaults and annotations (underscored test hooks aside)."""
     def public(f):
         return [(p.name, p.kind, p.default, p.annotation)
