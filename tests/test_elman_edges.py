@@ -139,8 +139,8 @@ def test_respects_thread_count():
 @pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
 def test_lower_cpu_capability_in_subprocess(capability):
     """RNNKERN_CPU_CAPABILITY runs the portable (or AVX2) kernels, as a CPU
-    without AVX-512 would: fused steps, element-wise passes and the loss rows
-    (with O below and above a vector's width)."""
+    without AVX-512 would: fused steps, element-wise passes, the loss rows
+    (with O below and above a vector's width) and the gated cells' rows."""
     if capability == "AVX2" and rnnkern.cpu_capability() == "DEFAULT":
         pytest.skip("this CPU has no AVX2")
     code = (
@@ -173,6 +173,13 @@ def test_lower_cpu_capability_in_subprocess(capability):
         "    ga = torch.autograd.grad(a, args + [w_out, b_out])\n"
         "    gb = torch.autograd.grad(b, args + [w_out, b_out])\n"
         "    [assert_close(x, y, 1e-10) for x, y in zip(ga, gb)]\n"
+        "from test_gated import make_gated, run\n"
+        "for cell, dt, H in [(c, d, h) for c in ('lstm', 'gru') for d in (torch.float64, torch.float32) for h in (7, 19)]:\n"
+        "    d = make_gated(cell, 9, 5, 3, H, P=5 if cell == 'lstm' else None, dtype=dt, seed=H)\n"
+        "    tol = 1e-10 if dt == torch.float64 else 1e-5\n"
+        "    kw = dict(lengths=torch.tensor([9, 0, 4, 1, 7]), reverse=True, truncate=4)\n"
+        "    got, want = run(functional, cell, d, **kw), run(reference, cell, d, **kw)\n"
+        "    [assert_close(x, y, tol) for x, y in zip(got[0] + got[1], want[0] + want[1]) if y is not None]\n"
         "print('ok')\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, RNNKERN_CPU_CAPABILITY=capability)

@@ -247,6 +247,19 @@ def test_module_device_mismatch_is_runtime_error_as_nn():
         m(x)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gated_size_past_int32_refused_before_any_work(cell):
+    """The gated layers' GEMMs take B, I, G = 4H or 3H and P as 32-bit sizes."""
+    B, H = 2**31, 2
+    x = torch.zeros(()).expand(1, B, 3)
+    h = torch.zeros(()).expand(B, H)
+    G = (4 if cell == "lstm" else 3) * H
+    hx = (h, h) if cell == "lstm" else h
+    with pytest.raises(ValueError, match=r"B must be < 2\^31 \(BLAS takes 32-bit sizes\), "
+                                         r"got 2147483648"):
+        getattr(functional, cell)(x, hx, torch.randn(G, 3), torch.randn(G, H))
+
+
 def test_size_past_int32_refused_before_any_work():
     """BLAS takes 32-bit sizes; B >= 2^31 is refused by name (a zero-stride
     view: nothing of that size is allocated)."""
@@ -275,10 +288,12 @@ def _loss_module():
     return rnnkern.RNNLoss(rnnkern.RNN(4, 6), nn.Linear(6, 5))
 
 
-@pytest.mark.parametrize("which", ["RNN", "RNNLoss", "model"])
+@pytest.mark.parametrize("which", ["RNN", "LSTM", "GRU", "RNNLoss", "model"])
 def test_whole_model_checkpoint_loads_with_weights_only_in_a_fresh_process(which, tmp_path):
     torch.manual_seed(0)
-    model = {"RNN": lambda: rnnkern.RNN(4, 6, num_layers=2), "RNNLoss": _loss_module,
+    model = {"RNN": lambda: rnnkern.RNN(4, 6, num_layers=2),
+             "LSTM": lambda: rnnkern.LSTM(4, 6, num_layers=2, proj_size=3),
+             "GRU": lambda: rnnkern.GRU(4, 6, bidirectional=True), "RNNLoss": _loss_module,
              "model": _Model}[which]()
     x = torch.randn(7, 3, 4)
     target = torch.randint(0, 5, (7, 3))
@@ -326,11 +341,12 @@ def test_state_dict_round_trip_with_nn_rnn():
 # --- torch.export with gradients ---------------------------------------------
 
 
-@pytest.mark.parametrize("case", product(module=["RNN", "RNNLoss"], truncate=[None, 2]), ids=str)
+@pytest.mark.parametrize("case", product(module=["RNN", "LSTM", "GRU", "RNNLoss"],
+                                         truncate=[None, 2]), ids=str)
 def test_export_runs_with_gradients(case, tmp_path):
     torch.manual_seed(0)
-    if case["module"] == "RNN":
-        model = rnnkern.RNN(4, 8, num_layers=2, bidirectional=True)
+    if case["module"] != "RNNLoss":
+        model = getattr(rnnkern, case["module"])(4, 8, num_layers=2, bidirectional=True)
 
         class Wrap(nn.Module):
             def __init__(self, rnn):

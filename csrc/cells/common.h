@@ -1,6 +1,6 @@
 // What every cell header shares: the host/device marker and the activations
 // with their derivatives written in terms of the activation's output, for
-// scalar types (the CPU loops of csrc/cpu and, later, CUDA).
+// scalar and vector types alike (the CPU vector kernels and, later, CUDA).
 #pragma once
 
 #include <cmath>
@@ -13,14 +13,23 @@
 
 namespace rnnkern::cells {
 
+// Elementary functions by type: the scalar ones here; a vector backend
+// specialises MathOf for its vector type (csrc/cpu/vec_kernels_impl.h), so the
+// cells below run unchanged on scalars and on vectors.
+template <typename T>
+struct MathOf {
+  static RNNKERN_HD T exp(T x) { return std::exp(x); }
+  static RNNKERN_HD T tanh(T x) { return std::tanh(x); }
+};
+
 template <typename T>
 RNNKERN_HD T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  return T(1) / (T(1) + MathOf<T>::exp(T(0) - x));
 }
 
 template <typename T>
 RNNKERN_HD T tanh_(T x) {
-  return std::tanh(x);
+  return MathOf<T>::tanh(x);
 }
 
 // sigmoid'(x) from s = sigmoid(x); tanh'(x) from t = tanh(x).

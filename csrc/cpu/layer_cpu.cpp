@@ -1,9 +1,10 @@
 // The CPU time loop of the gated cells (csrc/cells/lstm.h, gru.h) and
 // TORCH_LIBRARY_IMPL(rnnkern, CPU) for layer_fwd / layer_bwd.
 //
-// One loop, templated on the cell; it alone owns lengths (frozen states, zero
-// outputs), reverse, truncation and threading. The cells supply only the
-// pointwise math of one row.
+// One loop for every gated cell; it alone owns lengths (frozen states, zero
+// outputs), reverse, truncation, grad_norm and threading. The cells supply
+// only the pointwise math of one row (cells/lstm.h, gru.h), run a vector of
+// units at a time by vec_kernels (compiled per CPU capability).
 // Forward:  ax = x W_ih^T + b  (one GEMM over all T*B rows, before the loop)
 //           per step: ah = h_prev W_hh^T (one GEMM), the cell's row pass, and
 //           with a projection h = m W_hr^T (one GEMM).
@@ -19,12 +20,11 @@
 #include <cmath>
 #include <cstring>
 
-#include "../cells/gru.h"
-#include "../cells/lstm.h"
 #include "../checks.h"
 #include "../params.h"
 #include "blas.h"
 #include "elman_cpu.h"
+#include "vec_kernels.h"
 
 namespace rnnkern::cpu {
 namespace {
@@ -66,70 +66,13 @@ void for_rows(int64_t B, int64_t width, const F& f) {
 }
 
 // ---------------------------------------------------------------------------
-// The cells' rows. fwd: one row b of a step, from its ax row, its ah row and
-// the previous state; writes the saved activations and the new state (h when
-// there is no projection, else m for the projection GEMM). bwd: the same row
-// backwards.
-// ---------------------------------------------------------------------------
-
-struct LstmRows {
-  template <typename T>
-  static void fwd(int64_t H, const T* ax, const T* ah, const T*, const T* h_prev_unused,
-                  const T* c_prev, T* act, T* c, T* m) {
-    (void)h_prev_unused;
-    for (int64_t j = 0; j < H; ++j)
-      cells::lstm::forward<T>(ax[j] + ah[j], ax[H + j] + ah[H + j], ax[2 * H + j] + ah[2 * H + j],
-                              ax[3 * H + j] + ah[3 * H + j], c_prev[j], act[j], act[H + j],
-                              act[2 * H + j], act[3 * H + j], c[j], m[j]);
-  }
-  // dm [H]: dL/dm_t. dc [H]: the carry dL/dc_t in, dL/dc_prev out.
-  // dax [4H] (dah is the same for the LSTM).
-  template <typename T>
-  static void bwd(int64_t H, const T* act, const T* c, const T* c_prev, const T* dm, T* dc,
-                  T* dax) {
-    for (int64_t j = 0; j < H; ++j)
-      cells::lstm::backward<T>(act[j], act[H + j], act[2 * H + j], act[3 * H + j], c[j],
-                               c_prev[j], dm[j], dc[j], dax[j], dax[H + j], dax[2 * H + j],
-                               dax[3 * H + j], dc[j]);
-  }
-};
-
-struct GruRows {
-  template <typename T>
-  static void fwd(int64_t H, const T* ax, const T* ah, const T* b_hh, const T* h_prev,
-                  const T*, T* act, T*, T* h) {
-    for (int64_t j = 0; j < H; ++j) {
-      const T ahn = ah[2 * H + j] + (b_hh ? b_hh[2 * H + j] : T(0));
-      const T ahr = ah[j] + (b_hh ? b_hh[j] : T(0));
-      const T ahz = ah[H + j] + (b_hh ? b_hh[H + j] : T(0));
-      cells::gru::forward<T>(ax[j], ax[H + j], ax[2 * H + j], ahr, ahz, ahn, h_prev[j], act[j],
-                             act[H + j], act[2 * H + j], h[j]);
-      act[3 * H + j] = ahn;
-    }
-  }
-  // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out. dax, dah [3H].
-  template <typename T>
-  static void bwd(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah) {
-    for (int64_t j = 0; j < H; ++j) {
-      T dar, daz, daxn, dahn, direct;
-      cells::gru::backward<T>(act[j], act[H + j], act[2 * H + j], act[3 * H + j], h_prev[j],
-                              dh[j], dar, daz, daxn, dahn, direct);
-      dax[j] = dah[j] = dar;
-      dax[H + j] = dah[H + j] = daz;
-      dax[2 * H + j] = daxn;
-      dah[2 * H + j] = dahn;
-      dh[j] = direct;
-    }
-  }
-};
-
-// ---------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------
 
 template <typename T>
 void layer_fwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n) {
   const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
+  const VecKernels<T>& vk = vec_kernels_for<T>();
   const bool lstm = s.cell == CellKind::kLstm;
   const Steps st{s};
   const int64_t t_max = st.max_len();
@@ -157,15 +100,13 @@ void layer_fwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n
         if (lstm) {
           T* cr = p.cell + r * H;
           T* mr = s.proj ? m.data() + b * H : p.out + r * P;
-          LstmRows::fwd<T>(H, p.ax + r * G, ah.data() + b * G, nullptr, nullptr, c + b * H,
-                           p.gates + r * S, cr, mr);
+          vk.lstm_fwd_row(H, p.ax + r * G, ah.data() + b * G, c + b * H, p.gates + r * S, cr, mr);
           std::memcpy(c + b * H, cr, sizeof(T) * H);
           if (s.proj) std::memcpy(p.proj_in + r * H, mr, sizeof(T) * H);
           else std::memcpy(hb, mr, sizeof(T) * P);
         } else {
           T* hr = p.out + r * P;
-          GruRows::fwd<T>(H, p.ax + r * G, ah.data() + b * G, p.b_hh, hb, nullptr,
-                          p.gates + r * S, nullptr, hr);
+          vk.gru_fwd_row(H, p.ax + r * G, ah.data() + b * G, p.b_hh, hb, p.gates + r * S, hr);
           std::memcpy(hb, hr, sizeof(T) * P);
         }
       }
@@ -207,6 +148,7 @@ T norm_of(const T* v, int64_t n) {
 template <typename T>
 void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGradPtrs<T>& g) {
   const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
+  const VecKernels<T>& vk = vec_kernels_for<T>();
   const bool lstm = s.cell == CellKind::kLstm;
   const Steps st{s};
   const int64_t t_max = st.max_len();
@@ -262,15 +204,15 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
             if (g.grad_norm) g.grad_norm[r] = norm_of(dmb, H);
           }
           const T* c_prev = pr < 0 ? p.c0 + b * H : p.cell + pr * H;
-          LstmRows::bwd<T>(H, p.gates + r * S, p.cell + r * H, c_prev, dmb, g.dc + b * H,
-                           g.dax + r * G);
+          vk.lstm_bwd_row(H, p.gates + r * S, p.cell + r * H, c_prev, dmb, g.dc + b * H,
+                          g.dax + r * G);
           std::memcpy(dahb, g.dax + r * G, sizeof(T) * G);
         } else {
           T* dhb = g.dh + b * P;  // becomes the direct part of dL/dh_prev
           for (int64_t j = 0; j < H; ++j) dhb[j] += g.grad_out[r * P + j];
           if (g.grad_norm) g.grad_norm[r] = norm_of(dhb, H);
           const T* h_prev = pr < 0 ? p.h0 + b * P : p.out + pr * P;
-          GruRows::bwd<T>(H, p.gates + r * S, h_prev, dhb, g.dax + r * G, g.dah + r * G);
+          vk.gru_bwd_row(H, p.gates + r * S, h_prev, dhb, g.dax + r * G, g.dah + r * G);
           std::memcpy(dahb, g.dah + r * G, sizeof(T) * G);
         }
       }

@@ -73,6 +73,18 @@ struct VecKernels {
   T (*mse_row)(T* x, const T* b, const T* y, int64_t O, T coef, bool grad);
   // acc[0:N] += the sum of the rows of m [M, N] (row stride ld), in row order.
   void (*add_column_sums)(T* acc, const T* m, int64_t M, int64_t N, int64_t ld);
+  // The gated cells' rows (cells/lstm.h, cells/gru.h), a vector of units at a time.
+  // LSTM: ax, ah [4H] pre-activations -> act [4H] (i, f, g, o), c [H], m [H].
+  void (*lstm_fwd_row)(int64_t H, const T* ax, const T* ah, const T* c_prev, T* act, T* c, T* m);
+  // dm [H] = dL/dm_t; dc [H]: dL/dc_t in, dL/dc_prev out; dax [4H] out.
+  void (*lstm_bwd_row)(int64_t H, const T* act, const T* c, const T* c_prev, const T* dm, T* dc,
+                       T* dax);
+  // GRU: ax [3H] (with b_ih), ah [3H] (h W_hh^T; b_hh [3H] or null added here)
+  //   -> act [4H] (r, z, n, ah_n + b_hn), h [H].
+  void (*gru_fwd_row)(int64_t H, const T* ax, const T* ah, const T* b_hh, const T* h_prev, T* act,
+                      T* h);
+  // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out; dax, dah [3H] out.
+  void (*gru_bwd_row)(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah);
 };
 
 struct VecKernelTable {

@@ -14,6 +14,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "../cells/gru.h"
+#include "../cells/lstm.h"
 #include "vec_kernels.h"
 
 namespace rnnkern::cpu {
@@ -73,6 +75,23 @@ inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
 
 inline Vectorized<float> tanh_vec(Vectorized<float> v) { return tanh_rational(v); }
 inline Vectorized<double> tanh_vec(Vectorized<double> v) { return v.tanh(); }
+
+}  // namespace RNNKERN_CAP
+}  // namespace rnnkern::cpu
+
+// The cells' elementary functions on this capability's vectors: Sleef's exp
+// (1 ulp) and the tanh above.
+namespace rnnkern::cells {
+template <typename S>
+struct MathOf<at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static V exp(V x) { return x.exp(); }
+  static V tanh(V x) { return rnnkern::cpu::RNNKERN_CAP::tanh_vec(x); }
+};
+}  // namespace rnnkern::cells
+
+namespace rnnkern::cpu {
+namespace RNNKERN_CAP {
 
 template <typename T>
 inline Vectorized<T> act_vec(Activation a, Vectorized<T> v) {
@@ -306,11 +325,94 @@ void add_column_sums(T* acc, const T* m, int64_t M, int64_t N, int64_t ld) {
     }
 }
 
+// ---------------------------------------------------------------------------
+// The gated cells' rows: cells/lstm.h and cells/gru.h on vectors of units (a
+// partial vector at the tail: its missing lanes load as 0 and are not stored).
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void lstm_fwd_row(int64_t H, const T* ax, const T* ah, const T* c_prev, T* act, T* c, T* m) {
+  using V = Vectorized<T>;
+  for (int64_t j = 0; j < H; j += V::size()) {
+    const int n = int(std::min<int64_t>(V::size(), H - j));
+    auto pre = [&](int64_t k) { return V::loadu(ax + k * H + j, n) + V::loadu(ah + k * H + j, n); };
+    V i, f, g, o, cn, mn;
+    cells::lstm::forward<V>(pre(0), pre(1), pre(2), pre(3), V::loadu(c_prev + j, n), i, f, g, o,
+                            cn, mn);
+    i.store(act + j, n);
+    f.store(act + H + j, n);
+    g.store(act + 2 * H + j, n);
+    o.store(act + 3 * H + j, n);
+    cn.store(c + j, n);
+    mn.store(m + j, n);
+  }
+}
+
+template <typename T>
+void lstm_bwd_row(int64_t H, const T* act, const T* c, const T* c_prev, const T* dm, T* dc,
+                  T* dax) {
+  using V = Vectorized<T>;
+  for (int64_t j = 0; j < H; j += V::size()) {
+    const int n = int(std::min<int64_t>(V::size(), H - j));
+    auto a = [&](int64_t k) { return V::loadu(act + k * H + j, n); };
+    V dai, daf, dag, dao, dcp;
+    cells::lstm::backward<V>(a(0), a(1), a(2), a(3), V::loadu(c + j, n), V::loadu(c_prev + j, n),
+                             V::loadu(dm + j, n), V::loadu(dc + j, n), dai, daf, dag, dao, dcp);
+    dai.store(dax + j, n);
+    daf.store(dax + H + j, n);
+    dag.store(dax + 2 * H + j, n);
+    dao.store(dax + 3 * H + j, n);
+    dcp.store(dc + j, n);
+  }
+}
+
+template <typename T>
+void gru_fwd_row(int64_t H, const T* ax, const T* ah, const T* b_hh, const T* h_prev, T* act,
+                 T* h) {
+  using V = Vectorized<T>;
+  for (int64_t j = 0; j < H; j += V::size()) {
+    const int n = int(std::min<int64_t>(V::size(), H - j));
+    auto hid = [&](int64_t k) {
+      const V v = V::loadu(ah + k * H + j, n);
+      return b_hh ? v + V::loadu(b_hh + k * H + j, n) : v;
+    };
+    const V ahn = hid(2);
+    V r, z, nn, hn;
+    cells::gru::forward<V>(V::loadu(ax + j, n), V::loadu(ax + H + j, n), V::loadu(ax + 2 * H + j, n),
+                           hid(0), hid(1), ahn, V::loadu(h_prev + j, n), r, z, nn, hn);
+    r.store(act + j, n);
+    z.store(act + H + j, n);
+    nn.store(act + 2 * H + j, n);
+    ahn.store(act + 3 * H + j, n);
+    hn.store(h + j, n);
+  }
+}
+
+template <typename T>
+void gru_bwd_row(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah) {
+  using V = Vectorized<T>;
+  for (int64_t j = 0; j < H; j += V::size()) {
+    const int n = int(std::min<int64_t>(V::size(), H - j));
+    auto a = [&](int64_t k) { return V::loadu(act + k * H + j, n); };
+    V dar, daz, daxn, dahn, direct;
+    cells::gru::backward<V>(a(0), a(1), a(2), a(3), V::loadu(h_prev + j, n), V::loadu(dh + j, n),
+                            dar, daz, daxn, dahn, direct);
+    dar.store(dax + j, n);
+    dar.store(dah + j, n);
+    daz.store(dax + H + j, n);
+    daz.store(dah + H + j, n);
+    daxn.store(dax + 2 * H + j, n);
+    dahn.store(dah + 2 * H + j, n);
+    direct.store(dh + j, n);
+  }
+}
+
 template <typename T>
 VecKernels<T> make() {
   return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
           &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
-          &add_column_sums<T>};
+          &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
+          &gru_bwd_row<T>};
 }
 
 }  // namespace RNNKERN_CAP
