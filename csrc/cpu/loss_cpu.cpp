@@ -291,6 +291,38 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   });
 }
 
+// The forward sweep of the head over h [T,B,H] (contiguous), shared by the
+// fused Elman loss and the cell-independent head op: the step weights, the
+// reduction's coefficients, l of every counted row, the reduced loss and,
+// with compute_grad and a scalar reduction, the head's gradients.
+struct HeadSweep {
+  at::Tensor value;      // [] ([T,B] for 'none')
+  at::Tensor step_loss;  // [T,B]
+  at::Tensor weight;     // [T,B]
+  HeadGrads grads;       // [0]s unless computed
+};
+
+HeadSweep head_sweep(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
+                     const at::Tensor& target, const at::Tensor& weight_out,
+                     const c10::optional<at::Tensor>& bias_out,
+                     const c10::optional<at::Tensor>& loss_mask, bool compute_grad) {
+  const auto opts = h.options();
+  HeadSweep r;
+  r.weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
+  const bool scalar = spec.reduction != Reduction::kNone;
+  // 'none' computes l only; its gradient waits for the upstream coefficients.
+  const auto coef = scalar ? reduction_coefs(spec, s, r.weight) : r.weight;  // [T,B]
+  r.step_loss = at::zeros({s.T, s.B}, opts);                                 // [T,B]
+  const bool grads_now = compute_grad && scalar;
+  r.grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts) : no_head_grads(opts);
+  run_head(spec, s, h, target, weight_out, bias_out, coef, r.step_loss,
+           grads_now ? &r.grads : nullptr);
+  r.value = scalar ? coef.mul(r.step_loss).sum(at::kDouble).to(h.scalar_type())
+                   : r.weight.mul(r.step_loss);
+  if (grads_now) r.grads.output = r.grads.output.view({s.T, s.B, s.H});
+  return r;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 elman_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const at::Tensor& hx,
@@ -312,23 +344,11 @@ elman_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const at::
   const auto x = input.contiguous();  // [T,B,I]
   const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  const auto opts = input.options();
 
   auto [output, h_n] = elman_forward(s, x, hx, weight_ih, weight_hh, bias_sum(bias_ih, bias_hh));
-  auto weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
-  const bool scalar = spec.reduction != Reduction::kNone;
-  // 'none' computes l only; its gradient waits for the upstream coefficients.
-  const auto coef = scalar ? reduction_coefs(spec, s, weight) : weight;  // [T,B]
-  auto step_loss = at::zeros({s.T, s.B}, opts);                          // [T,B]
-  const bool grads_now = compute_grad && scalar;
-  HeadGrads grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts)
-                              : no_head_grads(opts);
-  run_head(spec, s, output, target, weight_out, bias_out, coef, step_loss,
-           grads_now ? &grads : nullptr);
-  auto value = scalar ? coef.mul(step_loss).sum(at::kDouble).to(input.scalar_type())
-                      : weight.mul(step_loss);
-  if (grads_now) grads.output = grads.output.view({s.T, s.B, s.H});
-  return {value, output, h_n, step_loss, weight, grads.output, grads.weight_out, grads.bias_out};
+  HeadSweep r = head_sweep(spec, s, output, target, weight_out, bias_out, loss_mask, compute_grad);
+  return {r.value, output, h_n, r.step_loss, r.weight, r.grads.output, r.grads.weight_out,
+          r.grads.bias_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -397,21 +417,9 @@ head_loss_fwd_cpu(const at::Tensor& h, const at::Tensor& target, const at::Tenso
                                         label_smoothing, chunk_rows);
   const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  const auto opts = h.options();
-  const auto hc = h.contiguous();
-  auto weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
-  const bool scalar = spec.reduction != Reduction::kNone;
-  const auto coef = scalar ? reduction_coefs(spec, s, weight) : weight;  // [T,B]
-  auto step_loss = at::zeros({s.T, s.B}, opts);                          // [T,B]
-  const bool grads_now = compute_grad && scalar;
-  HeadGrads grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts)
-                              : no_head_grads(opts);
-  run_head(spec, s, hc, target, weight_out, bias_out, coef, step_loss,
-           grads_now ? &grads : nullptr);
-  auto value = scalar ? coef.mul(step_loss).sum(at::kDouble).to(h.scalar_type())
-                      : weight.mul(step_loss);
-  if (grads_now) grads.output = grads.output.view({s.T, s.B, s.H});
-  return {value, step_loss, weight, grads.output, grads.weight_out, grads.bias_out};
+  HeadSweep r = head_sweep(spec, s, h.contiguous(), target, weight_out, bias_out, loss_mask,
+                           compute_grad);
+  return {r.value, r.step_loss, r.weight, r.grads.output, r.grads.weight_out, r.grads.bias_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_bwd_cpu(
