@@ -53,6 +53,7 @@ class Config:
 
 CELLS = ("rnn", "lstm", "gru")
 SUITE = [
+    Config("tiny", 1, 1, 1, 1),  # per-call cost: nothing but fixed costs
     Config("seed", 64, 50, 8, 32),
     Config("small", 32, 100, 64, 128),
     Config("long", 16, 1000, 32, 64),
@@ -223,6 +224,18 @@ def baseline_name(cfg: Config) -> str:
 # ---------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    """The CPU's model name (figures differ between the project's Intel and AMD machines)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def _time_once(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -292,9 +305,69 @@ def train_flops(cfg: Config) -> float:
 @dataclasses.dataclass
 class Row:
     impl: str
-    forward_ms: float
+    forward_ms: float  # medians
     train_ms: float
     peak_mb: Optional[float]
+    # The spread of the repeats: the interquartile range over the median. A row
+    # whose spread passes NOISY_SPREAD is flagged: its median is not to be trusted.
+    forward_spread: float = 0.0
+    train_spread: float = 0.0
+    forward_min_ms: float = 0.0
+    forward_max_ms: float = 0.0
+    train_min_ms: float = 0.0
+    train_max_ms: float = 0.0
+
+    @property
+    def noisy(self) -> bool:
+        return max(self.forward_spread, self.train_spread) > NOISY_SPREAD
+
+
+# Interquartile range / median above which a row's timings are flagged: the
+# quartiles of a quiet run on the 2-core VMs differ by 10-45% of the median; a
+# stalled parallel region (a busy machine) spreads them far wider.
+NOISY_SPREAD = 0.5
+
+
+def spread(times: list) -> float:
+    """Interquartile range over the median of repeated timings."""
+    if len(times) < 2:
+        return 0.0
+    q = statistics.quantiles(times, n=4, method="inclusive")
+    med = statistics.median(times)
+    return (q[2] - q[0]) / med if med > 0 else 0.0
+
+
+def machine_load(calibration_s: float = 0.05) -> dict:
+    """Whether the machine looks busy before timing: the 1-minute load average
+    against the cores, and a fixed calibration loop timed twice (on a quiet
+    machine the two agree closely). Returns the figures and a verdict."""
+    cores = os.cpu_count() or 1
+    try:
+        load1 = os.getloadavg()[0]
+    except OSError:
+        load1 = None
+    a = torch.randn(256, 256)
+
+    def loop():
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < calibration_s:
+            torch.mm(a, a)
+            n += 1
+        return (time.perf_counter() - t0) / n
+
+    loop()  # warm-up
+    t1, t2 = loop(), loop()
+    drift = abs(t1 - t2) / min(t1, t2)
+    reasons = []
+    # The load average still counts the last minute's work (a previous bench
+    # run, say): only more runnable threads than cores is taken as busy.
+    if load1 is not None and load1 > cores:
+        reasons.append(f"load average {load1:.2f} on {cores} cores")
+    if drift > 0.2:
+        reasons.append(f"a calibration loop timed twice differed by {100 * drift:.0f}%")
+    return {"load1": load1, "cores": cores, "calibration_drift": drift, "busy": bool(reasons),
+            "reasons": reasons}
 
 
 def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
@@ -317,11 +390,16 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
         for name, fwd, train in impls:  # interleaved: every impl sees the same noise
             times[name]["forward"].append(_time_once(fwd))
             times[name]["train"].append(_time_once(lambda: train_step(train)))
-    rows = [Row(name, statistics.median(times[name]["forward"]) * 1e3,
-                statistics.median(times[name]["train"]) * 1e3, peaks[name])
-            for name, _, _ in impls]
+    def row(name):
+        f, t = times[name]["forward"], times[name]["train"]
+        return Row(name, statistics.median(f) * 1e3, statistics.median(t) * 1e3, peaks[name],
+                   forward_spread=spread(f), train_spread=spread(t),
+                   forward_min_ms=min(f) * 1e3, forward_max_ms=max(f) * 1e3,
+                   train_min_ms=min(t) * 1e3, train_max_ms=max(t) * 1e3)
+
+    rows = [row(name) for name, _, _ in impls]
     result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
-              "rows": [dataclasses.asdict(r) for r in rows]}
+              "rows": [dict(dataclasses.asdict(r), noisy=r.noisy) for r in rows]}
     if cfg.name == "large":
         gf = sgemm_gflops(cfg)
         ours = next(r for r in rows if r.impl == "rnnkern")
@@ -335,12 +413,14 @@ def format_table(result: dict) -> str:
     ours = next(r for r in rows if r["impl"] == "rnnkern")
     lines = [result["label"],
              f"  {'implementation':24s} {'forward ms':>11s} {'train ms':>10s} "
-             f"{'rnnkern fwd x':>14s} {'rnnkern train x':>16s} {'peak MB':>8s}"]
+             f"{'rnnkern fwd x':>14s} {'rnnkern train x':>16s} {'peak MB':>8s} {'IQR/median':>11s}"]
     for r in rows:
         peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] is not None else "n/a"
+        sp = f"{100 * r.get('forward_spread', 0):.0f}%/{100 * r.get('train_spread', 0):.0f}%"
+        flag = "  NOISY" if r.get("noisy") else ""
         lines.append(f"  {r['impl']:24s} {r['forward_ms']:11.3f} {r['train_ms']:10.3f} "
                      f"{r['forward_ms'] / ours['forward_ms']:14.2f} "
-                     f"{r['train_ms'] / ours['train_ms']:16.2f} {peak:>8s}")
+                     f"{r['train_ms'] / ours['train_ms']:16.2f} {peak:>8s} {sp:>11s}{flag}")
     if "sgemm_gflops" in result:
         eff = result["rnnkern_train_gflops"] / result["sgemm_gflops"]
         lines.append(f"  rnnkern training step: {result['rnnkern_train_gflops']:.1f} GFLOP/s = "
@@ -390,9 +470,13 @@ def main(args) -> int:
     else:
         repeats, warmup = args.repeats, 2
     header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs, "
+              f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs ({cpu_name()}), "
               f"median of {repeats} interleaved repeats")
     print(header, flush=True)
+    load = machine_load()
+    if load["busy"]:
+        print(f"WARNING: this machine looks busy ({'; '.join(load['reasons'])}): timings and "
+              "ratios below may be far off. Rerun on a quiet machine.", flush=True)
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.no_progress \
         else (lambda msg: None)
     results = []
@@ -409,10 +493,16 @@ def main(args) -> int:
         s = speedups(r)
         name = f"{r['config']['cell']} {r['config']['name']}"
         print(f"  {name:18s} forward {s['forward']:6.2f}x   training step {s['train']:6.2f}x")
+    noisy = [f"{r['config']['cell']} {r['config']['name']}: {row['impl']}"
+             for r in results for row in r["rows"] if row.get("noisy")]
+    if noisy:
+        print(f"WARNING: {len(noisy)} row(s) spread beyond {100 * NOISY_SPREAD:.0f}% "
+              f"(interquartile range over median), marked NOISY: {', '.join(noisy)}")
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "results": results}, f, indent=2)
+            json.dump({"header": header, "machine_load": load,
+                       "noisy_rows": noisy, "results": results}, f, indent=2)
     if args.plot:
         plot(results, args.plot)
     return 0

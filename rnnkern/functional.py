@@ -71,9 +71,13 @@ def rnn(
     x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
     if hx is None:
         hx = x.new_zeros(x.shape[1], weight_hh.shape[0])
-    fn = _Elman if torch.compiler.is_compiling() else _ElmanEager
-    output, h_n = fn.apply(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                               nonlinearity, reverse, truncate or 0)
+    inputs = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
+              truncate or 0)
+    if _inference(inputs):
+        output, h_n = _ops.elman_fwd(*inputs)
+    else:
+        fn = _Elman if torch.compiler.is_compiling() else _ElmanEager
+        output, h_n = fn.apply(*inputs)
     if batch_first:
         output = output.transpose(0, 1)
     return output, h_n
@@ -159,6 +163,17 @@ class _LayerEager(_Layer):
         _ops.no_forward_ad("rnnkern.functional.lstm / gru")
 
 
+def _inference(inputs) -> bool:
+    """True where no gradient can be asked for: grad mode off, or no tensor
+    requiring one, outside torch.func's transforms and compilation. The op is
+    then called directly, without an autograd.Function around it (which costs
+    more than a tiny layer's whole forward)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return not torch.is_grad_enabled() or not any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
+
+
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
            lengths, truncate, reverse):
     lengths, truncate, H, P = check_gated_args(
@@ -182,9 +197,13 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
         h0, c0 = hx if hx is not None else (x.new_zeros(B, P), x.new_zeros(B, H))  # [B,P], [B,H]
     else:
         h0, c0 = (hx if hx is not None else x.new_zeros(B, H)), None  # [B,H]
-    fn = _Layer if torch.compiler.is_compiling() else _LayerEager
-    output, h_n, c_n, *_ = fn.apply(grad_norm, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                                    weight_hr, lengths, mode, reverse, truncate or 0)
+    inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
+              truncate or 0)
+    if _inference(inputs):
+        output, h_n, c_n, *_ = _ops.layer_fwd(*inputs)
+    else:
+        fn = _Layer if torch.compiler.is_compiling() else _LayerEager
+        output, h_n, c_n, *_ = fn.apply(grad_norm, *inputs)
     return output, h_n, c_n
 
 
@@ -388,8 +407,11 @@ def rnn_loss(
     inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
               needs_grad, int(_chunk_rows), truncate or 0)
     grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
-    fn = _ElmanLoss if torch.compiler.is_compiling() else _ElmanLossEager
-    value, _, h_n, step_loss, *_ = fn.apply(grad_norm, *inputs)
+    if _inference(inputs):
+        value, _, h_n, step_loss, *_ = _ops.elman_loss_fwd(*inputs)
+    else:
+        fn = _ElmanLoss if torch.compiler.is_compiling() else _ElmanLossEager
+        value, _, h_n, step_loss, *_ = fn.apply(grad_norm, *inputs)
     if reduction == "none" and batch_first:
         value = value.transpose(0, 1)
     if not return_details:

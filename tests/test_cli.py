@@ -76,11 +76,18 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
     data = json.loads(out_json.read_text())
     assert [(r["config"]["cell"], r["config"]["name"]) for r in data["results"]] == [
         (cell, name) for cell in ("rnn", "lstm") for name in ("seed", "long-lengths", "long-truncate")]
+    assert set(data["machine_load"]) >= {"load1", "cores", "calibration_drift", "busy", "reasons"}
+    assert isinstance(data["noisy_rows"], list)
+    assert "IQR/median" in text
     for r in data["results"]:
         impls = [row["impl"] for row in r["rows"]]
         assert impls[0] == "rnnkern" and "reference" in impls and r["baseline"] in impls
         for row in r["rows"]:
             assert row["forward_ms"] > 0 and row["train_ms"] > 0
+            assert row["train_min_ms"] <= row["train_ms"] <= row["train_max_ms"]
+            assert row["forward_min_ms"] <= row["forward_ms"] <= row["forward_max_ms"]
+            assert row["noisy"] == (max(row["forward_spread"], row["train_spread"])
+                                    > bench.NOISY_SPREAD)
         s = bench.speedups(r)
         assert s["forward"] > 0 and s["train"] > 0
 
@@ -134,3 +141,19 @@ def test_console_script_installed():
     r = subprocess.run([script, "check", "-T", "3", "-B", "2", "--dtype", "float64"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "1 passed, 0 failed" in r.stdout, r.stdout + r.stderr
+
+
+def test_bench_spread_flags_noisy_repeats():
+    """The interquartile range over the median: 0 for equal repeats, large when
+    one machine hiccup dominates; a row past NOISY_SPREAD is flagged."""
+    assert bench.spread([2.0, 2.0, 2.0, 2.0, 2.0]) == 0.0
+    assert abs(bench.spread([1.0, 2.0, 3.0, 4.0, 5.0]) - 2.0 / 3.0) < 1e-12
+    quiet = bench.Row("rnnkern", 1.0, 2.0, None, forward_spread=0.05, train_spread=0.1)
+    loud = bench.Row("nn.RNN", 1.0, 2.0, None, forward_spread=0.05, train_spread=0.9)
+    assert not quiet.noisy and loud.noisy
+
+
+def test_bench_machine_load_reports_a_verdict():
+    load = bench.machine_load(calibration_s=0.01)
+    assert load["cores"] >= 1 and load["calibration_drift"] >= 0
+    assert load["busy"] == bool(load["reasons"])
