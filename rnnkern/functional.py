@@ -165,10 +165,15 @@ class _LayerEager(_Layer):
 
 def _inference(inputs) -> bool:
     """True where no gradient can be asked for: grad mode off, or no tensor
-    requiring one, outside torch.func's transforms and compilation. The op is
+    requiring one, outside torch.func's transforms, forward-mode AD and
+    compilation. The op is
     then called directly, without an autograd.Function around it (which costs
     more than a tiny layer's whole forward)."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    # Inside a forward-AD dual level a dual input needs no grad but carries a
+    # tangent: the Function must see it (to refuse forward mode by name).
+    if torch.autograd.forward_ad._current_level >= 0:
         return False
     return not torch.is_grad_enabled() or not any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
