@@ -153,6 +153,9 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
   const Steps st{s};
   const int64_t t_max = st.max_len();
   std::vector<T> dah_step(size_t(B * G)), carry(size_t(B * P));
+  // dL/dm_t of the LSTM without a projection (= dL/dh_t), a row per sequence:
+  // allocated once per call, not per step.
+  std::vector<T> dm_rows(lstm && !s.proj ? size_t(B * H) : 0);
   std::vector<T> dh_step(s.proj ? size_t(B * P) : 0), dm(s.proj ? size_t(B * H) : 0);
   // The state a row read at `step` (its value before that step).
   auto prev_row = [&](int64_t step, int64_t b) -> int64_t {
@@ -185,7 +188,6 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
       gemm<T>(false, false, B, H, P, T(1), dh_step.data(), P, p.w_hr, H, T(0), dm.data(), H);
     }
     for_rows(B, G, [&](int64_t b0, int64_t b1) {
-      std::vector<T> dtot(size_t(std::max(H, P)));
       for (int64_t b = b0; b < b1; ++b) {
         T* dahb = dah_step.data() + b * G;
         if (step >= st.len(b)) {
@@ -199,8 +201,9 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
           if (s.proj) {
             dmb = dm.data() + b * H;
           } else {
-            for (int64_t j = 0; j < H; ++j) dtot[j] = g.grad_out[r * P + j] + g.dh[b * P + j];
-            dmb = dtot.data();
+            T* d = dm_rows.data() + b * H;
+            for (int64_t j = 0; j < H; ++j) d[j] = g.grad_out[r * P + j] + g.dh[b * P + j];
+            dmb = d;
             if (g.grad_norm) g.grad_norm[r] = norm_of(dmb, H);
           }
           const T* c_prev = pr < 0 ? p.c0 + b * H : p.cell + pr * H;
