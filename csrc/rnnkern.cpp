@@ -4,7 +4,10 @@
 
 #include <torch/library.h>
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 #include <string>
 
@@ -143,6 +146,25 @@ TORCH_LIBRARY(rnnkern, m) {
 namespace rnnkern {
 namespace {
 
+// A dtype as Python spells it (torch.float32), so an op's error reads as the API's.
+std::string dtype_str(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << s;
@@ -152,8 +174,8 @@ std::string shape_str(at::IntArrayRef s) {
 void check_float_like(const char* op, const char* name, const at::Tensor& t,
                       const at::Tensor& input) {
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name,
-                   " must have the input's dtype ", input.scalar_type(), ", got ",
-                   t.scalar_type());
+                   " must have the input's dtype ", dtype_str(input.scalar_type()), ", got ",
+                   dtype_str(t.scalar_type()));
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on the input's device ",
               input.device(), ", got ", t.device());
 }
@@ -178,7 +200,7 @@ void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int
   if (!lengths.has_value()) return;
   const at::Tensor& len = *lengths;
   TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, op,
-                   ": lengths must be an int64 tensor, got ", len.scalar_type());
+                   ": lengths must be an int64 tensor, got ", dtype_str(len.scalar_type()));
   TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be on the CPU, got ", len.device());
   check_shape(op, "lengths", len, {B}, "[B]");
   if (B > 0) {
@@ -213,7 +235,7 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
                     truncate);
   s.truncate = truncate;
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                   ": input must be float32 or float64, got ", input.scalar_type());
+                   ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I], got shape ",
                     shape_str(input.sizes()));
   TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D [H, H], got shape ",
@@ -281,6 +303,56 @@ Steps parse_steps(c10::string_view steps) {
   return Steps::kAll;  // unreachable
 }
 
+namespace {
+
+// The data checks of the loss's inputs, the only place they are made (the
+// Python API converts layouts and leaves them to the op). On the CPU a plain
+// scan: a chain of ATen reductions costs more than a tiny layer's whole call.
+void check_target_values(const char* op, const at::Tensor& target, int64_t O,
+                         int64_t ignore_index) {
+  const int64_t T = target.size(0), B = target.size(1);
+  auto fail = [&](int64_t t, int64_t b, int64_t v) {
+    TORCH_CHECK_VALUE(false, op, ": target must hold class indices in [0, O=", O,
+                      ") or ignore_index=", ignore_index, ", got ", v, " at [t=", t, ", b=", b, "]");
+  };
+  if (target.device().is_cpu()) {
+    const at::Tensor tc = target.contiguous();
+    const int64_t* p = tc.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < T * B; ++i)
+      if (p[i] != ignore_index && (p[i] < 0 || p[i] >= O)) fail(i / B, i % B, p[i]);
+    return;
+  }
+  const auto bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(O)));
+  if (bad.any().item<bool>()) {
+    const auto where = bad.nonzero()[0];
+    const int64_t t = where[0].item<int64_t>(), b = where[1].item<int64_t>();
+    fail(t, b, target[t][b].item<int64_t>());
+  }
+}
+
+// A NaN, infinite or negative weight would make every reduction NaN or meaningless.
+void check_mask_values(const char* op, const at::Tensor& m) {
+  auto fail = [&](double v) {
+    TORCH_CHECK_VALUE(false, op, ": loss_mask must be finite and >= 0, got ", v);
+  };
+  if (m.numel() == 0) return;
+  if (m.device().is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "check_mask", [&] {
+      const at::Tensor mc = m.contiguous();
+      const scalar_t* p = mc.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < mc.numel(); ++i) {
+        const double v = static_cast<double>(p[i]);
+        if (!(v >= 0) || !std::isfinite(v)) fail(v);
+      }
+    });
+    return;
+  }
+  const auto ok = m.ge(0).logical_and_(m.isfinite());
+  if (!ok.all().item<bool>()) fail(m.masked_select(ok.logical_not())[0].item<double>());
+}
+
+}  // namespace
+
 LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& input,
                          const at::Tensor& target, const at::Tensor& weight_out,
                          const c10::optional<at::Tensor>& bias_out,
@@ -318,38 +390,32 @@ LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& 
   if (spec.kind == LossKind::kCrossEntropy) {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
                      ": target must be int64 class indices for loss='cross_entropy', got ",
-                     target.scalar_type());
+                     dtype_str(target.scalar_type()));
     check_shape(op, "target", target, {s.T, s.B}, "[T, B]");
-    const auto bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(spec.O)));
-    if (bad.any().item<bool>()) {
-      const auto where = bad.nonzero()[0];
-      const int64_t t = where[0].item<int64_t>(), b = where[1].item<int64_t>();
-      TORCH_CHECK_VALUE(false, op, ": target must hold class indices in [0, O=", spec.O,
-                        ") or ignore_index=", ignore_index, ", got ",
-                        target[t][b].item<int64_t>(), " at [t=", t, ", b=", b, "]");
-    }
+    check_target_values(op, target, spec.O, ignore_index);
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), op,
-                     ": target must have the input's dtype ", input.scalar_type(),
-                     " for loss='mse', got ", target.scalar_type());
+                     ": target must have the input's dtype ", dtype_str(input.scalar_type()),
+                     " for loss='mse', got ", dtype_str(target.scalar_type()));
     check_shape(op, "target", target, {s.T, s.B, spec.O}, "[T, B, O]");
   }
   if (loss_mask.has_value()) {
     const at::Tensor& m = *loss_mask;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
-                     ": loss_mask must be bool or floating, got ", m.scalar_type());
+                     ": loss_mask must be bool or floating, got ", dtype_str(m.scalar_type()));
     TORCH_CHECK(m.device() == input.device(), op, ": loss_mask must be on the input's device ",
                 input.device(), ", got ", m.device());
     check_shape(op, "loss_mask", m, {s.T, s.B}, "[T, B]");
-    if (m.scalar_type() != at::kBool && m.numel() > 0) {
-      // A NaN or infinite weight would make every reduction NaN.
-      const auto ok = m.ge(0).logical_and_(m.isfinite());
-      TORCH_CHECK_VALUE(ok.all().item<bool>(), op, ": loss_mask must be finite and >= 0, got ",
-                        m.masked_select(ok.logical_not())[0].item<double>());
-    }
+    if (m.scalar_type() != at::kBool) check_mask_values(op, m);
   }
   if (spec.steps == Steps::kLast && s.B > 0) {
-    const int64_t lo = lengths.has_value() ? lengths->min().item<int64_t>() : s.T;
+    // check_lengths ran first: lengths are int64 [B] on the CPU.
+    int64_t lo = s.T;
+    if (lengths.has_value()) {
+      const at::Tensor lc = lengths->contiguous();
+      const int64_t* l = lc.const_data_ptr<int64_t>();
+      lo = *std::min_element(l, l + s.B);
+    }
     TORCH_CHECK_VALUE(lo >= 1, op, ": steps='last' needs every sequence to have a last step: ",
                       lengths.has_value() ? "lengths must be >= 1, got min " : "T must be >= 1, got ",
                       lo);
@@ -393,7 +459,7 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
 ElmanShape check_head_args(const char* op, const at::Tensor& h,
                            const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
-                   ": h must be float32 or float64, got ", h.scalar_type());
+                   ": h must be float32 or float64, got ", dtype_str(h.scalar_type()));
   TORCH_CHECK_VALUE(h.dim() == 3, op, ": h must be 3-D [T, B, P], got shape ",
                     shape_str(h.sizes()));
   ElmanShape s;
@@ -429,7 +495,7 @@ LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::T
                     truncate);
   s.truncate = truncate;
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                   ": input must be float32 or float64, got ", input.scalar_type());
+                   ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
   TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I], got shape ",
                     shape_str(input.sizes()));
   TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D [", G,

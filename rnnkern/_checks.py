@@ -2,8 +2,12 @@
 reference so both reject the same inputs with the same words.
 
 Each check raises before any kernel runs and names the argument, what was
-expected and what was given. The C++ ops check again (csrc/checks.h), since
-they can be called directly; these checks speak the API's layout.
+expected and what was given, in the API's layout (batch_first or not). Checks
+that read a tensor's values (the lengths' range, the targets' class range, the
+loss mask's values, steps='last' against the lengths) are made once, by the op
+(csrc/rnnkern.cpp), which direct op calls need too; the API leaves them to it.
+The reference, which calls no op, makes them with the same words through
+``check_length_values`` and ``check_loss_values``.
 """
 
 from __future__ import annotations
@@ -75,8 +79,9 @@ def check_truncate(truncate) -> Optional[int]:
 
 
 def check_lengths(lengths: LengthsLike, B: int, T: int) -> Optional[torch.Tensor]:
-    """lengths: (B,) int64 with 0 <= len <= T, or a list of B ints. Returns an
-    int64 CPU tensor (nn.RNN's packing also keeps lengths on the CPU)."""
+    """lengths: (B,) int64, or a list of B ints. Returns an int64 CPU tensor
+    (nn.RNN's packing also keeps lengths on the CPU). Their range, 0 <= len <= T,
+    is the op's check (check_length_values for the reference)."""
     if lengths is None:
         return None
     if isinstance(lengths, (list, tuple)):
@@ -86,18 +91,22 @@ def check_lengths(lengths: LengthsLike, B: int, T: int) -> Optional[torch.Tensor
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"lengths must be an int64 tensor of shape (B,) = ({B},), got {type(lengths).__name__}")
     if lengths.dtype != torch.int64:
-        raise TypeError(f"lengths must be an int64 tensor, got dtype {lengths.dtype}")
+        raise TypeError(f"lengths must be an int64 tensor, got {lengths.dtype}")
     if _shape(lengths) != (B,):
         raise ValueError(f"lengths must have shape (B,) = ({B},), got {_shape(lengths)}")
     if lengths.device.type == "meta":
         raise RuntimeError("lengths must hold values, on the CPU (or the input's device), "
                            "got a tensor on the meta device")
-    lengths = lengths.cpu()
-    if not _compiling() and B > 0:
+    return lengths.cpu()
+
+
+def check_length_values(lengths: Optional[torch.Tensor], T: int) -> None:
+    """The op's lengths range check (csrc/rnnkern.cpp check_lengths), same words,
+    for the reference, which calls no op."""
+    if lengths is not None and lengths.numel() > 0 and not _compiling():
         lo, hi = int(lengths.min()), int(lengths.max())
         if lo < 0 or hi > T:
             raise ValueError(f"lengths must be in [0, T={T}], got min {lo} and max {hi}")
-    return lengths
 
 
 def check_rnn_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
@@ -263,7 +272,8 @@ def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_fi
                     loss_mask, steps, reduction, ignore_index, label_smoothing):
     """Checks the loss arguments of rnnkern.functional.rnn_loss / rnnkern.reference.rnn_loss,
     after check_rnn_args checked the layer's (so input is a 3-D float tensor and
-    lengths an int64 CPU tensor or None).
+    lengths an int64 CPU tensor or None). The values of target, loss_mask and
+    lengths are the op's checks (check_loss_values for the reference).
 
     Returns (O, target, loss_mask, label_smoothing) with target and loss_mask
     time-major: target (T, B) or (T, B, O), loss_mask (T, B) or None."""
@@ -297,14 +307,6 @@ def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_fi
         if _shape(target) != shape:
             raise ValueError(f"target must have shape {letters} = {shape} for loss='cross_entropy', "
                              f"got {_shape(target)}")
-        if not _compiling() and target.numel() > 0:
-            bad = (target != ignore_index) & ((target < 0) | (target >= O))
-            if bool(bad.any()):
-                where = tuple(int(i) for i in bad.nonzero()[0])
-                names = "b, t" if batch_first else "t, b"
-                raise ValueError(f"target must hold class indices in [0, O={O}) or "
-                                 f"ignore_index={ignore_index}, got {int(target[where])} at "
-                                 f"[{names}] = {list(where)}")
     else:
         letters = "(B, T, O)" if batch_first else "(T, B, O)"
         shape = (B, T, O) if batch_first else (T, B, O)
@@ -329,19 +331,32 @@ def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_fi
         if _shape(loss_mask) != shape:
             raise ValueError(f"loss_mask must have shape {letters} = {shape}, got {_shape(loss_mask)}")
         _no_grad_wanted("loss_mask", loss_mask)
-        if loss_mask.dtype != torch.bool and not _compiling() and loss_mask.numel() > 0:
-            ok = (loss_mask >= 0) & loss_mask.isfinite()  # NaN or inf makes the loss NaN
-            if not bool(ok.all()):
-                raise ValueError(f"loss_mask must be finite and >= 0, got {float(loss_mask[~ok][0])}")
-
-    if steps == "last" and B > 0:
-        if lengths is None and T < 1:
-            raise ValueError(f"steps='last' needs every sequence to have a last step: T must be >= 1, got {T}")
-        if lengths is not None and not _compiling() and int(lengths.min()) < 1:
-            raise ValueError("steps='last' needs every sequence to have a last step: lengths must be "
-                             f">= 1, got min {int(lengths.min())}")
 
     def tm(t):
         return t.transpose(0, 1) if (batch_first and t is not None) else t
 
     return O, tm(target), tm(loss_mask), label_smoothing
+
+
+def check_loss_values(target, loss_mask, lengths, *, O, loss, steps, ignore_index) -> None:
+    """The op's data checks of the loss (csrc/rnnkern.cpp), same words, for the
+    reference, which calls no op. target and loss_mask time-major: (T, B)."""
+    if _compiling():
+        return
+    T, B = target.shape[:2]
+    if loss == "cross_entropy" and target.numel() > 0:
+        bad = (target != ignore_index) & ((target < 0) | (target >= O))
+        if bool(bad.any()):
+            t, b = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"target must hold class indices in [0, O={O}) or "
+                             f"ignore_index={ignore_index}, got {int(target[t, b])} at [t={t}, b={b}]")
+    if loss_mask is not None and loss_mask.dtype != torch.bool and loss_mask.numel() > 0:
+        ok = (loss_mask >= 0) & loss_mask.isfinite()  # NaN or inf makes the loss NaN
+        if not bool(ok.all()):
+            raise ValueError(f"loss_mask must be finite and >= 0, got {float(loss_mask[~ok][0]):g}")
+    if steps == "last" and B > 0:
+        if lengths is None and T < 1:
+            raise ValueError(f"steps='last' needs every sequence to have a last step: T must be >= 1, got {T}")
+        if lengths is not None and int(lengths.min()) < 1:
+            raise ValueError("steps='last' needs every sequence to have a last step: lengths must be "
+                             f">= 1, got min {int(lengths.min())}")

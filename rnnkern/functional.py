@@ -69,18 +69,27 @@ def rnn(
         batch_first=batch_first, lengths=lengths, truncate=truncate)
     check_bool("reverse", reverse)
     x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
+    output, h_n = _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                               nonlinearity=nonlinearity, lengths=lengths, truncate=truncate,
+                               reverse=reverse)
+    if batch_first:
+        output = output.transpose(0, 1)
+    return output, h_n
+
+
+def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity, lengths,
+                 truncate, reverse):
+    """One Elman layer, time-major, x [T,B,I] -> output [T,B,H], h_n [B,H]. The
+    arguments are the op's to check (the modules call this directly: their
+    parameters have the right shapes, and the op checks every call anyway)."""
     if hx is None:
         hx = x.new_zeros(x.shape[1], weight_hh.shape[0])
     inputs = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
               truncate or 0)
     if _inference(inputs):
-        output, h_n = _ops.elman_fwd(*inputs)
-    else:
-        fn = _Elman if torch.compiler.is_compiling() else _ElmanEager
-        output, h_n = fn.apply(*inputs)
-    if batch_first:
-        output = output.transpose(0, 1)
-    return output, h_n
+        return _ops.elman_fwd(*inputs)
+    fn = _Elman if torch.compiler.is_compiling() else _ElmanEager
+    return fn.apply(*inputs)
 
 
 class _Elman(torch.autograd.Function):
@@ -196,7 +205,8 @@ def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *
 
 def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, H, P, lengths,
                  truncate, reverse, grad_norm=None):
-    """One checked gated layer, time-major: x [T,B,I] -> output [T,B,P], h_n, c_n."""
+    """One gated layer, time-major: x [T,B,I] -> output [T,B,P], h_n, c_n; the
+    op checks the arguments (the modules call this directly, as _elman_layer)."""
     B = x.shape[1]
     if mode == "lstm":
         h0, c0 = hx if hx is not None else (x.new_zeros(B, P), x.new_zeros(B, H))  # [B,P], [B,H]

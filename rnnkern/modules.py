@@ -201,6 +201,10 @@ class _RecurrentBase(nn.RNNBase):
             raise ValueError(f"input dtype ({input.dtype}) does not match the RNN's weight dtype "
                              f"({w.dtype}): convert the input with input.to({w.dtype}) or the "
                              f"model with model.to({input.dtype})")
+        if input.device != w.device:
+            # RuntimeError, as nn.RNN's "Input and parameter tensors are not at the same device"
+            raise RuntimeError(f"input must be on the device of the module's parameters "
+                               f"{w.device}, got {input.device}")
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size: expected "
                                f"I={self.input_size}, got {input.shape[-1]} (input shape "
@@ -267,9 +271,10 @@ class RNN(_RecurrentBase):
 
     def _run_layer(self, x, state, weights, lengths, truncate, reverse):
         w_ih, w_hh, b_ih, b_hh = weights if self.bias else (*weights, None, None)
-        out, h = functional.rnn(x, None if state is None else state[0], w_ih, w_hh, b_ih, b_hh,
-                                nonlinearity="tanh" if self.mode == "RNN_TANH" else "relu",
-                                lengths=lengths, truncate=truncate, reverse=reverse)
+        out, h = functional._elman_layer(
+            x, None if state is None else state[0], w_ih, w_hh, b_ih, b_hh,
+            nonlinearity="tanh" if self.mode == "RNN_TANH" else "relu", lengths=lengths,
+            truncate=truncate, reverse=reverse)
         return out, (h,)
 
 
@@ -293,8 +298,10 @@ class GRU(_RecurrentBase):
 
     def _run_layer(self, x, state, weights, lengths, truncate, reverse):
         w_ih, w_hh, b_ih, b_hh = weights if self.bias else (*weights, None, None)
-        out, h = functional.gru(x, None if state is None else state[0], w_ih, w_hh, b_ih, b_hh,
-                                lengths=lengths, truncate=truncate, reverse=reverse)
+        H = self.hidden_size
+        out, h, _ = functional._gated_layer("gru", x, None if state is None else state[0], w_ih, w_hh, b_ih, b_hh, None, H=H,
+                                            P=H, lengths=lengths, truncate=truncate,
+                                            reverse=reverse)
         return out, (h,)
 
 
@@ -341,9 +348,11 @@ class LSTM(_RecurrentBase):
             w_ih, w_hh, b_ih, b_hh, *w_hr = weights
         else:
             (w_ih, w_hh, *w_hr), b_ih, b_hh = weights, None, None
-        out, (h, c) = functional.lstm(x, state, w_ih, w_hh, b_ih, b_hh,
-                                      w_hr[0] if w_hr else None, lengths=lengths,
-                                      truncate=truncate, reverse=reverse)
+        H = self.hidden_size
+        out, h, c = functional._gated_layer("lstm", x, state, w_ih, w_hh, b_ih, b_hh,
+                                            w_hr[0] if w_hr else None, H=H,
+                                            P=self.proj_size or H, lengths=lengths,
+                                            truncate=truncate, reverse=reverse)
         return out, (h, c)
 
 

@@ -25,7 +25,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import (MODES, LengthsLike, check_gated_args, check_layer_args, check_lengths, check_loss_args,
+from ._checks import (MODES, LengthsLike, check_gated_args, check_layer_args, check_length_values,
+                      check_lengths, check_loss_args, check_loss_values,
                       check_nonlinearity, check_rnn_args, check_tensor, check_truncate,
                       resolve_mode)
 from ._details import RNNLossDetails
@@ -279,6 +280,7 @@ def rnn(
     lengths, truncate = check_rnn_args(
         input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
+    check_length_values(lengths, input.shape[1] if batch_first else input.shape[0])
     H = weight_hh.shape[0]
     return _layer("rnn_" + nonlinearity, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
                   H=H, P=H, batch_first=batch_first, lengths=lengths, truncate=truncate,
@@ -322,6 +324,7 @@ def lstm(
     lengths, truncate, H, P = check_gated_args(
         "lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
+    check_length_values(lengths, input.shape[1] if batch_first else input.shape[0])
     return _layer("lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
@@ -359,6 +362,7 @@ def gru(
     lengths, truncate, H, P = check_gated_args(
         "gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
         batch_first=batch_first, lengths=lengths, truncate=truncate)
+    check_length_values(lengths, input.shape[1] if batch_first else input.shape[0])
     return _layer("gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
@@ -458,6 +462,9 @@ def rnn_loss(
         loss=loss, loss_mask=loss_mask, steps=steps, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
     T, B = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+    check_length_values(lengths, T)
+    check_loss_values(target, loss_mask, lengths, O=O, loss=loss, steps=steps,
+                      ignore_index=ignore_index)
 
     norms = input.new_full((T, B), float("nan"))  # [T,B], filled by backward
 

@@ -453,7 +453,7 @@ BAD_OURS_ONLY = {
                       ValueError, r"lengths must have shape \(B,\) = \(3,\), got \(2,\)"),
     "lengths dtype": (lambda: (torch.randn(T, B, I), None,
                                dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32))),
-                      TypeError, r"lengths must be an int64 tensor, got dtype torch.int32"),
+                      TypeError, r"lengths must be an int64 tensor, got torch.int32"),
     "lengths unbatched": (lambda: (torch.randn(T, I), None, dict(lengths=torch.tensor(3))),
                           ValueError, r"lengths must have shape \(B,\) = \(1,\), got \(\)"),
     "lengths with packed": (lambda: (packed(torch.randn(T, B, I)), None, dict(lengths=[7, 2, 5])),

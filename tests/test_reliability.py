@@ -243,7 +243,7 @@ def test_module_device_mismatch_is_runtime_error_as_nn():
     x = torch.randn(5, 3, 4, device="meta")
     with pytest.raises(RuntimeError):
         m_nn(x)
-    with pytest.raises(RuntimeError, match=r"must be on the input's device meta, got cpu"):
+    with pytest.raises(RuntimeError, match=r"input must be on the device of the module's parameters cpu, got meta"):
         m(x)
 
 
