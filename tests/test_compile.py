@@ -1,5 +1,6 @@
-"""torch.compile on models that use rnnkern.RNN: fullgraph, dynamic T and B,
-packed input, all against eager; nn.RNN itself cannot compile fullgraph."""
+"""torch.compile on models that use rnnkern.RNN, LSTM and GRU: fullgraph,
+dynamic T and B, packed input, all against eager; nn.RNN itself cannot compile
+fullgraph."""
 
 import pytest
 import torch
@@ -41,13 +42,16 @@ def run(model, x, *args, **kw):
     leaf = x.data if isinstance(x, PackedSequence) else x
     leaf.grad = None
     y, h_n = model(x, *args, **kw)
-    (y.square().mean() + h_n.sin().sum()).backward()
-    return [y, h_n, leaf.grad] + [p.grad for p in model.parameters()]
+    states = h_n if isinstance(h_n, tuple) else (h_n,)  # the LSTM's (h_n, c_n)
+    (y.square().mean() + sum(h.sin().sum() for h in states)).backward()
+    return [y, *states, leaf.grad] + [p.grad for p in model.parameters()]
 
 
-def assert_all_close(got, want, tol):
-    params = Tagger(rnnkern.RNN).named_parameters()
-    names = ["y", "h_n", "grad input"] + [f"grad {n}" for n, _ in params]
+def assert_all_close(got, want, tol, model):
+    params = model.named_parameters()
+    states = ["h_n", "c_n"] if isinstance(model.rnn, rnnkern.LSTM) else ["h_n"]
+    names = ["y", *states, "grad input"] + [f"grad {n}" for n, _ in params]
+    assert len(got) == len(want) == len(names)
     for name, a, b in zip(names, got, want):
         assert_close(a, b, tol, name)
 
@@ -57,20 +61,22 @@ def test_fullgraph_matches_eager():
     compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(3, 9, I, requires_grad=True)  # (B, T, I)
     hx = torch.randn(4, 3, H)
-    assert_all_close(run(compiled, x, hx), run(model, x, hx), TOL[torch.float32])
+    assert_all_close(run(compiled, x, hx), run(model, x, hx), TOL[torch.float32], model)
 
 
-def test_dynamic_shapes_compile_once():
-    """dynamic=True: new T and B (and lengths) reuse the graph. B >= 2 since
-    Dynamo specialises sizes 0 and 1."""
-    model = Tagger(rnnkern.RNN, num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("cls", [rnnkern.RNN, rnnkern.LSTM, rnnkern.GRU],
+                         ids=["rnn", "lstm", "gru"])
+def test_dynamic_shapes_compile_once(cls):
+    """dynamic=True: new T and B (and lengths) reuse the graph, for every cell.
+    B >= 2 since Dynamo specialises sizes 0 and 1."""
+    model = Tagger(cls, num_layers=2, bidirectional=True)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     for i, (T, B) in enumerate([(5, 2), (11, 4), (3, 7), (8, 3)]):
         x = torch.randn(T, B, I, requires_grad=True)
         lengths = torch.randint(0, T + 1, (B,))
         with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
             got = run(compiled, x, None, lengths)
-        assert_all_close(got, run(model, x, None, lengths), TOL[torch.float32])
+        assert_all_close(got, run(model, x, None, lengths), TOL[torch.float32], model)
 
 
 def test_packed_input_compiles():
@@ -80,7 +86,7 @@ def test_packed_input_compiles():
     for enforce_sorted, lengths in ((True, [7, 5, 2]), (False, [2, 7, 5])):
         packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
         packed.data.requires_grad_()
-        assert_all_close(run(compiled, packed), run(model, packed), TOL[torch.float32])
+        assert_all_close(run(compiled, packed), run(model, packed), TOL[torch.float32], model)
 
 
 def test_double_backward_raises_when_compiled():

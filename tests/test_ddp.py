@@ -1,6 +1,6 @@
-"""DistributedDataParallel over rnnkern.RNN: two processes (gloo, 127.0.0.1)
-each train on half of every batch; their parameters must equal those of one
-process trained on the whole batches."""
+"""DistributedDataParallel over rnnkern.RNN, LSTM and GRU: two processes
+(gloo, 127.0.0.1) each train on half of every batch; their parameters must
+equal those of one process trained on the whole batches."""
 
 import datetime
 import os
@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import pytest
+
 import rnnkern
 from helpers import TOL, assert_close
 
@@ -19,20 +21,23 @@ WORLD, STEPS = 2, 3
 T, B_HALF, I, H, O = 9, 3, 4, 5, 2
 
 
+CELLS = {"rnn": rnnkern.RNN, "lstm": rnnkern.LSTM, "gru": rnnkern.GRU}
+
+
 class Tagger(nn.Module):
-    def __init__(self):
+    def __init__(self, cell):
         super().__init__()
-        self.rnn = rnnkern.RNN(I, H, 2, batch_first=True, bidirectional=True, dtype=torch.float64)
+        self.rnn = CELLS[cell](I, H, 2, batch_first=True, bidirectional=True, dtype=torch.float64)
         self.head = nn.Linear(2 * H, O, dtype=torch.float64)
 
     def forward(self, x, lengths):
         return self.head(self.rnn(x, lengths=lengths)[0])  # (B, T, O)
 
 
-def make_model():
+def make_model(cell):
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return Tagger()
+        return Tagger(cell)
 
 
 def batch(step):
@@ -56,13 +61,13 @@ def train(model, rows):
         opt.step()
 
 
-def worker(rank, port, path):
+def worker(rank, port, path, cell):
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        model = DistributedDataParallel(make_model())
+        model = DistributedDataParallel(make_model(cell))
         train(model, slice(rank * B_HALF, (rank + 1) * B_HALF))
         torch.save(model.module.state_dict(), f"{path}.{rank}")
     finally:
@@ -79,10 +84,11 @@ def rel_change(p, p0):
     return ((p - p0).abs().max() / p0.abs().max()).item()
 
 
-def test_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_ddp_equals_one_process_on_the_whole_batch(tmp_path, cell):
     path = str(tmp_path / "state")
-    mp.spawn(worker, args=(free_port(), path), nprocs=WORLD, join=True)
-    single = make_model()
+    mp.spawn(worker, args=(free_port(), path, cell), nprocs=WORLD, join=True)
+    single = make_model(cell)
     initial = {n: p.detach().clone() for n, p in single.named_parameters()}
     train(single, slice(None))
     for rank in range(WORLD):
