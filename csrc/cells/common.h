@@ -20,6 +20,10 @@ template <typename T>
 struct MathOf {
   static RNNKERN_HD T exp(T x) { return std::exp(x); }
   static RNNKERN_HD T tanh(T x) { return std::tanh(x); }
+  // relu and its backward from the output h: NaN passes through both, as
+  // ATen's relu and threshold_backward (h <= 0 is false for NaN).
+  static RNNKERN_HD T relu(T x) { return x <= T(0) ? T(0) : x; }
+  static RNNKERN_HD T relu_backward(T g, T h) { return h <= T(0) ? T(0) : g; }
 };
 
 template <typename T>

@@ -19,9 +19,10 @@ namespace rnnkern {
 // passed as the nonlinearity's name and mapped here once, in parse_activation).
 enum class Activation : int64_t { kTanh = 0, kRelu = 1 };
 
+// T is a scalar or a vector type (MathOf<T> supplies tanh and relu).
 template <typename T>
 RNNKERN_HD T act_forward(Activation a, T z) {
-  return a == Activation::kTanh ? std::tanh(z) : (z <= T(0) ? T(0) : z);  // NaN stays NaN
+  return a == Activation::kTanh ? cells::tanh_(z) : cells::MathOf<T>::relu(z);
 }
 
 // dL/dz from g = dL/dh and the output h = act(z):
@@ -29,7 +30,7 @@ RNNKERN_HD T act_forward(Activation a, T z) {
 //   threshold_backward)
 template <typename T>
 RNNKERN_HD T act_backward(Activation a, T g, T h) {
-  return a == Activation::kTanh ? g * (T(1) - h * h) : (h <= T(0) ? T(0) : g);
+  return a == Activation::kTanh ? g * (T(1) - h * h) : cells::MathOf<T>::relu_backward(g, h);
 }
 
 }  // namespace rnnkern

@@ -14,6 +14,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../cells/elman.h"
 #include "../cells/gru.h"
 #include "../cells/lstm.h"
 #include "vec_kernels.h"
@@ -80,31 +81,30 @@ inline Vectorized<double> tanh_vec(Vectorized<double> v) { return v.tanh(); }
 }  // namespace rnnkern::cpu
 
 // The cells' elementary functions on this capability's vectors: Sleef's exp
-// (1 ulp) and the tanh above.
+// (1 ulp), the tanh above, and relu as ATen's (maximum and blendv keep NaN).
 namespace rnnkern::cells {
 template <typename S>
 struct MathOf<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V exp(V x) { return x.exp(); }
   static V tanh(V x) { return rnnkern::cpu::RNNKERN_CAP::tanh_vec(x); }
+  static V relu(V x) { return at::vec::maximum(x, V(S(0))); }
+  static V relu_backward(V g, V h) { return V::blendv(g, V(S(0)), h <= V(S(0))); }
 };
 }  // namespace rnnkern::cells
 
 namespace rnnkern::cpu {
 namespace RNNKERN_CAP {
 
+// The Elman cell's activation and its backward (cells/elman.h), a vector at a time.
 template <typename T>
 inline Vectorized<T> act_vec(Activation a, Vectorized<T> v) {
-  return a == Activation::kTanh ? tanh_vec(v) : at::vec::maximum(v, Vectorized<T>(T(0)));
+  return act_forward(a, v);
 }
 
-// dL/dz from g = dL/dh and h = act(z) (cells/elman.h's act_backward, a vector
-// at a time). relu passes g where h is not <= 0, NaN included, as ATen's
-// threshold_backward does: a NaN state propagates like nn.RNN's on every path.
 template <typename T>
 inline Vectorized<T> act_backward_vec(Activation a, Vectorized<T> g, Vectorized<T> h) {
-  using V = Vectorized<T>;
-  return a == Activation::kTanh ? g * (V(T(1)) - h * h) : V::blendv(g, V(T(0)), h <= V(T(0)));
+  return act_backward(a, g, h);
 }
 
 template <typename T>
