@@ -87,9 +87,8 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
     inputs = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
               truncate or 0)
     if _inference(inputs):
-        return _ops.elman_fwd(*inputs)
-    fn = _Elman if torch.compiler.is_compiling() else _ElmanEager
-    return fn.apply(*inputs)
+        return _below_autograd(_ops.elman_fwd, *inputs)
+    return _apply_elman(*inputs)
 
 
 class _Elman(torch.autograd.Function):
@@ -106,15 +105,6 @@ class _Elman(torch.autograd.Function):
 
     setup_context = staticmethod(_ops.elman_fwd_setup)
     backward = staticmethod(_ops.elman_fwd_backward)
-
-
-class _ElmanEager(_Elman):
-    """_Elman, refusing forward-mode AD by name (Dynamo traces no Function
-    with a jvp, so compiled code calls _Elman)."""
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _ops.no_forward_ad("rnnkern.functional.rnn")
 
 
 class _Layer(torch.autograd.Function):
@@ -156,22 +146,6 @@ class _HeadLoss(torch.autograd.Function):
     backward = staticmethod(_ops.head_loss_backward)
 
 
-class _HeadLossEager(_HeadLoss):
-    """_HeadLoss, refusing forward-mode AD by name (see _ElmanEager)."""
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _ops.no_forward_ad("rnnkern.functional.rnn_loss")
-
-
-class _LayerEager(_Layer):
-    """_Layer, refusing forward-mode AD by name (see _ElmanEager)."""
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _ops.no_forward_ad("rnnkern.functional.lstm / gru")
-
-
 def _inference(inputs) -> bool:
     """True where no gradient can be asked for: grad mode off, or no tensor
     requiring one, outside torch.func's transforms, forward-mode AD and
@@ -186,6 +160,54 @@ def _inference(inputs) -> bool:
         return False
     return not torch.is_grad_enabled() or not any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
+
+
+def _variants(base, what: str):
+    """How a Function ``base`` (setup_context style) is applied, by context:
+    compiled code applies ``base`` (Dynamo traces it); torch.func's transforms
+    apply it with a jvp that refuses forward mode by name (Dynamo traces no
+    Function with a jvp); plain eager autograd applies an old-style twin that
+    calls the op below the autograd dispatch key. The twin computes the same
+    thing: the Function is what differentiates it, so the op's own registered
+    autograd (for torch.export) is skipped, and with it a Python redispatch
+    and torch's per-call signature binding of setup_context Functions, which
+    cost more than a tiny layer's whole call."""
+
+    def jvp(ctx, *tangents):
+        _ops.no_forward_ad(what)
+
+    eager = type(base.__name__ + "Eager", (base,), {"jvp": staticmethod(jvp)})
+
+    def forward(ctx, *inputs):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            output = base.forward(*inputs)
+        base.setup_context(ctx, inputs, output)
+        return output
+
+    fast = type(base.__name__ + "Fast", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(base.backward),
+                 "jvp": staticmethod(jvp)})
+
+    def apply(*inputs):
+        if torch.compiler.is_compiling():
+            return base.apply(*inputs)
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return eager.apply(*inputs)
+        return fast.apply(*inputs)
+
+    return apply
+
+
+def _below_autograd(op, *inputs):
+    """An op call where no gradient can be asked for (see _inference), past its
+    registered autograd kernel."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        return op(*inputs)
+
+
+_apply_elman = _variants(_Elman, "rnnkern.functional.rnn")
+_apply_layer = _variants(_Layer, "rnnkern.functional.lstm / gru")
+_apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss")
 
 
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
@@ -215,10 +237,9 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
               truncate or 0)
     if _inference(inputs):
-        output, h_n, c_n, *_ = _ops.layer_fwd(*inputs)
+        output, h_n, c_n, *_ = _below_autograd(_ops.layer_fwd, *inputs)
     else:
-        fn = _Layer if torch.compiler.is_compiling() else _LayerEager
-        output, h_n, c_n, *_ = fn.apply(grad_norm, *inputs)
+        output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
     return output, h_n, c_n
 
 
@@ -313,12 +334,7 @@ class _ElmanLoss(torch.autograd.Function):
         return (None, *grads, *([None] * 9))
 
 
-class _ElmanLossEager(_ElmanLoss):
-    """_ElmanLoss, refusing forward-mode AD by name (see _ElmanEager)."""
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _ops.no_forward_ad("rnnkern.functional.rnn_loss")
+_apply_elman_loss = _variants(_ElmanLoss, "rnnkern.functional.rnn_loss")
 
 
 def rnn_loss(
@@ -423,10 +439,9 @@ def rnn_loss(
               needs_grad, int(_chunk_rows), truncate or 0)
     grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
     if _inference(inputs):
-        value, _, h_n, step_loss, *_ = _ops.elman_loss_fwd(*inputs)
+        value, _, h_n, step_loss, *_ = _below_autograd(_ops.elman_loss_fwd, *inputs)
     else:
-        fn = _ElmanLoss if torch.compiler.is_compiling() else _ElmanLossEager
-        value, _, h_n, step_loss, *_ = fn.apply(grad_norm, *inputs)
+        value, _, h_n, step_loss, *_ = _apply_elman_loss(grad_norm, *inputs)
     if reduction == "none" and batch_first:
         value = value.transpose(0, 1)
     if not return_details:
@@ -458,8 +473,7 @@ def _gated_loss(mode, input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                     reverse=False, grad_norm=grad_norm)  # output [T,B,P]
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in (output, weight_out, bias_out))
-    fn = _HeadLoss if torch.compiler.is_compiling() else _HeadLossEager
-    value, step_loss, *_ = fn.apply(output, target, weight_out, bias_out, lengths, loss_mask,
+    value, step_loss, *_ = _apply_head_loss(output, target, weight_out, bias_out, lengths, loss_mask,
                                     loss, steps, reduction, ignore_index, label_smoothing,
                                     needs_grad, int(chunk_rows))
     if reduction == "none" and batch_first:

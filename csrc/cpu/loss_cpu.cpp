@@ -203,8 +203,10 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   auto logits_buf = at::empty({C, O}, opts);                           // [C,O]
   auto h_buf = all_rows ? at::Tensor() : at::empty({C, H}, opts);      // [C,H] gathered rows
   auto dh_buf = all_rows || !grads ? at::Tensor() : at::empty({C, H}, opts);  // [C,H]
-  const HeadWeight w_for_logits(w_out, true, C);
-  const HeadWeight w_for_dh = grads ? HeadWeight(w_out, false, C) : HeadWeight(w_out, false, 0);
+  // Packing pays only when a sweep has chunks to reuse it (rows 0: no packing).
+  const int64_t pack_rows = n_active > C ? C : 0;
+  const HeadWeight w_for_logits(w_out, true, pack_rows);
+  const HeadWeight w_for_dh(w_out, false, grads ? pack_rows : 0);
 
   const T* cp = coef.const_data_ptr<T>();
   T* lp = step_loss.defined() ? step_loss.data_ptr<T>() : nullptr;
