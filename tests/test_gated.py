@@ -80,6 +80,18 @@ def test_kernel_equals_reference(case):
             truncate=case["truncate"])
 
 
+@pytest.mark.parametrize("case", product(cell=CELLS, H=[256, 257], lengths=[False, True],
+                                         reverse=[False, True]), ids=str)
+def test_fused_and_blas_steps_both_equal_the_reference(case):
+    """H = 256 runs the fused register-tiled steps (with lengths and reverse
+    together, the per-step BLAS loop), H = 257 the BLAS loop; both against the
+    reference in float64, B = 5 for a partial row tile."""
+    T, B, I, H = 4, 5, 3, case["H"]
+    d = make_gated(case["cell"], T, B, I, H, seed=11)
+    lengths = torch.tensor([4, 0, 2, 3, 1]) if case["lengths"] else None
+    compare(case["cell"], d, 1e-10, lengths=lengths, reverse=case["reverse"], truncate=3)
+
+
 @pytest.mark.parametrize("case", product(cell=["lstm"], bias=[True, False], hx=[True, False],
                                          proj=[False, True], batch_first=[False, True])
                          + product(cell=["gru"], bias=[True, False], hx=[True, False],

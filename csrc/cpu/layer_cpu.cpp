@@ -69,8 +69,91 @@ void for_rows(int64_t B, int64_t width, const F& f) {
 // Forward
 // ---------------------------------------------------------------------------
 
+// The fused steps (VecKernels::gated_fwd_step) keep the packed W_hh in cache
+// for the whole sequence and never write ah; past this H its [4H,H] no longer
+// fits L2 and a per-step BLAS call, with its cache blocking, takes over.
+constexpr int64_t kGatedFusedMaxH = 256;
+// Work (multiply-adds over the sequence) below which the fused loop keeps to one thread.
+constexpr int64_t kGatedLoopGrainFma = int64_t(1) << 18;
+
+// Reverse with lengths reads each sequence at its own time index, which one
+// step at one time index per call does not express; a projection puts a GEMM
+// between the cell and h.
+bool gated_fused_path(const LayerShape& s) {
+  return !s.proj && s.H <= kGatedFusedMaxH && !(s.reverse && s.lengths);
+}
+
+// W_hh [NG*H, H] (gate g's rows g*H..) -> M [H, NB*NG*VL] gate-interleaved:
+// M[k][(jb*NG + g)*VL + l] = W_hh[g*H + jb*VL + l][k], zero past unit H, so a
+// register tile loads all NG gates of VL units from one contiguous run.
+template <typename T>
+std::vector<T> pack_gates(const T* w, int64_t H, int64_t NG, int64_t VL, int64_t* NB) {
+  *NB = (H + VL - 1) / VL;
+  const int64_t ld = *NB * NG * VL;
+  std::vector<T> m(size_t(H * ld), T(0));
+  for (int64_t g = 0; g < NG; ++g)
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t col = ((j / VL) * NG + g) * VL + j % VL;
+      for (int64_t k = 0; k < H; ++k) m[size_t(k * ld + col)] = w[(g * H + j) * H + k];
+    }
+  return m;
+}
+
+// The fused forward: each thread runs the whole time loop over its own row
+// tiles (sequences are independent), one fork/join per call. Row-wise work
+// only, so the results do not depend on the thread count.
+template <typename T>
+void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n) {
+  const int64_t B = s.B, H = s.H, G = s.G, S = 4 * H;
+  const VecKernels<T>& vk = vec_kernels_for<T>();
+  const bool lstm = s.cell == CellKind::kLstm;
+  const int64_t ng = lstm ? 4 : 3;
+  const Steps st{s};
+  const int64_t t_max = st.max_len();
+  int64_t NB = 0;
+  const std::vector<T> mp = pack_gates(p.w_hh, H, ng, vk.pack_width, &NB);
+  if (lstm) std::memcpy(c_n, p.c0, sizeof(T) * B * H);
+  const int64_t rb = vk.gated_row_block, tiles = (B + rb - 1) / rb;
+  const int64_t grain = B * s.T * G * H >= kGatedLoopGrainFma ? 1 : tiles;
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t b0 = t0 * rb, b1 = std::min(B, t1 * rb);
+    GatedStepArgs<T> a;
+    a.ng = int(ng);
+    a.H = H, a.NB = NB;
+    a.mp = mp.data();
+    a.lens = s.lengths;
+    a.b_hh = p.b_hh;
+    a.c = c_n;
+    for (int64_t step = 0; step < s.T; ++step) {
+      // One time index per step: without lengths when reversed, so it is uniform.
+      const int64_t t = s.reverse ? s.T - 1 - step : step;
+      if (step >= t_max) {  // every sequence has ended: zeros, as for any padded step
+        std::memset(p.out + (t * B + b0) * H, 0, sizeof(T) * (b1 - b0) * H);
+        std::memset(p.gates + (t * B + b0) * S, 0, sizeof(T) * (b1 - b0) * S);
+        if (lstm) std::memset(p.cell + (t * B + b0) * H, 0, sizeof(T) * (b1 - b0) * H);
+        continue;
+      }
+      a.a = step == 0 ? p.h0 : p.out + (s.reverse ? t + 1 : t - 1) * B * H;
+      a.step = step;
+      a.ax = p.ax + t * B * G;
+      a.out = p.out + t * B * H;
+      a.gates = p.gates + t * B * S;
+      a.cell = lstm ? p.cell + t * B * H : nullptr;
+      vk.gated_fwd_step(a, b0, b1);
+    }
+  });
+  // h_n: each sequence's last processed step (h0 for an empty one); c_n is
+  // the running c, which steps past a sequence's end leave alone.
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = st.len(b);
+    const T* src = len == 0 ? p.h0 + b * H : p.out + ((s.reverse ? 0 : len - 1) * B + b) * H;
+    std::memcpy(h_n + b * H, src, sizeof(T) * H);
+  }
+}
+
 template <typename T>
 void layer_fwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n) {
+  if (gated_fused_path(s)) return layer_fwd_fused(s, p, h_n, c_n);
   const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const bool lstm = s.cell == CellKind::kLstm;

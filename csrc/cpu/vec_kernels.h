@@ -51,6 +51,34 @@ struct StepArgs {
   T* dz = nullptr;
 };
 
+// One fused forward step of a gated cell without a projection (P = H), for
+// rows [b0, b1): the recurrent GEMM ah = a W_hh^T on a register tile that holds
+// all NG gates (4 LSTM, 3 GRU) of one vector of hidden units, then the cell's
+// pointwise forward (cells/lstm.h, gru.h) on the accumulators, in registers.
+//   a    [B,H] h_prev (row stride H)
+//   mp   W_hh packed gate-interleaved (pack_gates): [H, NB*NG*VL], column
+//        (jb*NG + g)*VL + l holding unit jb*VL + l of gate g, zero padded
+//   lens [B] or null; a row is active at `step` if step < lens[b]; inactive
+//        rows get 0 in out, gates and cell and leave c alone
+//   ax   [B,NG*H] the step's input projection (LSTM: + b_ih + b_hh; GRU: + b_ih)
+//   b_hh [3H] GRU (added to ah) or null
+//   out  [B,H] h_t;  gates [B,4H];  cell [B,H] (LSTM c_t);  c [B,H] running c (LSTM)
+template <typename T>
+struct GatedStepArgs {
+  int ng = 4;
+  int64_t H = 0, NB = 0;
+  const T* a = nullptr;
+  const T* mp = nullptr;
+  const int64_t* lens = nullptr;
+  int64_t step = 0;
+  const T* ax = nullptr;
+  const T* b_hh = nullptr;
+  T* out = nullptr;
+  T* gates = nullptr;
+  T* cell = nullptr;
+  T* c = nullptr;
+};
+
 template <typename T>
 struct VecKernels {
   // Padding width of packed matrices and the row block of the fused steps
@@ -85,6 +113,9 @@ struct VecKernels {
                       T* h);
   // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out; dax, dah [3H] out.
   void (*gru_bwd_row)(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah);
+  // The fused gated step (GatedStepArgs) and its row block.
+  void (*gated_fwd_step)(const GatedStepArgs<T>& p, int64_t b0, int64_t b1);
+  int64_t gated_row_block;
 };
 
 struct VecKernelTable {

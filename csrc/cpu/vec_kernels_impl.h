@@ -407,12 +407,106 @@ void gru_bwd_row(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah
   }
 }
 
+// ---------------------------------------------------------------------------
+// The fused gated step: a tile of R rows x NG gate vectors of one unit block.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct GatedTiling {
+  // R*NG accumulators + NG loads + a broadcast: 4 rows (21 of 32 zmm) with
+  // AVX-512, 2 rows (13 of 16 ymm) otherwise.
+  static constexpr int RB = Vectorized<T>::size() * sizeof(T) >= 64 ? 4 : 2;
+};
+
+template <typename T, int NG, int R>
+inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  const int64_t H = p.H, ld = p.NB * NG * VL;
+  V acc[R][NG];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
+  const T* a = p.a + b * H;
+  const T* m = p.mp + jb * NG * VL;
+  for (int64_t k = 0; k < H; ++k, m += ld) {
+    V mv[NG];
+#pragma GCC unroll 4
+    for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const V ar(a[r * H + k]);
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(ar, mv[g], acc[r][g]);
+    }
+  }
+  const int64_t j = jb * VL;
+  const int n = int(std::min<int64_t>(VL, H - j));
+  const int64_t S = 4 * H;  // the gates' row width, both cells
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = b + r;
+    T* gr = p.gates + row * S + j;
+    if (!active(p.lens, row, p.step)) {
+      const V zero(T(0));
+      zero.store(p.out + row * H + j, n);
+      for (int g = 0; g < 4; ++g) zero.store(gr + g * H, n);
+      if constexpr (NG == 4) zero.store(p.cell + row * H + j, n);
+      continue;
+    }
+    const T* axr = p.ax + row * NG * H + j;
+    if constexpr (NG == 4) {
+      V i, f, g, o, cn, mn;
+      cells::lstm::forward<V>(acc[r][0] + V::loadu(axr, n), acc[r][1] + V::loadu(axr + H, n),
+                              acc[r][2] + V::loadu(axr + 2 * H, n),
+                              acc[r][3] + V::loadu(axr + 3 * H, n), V::loadu(p.c + row * H + j, n),
+                              i, f, g, o, cn, mn);
+      i.store(gr, n);
+      f.store(gr + H, n);
+      g.store(gr + 2 * H, n);
+      o.store(gr + 3 * H, n);
+      cn.store(p.cell + row * H + j, n);
+      cn.store(p.c + row * H + j, n);
+      mn.store(p.out + row * H + j, n);
+    } else {
+      V ah[3] = {acc[r][0], acc[r][1], acc[r][2]};
+      if (p.b_hh)
+        for (int g = 0; g < 3; ++g) ah[g] = ah[g] + V::loadu(p.b_hh + g * H + j, n);
+      V rr, z, nn, hn;
+      cells::gru::forward<V>(V::loadu(axr, n), V::loadu(axr + H, n), V::loadu(axr + 2 * H, n),
+                             ah[0], ah[1], ah[2], V::loadu(p.a + row * H + j, n), rr, z, nn, hn);
+      rr.store(gr, n);
+      z.store(gr + H, n);
+      nn.store(gr + 2 * H, n);
+      ah[2].store(gr + 3 * H, n);
+      hn.store(p.out + row * H + j, n);
+    }
+  }
+}
+
+template <typename T, int NG>
+void gated_fwd_step_ng(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
+  constexpr int RB = GatedTiling<T>::RB;
+  for (int64_t jb = 0; jb < p.NB; ++jb) {
+    int64_t b = b0;
+    for (; b + RB <= b1; b += RB) gated_tile<T, NG, RB>(p, b, jb);
+    for (; b < b1; ++b) gated_tile<T, NG, 1>(p, b, jb);
+  }
+}
+
+template <typename T>
+void gated_fwd_step(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
+  if (p.ng == 4) gated_fwd_step_ng<T, 4>(p, b0, b1);
+  else gated_fwd_step_ng<T, 3>(p, b0, b1);
+}
+
 template <typename T>
 VecKernels<T> make() {
   return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
           &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
-          &gru_bwd_row<T>};
+          &gru_bwd_row<T>, &gated_fwd_step<T>, GatedTiling<T>::RB};
 }
 
 }  // namespace RNNKERN_CAP
