@@ -228,8 +228,78 @@ T norm_of(const T* v, int64_t n) {
   return T(std::sqrt(acc));
 }
 
+// The fused backward (VecKernels::gated_bwd_step), on the fused forward's
+// paths: per step the carry from the step after is a register-tiled GEMM with
+// the packed W_hh whose epilogue is the cell's backward, each thread running
+// the whole loop over its own row tiles. Same semantics as the loop below.
+template <typename T>
+void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGradPtrs<T>& g) {
+  const int64_t B = s.B, H = s.H, G = s.G, S = 4 * H;
+  const VecKernels<T>& vk = vec_kernels_for<T>();
+  const bool lstm = s.cell == CellKind::kLstm;
+  const Steps st{s};
+  const int64_t t_max = st.max_len();
+  // M = W_hh [G,H] as it is (carry = dah W_hh), rows padded to the vector width.
+  const int64_t NP = (H + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
+  std::vector<T> mp(size_t(G * NP), T(0));
+  for (int64_t k = 0; k < G; ++k) std::memcpy(mp.data() + k * NP, p.w_hh + k * H, sizeof(T) * H);
+  std::vector<T> dtot(g.grad_norm ? size_t(B * H) : 0);
+  auto time_of = [&](int64_t step) { return s.reverse ? s.T - 1 - step : step; };
+  const int64_t rb = vk.row_block, tiles = (B + rb - 1) / rb;
+  const int64_t grain = B * s.T * G * H >= kGatedLoopGrainFma ? 1 : tiles;
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    const int64_t b0 = t0 * rb, b1 = std::min(B, t1 * rb);
+    auto cut_rows = [&] {
+      std::memset(g.dh + b0 * H, 0, sizeof(T) * (b1 - b0) * H);
+      if (lstm) std::memset(g.dc + b0 * H, 0, sizeof(T) * (b1 - b0) * H);
+    };
+    GatedBwdArgs<T> a;
+    a.ng = lstm ? 4 : 3;
+    a.H = H, a.K = G, a.NP = NP, a.lda = G;
+    a.mp = mp.data();
+    a.lens = s.lengths;
+    a.dh = g.dh;
+    a.dc = g.dc;
+    a.dtot = g.grad_norm ? dtot.data() : nullptr;
+    const T* dah_next = nullptr;  // dL/dah of the step processed before (step + 1), or none
+    for (int64_t step = s.T - 1; step >= 0; --step) {
+      const int64_t t = time_of(step);
+      if (step >= t_max) {  // every sequence has ended: only a cut acts
+        if (st.cut_before(step)) cut_rows();
+        continue;
+      }
+      a.a = dah_next;
+      a.step = step, a.step_a = step + 1;
+      a.grad_out = g.grad_out + t * B * H;
+      a.gates = p.gates + t * B * S;
+      a.cell = lstm ? p.cell + t * B * H : nullptr;
+      a.prev = step == 0 ? (lstm ? p.c0 : p.h0)
+                         : (lstm ? p.cell : p.out) + time_of(step - 1) * B * H;
+      a.dax = g.dax + t * B * G;
+      a.dah = g.dah + t * B * G;
+      vk.gated_bwd_step(a, b0, b1);
+      if (g.grad_norm)
+        for (int64_t b = b0; b < b1; ++b)
+          if (step < st.len(b)) g.grad_norm[t * B + b] = norm_of(dtot.data() + b * H, H);
+      if (st.cut_before(step)) {
+        cut_rows();
+        dah_next = nullptr;
+      } else {
+        dah_next = g.dah + t * B * G;
+      }
+    }
+    if (dah_next) {  // dL/dh0 from the first step's gates
+      a.a = dah_next;
+      a.step_a = 0;
+      a.final_carry = true;
+      vk.gated_bwd_step(a, b0, b1);
+    }
+  });
+}
+
 template <typename T>
 void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGradPtrs<T>& g) {
+  if (gated_fused_path(s)) return layer_bwd_fused(s, p, g);
   const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const bool lstm = s.cell == CellKind::kLstm;

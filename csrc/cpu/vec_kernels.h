@@ -79,6 +79,43 @@ struct GatedStepArgs {
   T* c = nullptr;
 };
 
+// One fused backward step of a gated cell without a projection, for rows
+// [b0, b1): the carry a W_hh (a = the previous processed step's dL/dah) on a
+// register tile of units, then the cell's pointwise backward (cells/lstm.h,
+// gru.h) on it. Per row b and unit j, with inc the gradient reaching h_t from
+// later steps:
+//   inc = a_b W_hh[:, j] (LSTM) or dh[b,j] + a_b W_hh[:, j] (GRU, dh holding the
+//         direct part z * dh of the step after) for rows active at step_a;
+//         dh[b,j] otherwise (a frozen state passes its gradient through; a is
+//         null at the first processed step and after a truncation cut);
+//   dL/dh_t = grad_out + inc, into dtot when given (for ||dL/dh_t||), then
+//   the cell's backward writes dax (and dah for the GRU), the carry dc (LSTM)
+//   and, for the GRU, the direct part into dh. Rows inactive at `step` are
+//   left alone. final_carry: only dh = a W_hh (LSTM) or dh += a W_hh (GRU) for
+//   rows active at step_a, after the last processed step.
+//   mp: W_hh [G, H] packed as rows of NP (pack width), zero padded
+//   grad_out, cell, prev (LSTM c_prev / GRU h_prev), dh, dc, dtot: [B,H] rows;
+//   gates [B,4H]; a, dax, dah: [B,G]
+template <typename T>
+struct GatedBwdArgs {
+  int ng = 4;
+  int64_t H = 0, K = 0, NP = 0, lda = 0;  // K = G rows of W_hh; lda = G
+  const T* a = nullptr;
+  const T* mp = nullptr;
+  const int64_t* lens = nullptr;
+  int64_t step = 0, step_a = 0;
+  bool final_carry = false;
+  const T* grad_out = nullptr;
+  const T* gates = nullptr;
+  const T* cell = nullptr;
+  const T* prev = nullptr;
+  T* dh = nullptr;
+  T* dc = nullptr;
+  T* dax = nullptr;
+  T* dah = nullptr;
+  T* dtot = nullptr;
+};
+
 template <typename T>
 struct VecKernels {
   // Padding width of packed matrices and the row block of the fused steps
@@ -116,6 +153,8 @@ struct VecKernels {
   // The fused gated step (GatedStepArgs) and its row block.
   void (*gated_fwd_step)(const GatedStepArgs<T>& p, int64_t b0, int64_t b1);
   int64_t gated_row_block;
+  // The fused gated backward step (GatedBwdArgs); its row block is row_block.
+  void (*gated_bwd_step)(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1);
 };
 
 struct VecKernelTable {

@@ -139,9 +139,9 @@ inline bool active(const int64_t* lens, int64_t b, int64_t step) {
   return lens == nullptr || step < lens[b];
 }
 
-// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]
-template <typename T, int R, int C>
-inline void tile_gemm(const StepArgs<T>& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
+// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]  (Args: StepArgs or GatedBwdArgs)
+template <typename T, int R, int C, typename Args>
+inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
 #pragma GCC unroll 8
@@ -501,12 +501,98 @@ void gated_fwd_step(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
   else gated_fwd_step_ng<T, 3>(p, b0, b1);
 }
 
+template <typename T, int NG, int R, int C>
+inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  const int64_t H = p.H, S = 4 * H, G = NG * H;
+  V acc[R][C];
+  if (p.a) tile_gemm<T, R, C>(p, b, j0, acc);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = b + r;
+    const bool a_active = p.a != nullptr && active(p.lens, row, p.step_a);
+    if (p.final_carry ? !a_active : !active(p.lens, row, p.step)) continue;
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const int64_t j = j0 + c * VL;
+      if (j >= H) break;
+      const int n = int(std::min<int64_t>(VL, H - j));
+      T* dh = p.dh + row * H + j;
+      if (p.final_carry) {
+        (NG == 4 ? acc[r][c] : V::loadu(dh, n) + acc[r][c]).store(dh, n);
+        continue;
+      }
+      const T* gr = p.gates + row * S + j;
+      auto gate = [&](int k) { return V::loadu(gr + k * H, n); };
+      T* dax = p.dax + row * G + j;
+      if constexpr (NG == 4) {
+        const V inc = a_active ? acc[r][c] : V::loadu(dh, n);
+        const V dm = V::loadu(p.grad_out + row * H + j, n) + inc;
+        if (p.dtot) dm.store(p.dtot + row * H + j, n);
+        T* dc = p.dc + row * H + j;
+        V dai, daf, dag, dao, dcp;
+        cells::lstm::backward<V>(gate(0), gate(1), gate(2), gate(3),
+                                 V::loadu(p.cell + row * H + j, n),
+                                 V::loadu(p.prev + row * H + j, n), dm, V::loadu(dc, n), dai, daf,
+                                 dag, dao, dcp);
+        dai.store(dax, n);
+        daf.store(dax + H, n);
+        dag.store(dax + 2 * H, n);
+        dao.store(dax + 3 * H, n);
+        dcp.store(dc, n);
+      } else {
+        V inc = V::loadu(dh, n);
+        if (a_active) inc = inc + acc[r][c];
+        const V dt = V::loadu(p.grad_out + row * H + j, n) + inc;
+        if (p.dtot) dt.store(p.dtot + row * H + j, n);
+        V dar, daz, daxn, dahn, direct;
+        cells::gru::backward<V>(gate(0), gate(1), gate(2), gate(3),
+                                V::loadu(p.prev + row * H + j, n), dt, dar, daz, daxn, dahn,
+                                direct);
+        T* dah = p.dah + row * G + j;
+        dar.store(dax, n);
+        dar.store(dah, n);
+        daz.store(dax + H, n);
+        daz.store(dah + H, n);
+        daxn.store(dax + 2 * H, n);
+        dahn.store(dah + 2 * H, n);
+        direct.store(dh, n);
+      }
+    }
+  }
+}
+
+template <typename T, int NG>
+void gated_bwd_step_ng(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
+  constexpr int RB = Tiling<T>::RB, CB = Tiling<T>::CB;
+  constexpr int VL = Vectorized<T>::size();
+  for (int64_t j0 = 0; j0 < p.H; j0 += CB * VL) {
+    const bool full_c = j0 + CB * VL <= p.NP;
+    int64_t b = b0;
+    for (; b + RB <= b1; b += RB) {
+      if (full_c) gated_bwd_tile<T, NG, RB, CB>(p, b, j0);
+      else gated_bwd_tile<T, NG, RB, 1>(p, b, j0);
+    }
+    for (; b < b1; ++b) {
+      if (full_c) gated_bwd_tile<T, NG, 1, CB>(p, b, j0);
+      else gated_bwd_tile<T, NG, 1, 1>(p, b, j0);
+    }
+  }
+}
+
+template <typename T>
+void gated_bwd_step(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
+  if (p.ng == 4) gated_bwd_step_ng<T, 4>(p, b0, b1);
+  else gated_bwd_step_ng<T, 3>(p, b0, b1);
+}
+
 template <typename T>
 VecKernels<T> make() {
   return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
           &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
-          &gru_bwd_row<T>, &gated_fwd_step<T>, GatedTiling<T>::RB};
+          &gru_bwd_row<T>, &gated_fwd_step<T>, GatedTiling<T>::RB, &gated_bwd_step<T>};
 }
 
 }  // namespace RNNKERN_CAP
