@@ -189,13 +189,22 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
                const at::Tensor& target, const at::Tensor& w_out, const at::Tensor& b_out,
                const at::Tensor& coef, const at::Tensor& step_loss, HeadGrads* grads) {
   const int64_t N = s.T * s.B, H = s.H, O = spec.O;
-  const auto active = coef.ne(0);
-  const int64_t n_active = N == 0 ? 0 : active.sum().item<int64_t>();
+  // One scan (not a chain of ATen ops, which costs more than a tiny call's
+  // whole head): the rows with a coefficient, in row order.
+  const T* cp = coef.const_data_ptr<T>();
+  int64_t n_active = 0;
+  for (int64_t r = 0; r < N; ++r) n_active += cp[r] != T(0);
   const bool all_rows = n_active == N;
   if (grads && !all_rows) grads->output.zero_();
   if (n_active == 0) return;
   // Row indices of the active rows, in row order, unless every row is active.
-  const at::Tensor rows = all_rows ? at::Tensor() : active.nonzero().view({-1});
+  at::Tensor rows;
+  if (!all_rows) {
+    rows = at::empty({n_active}, coef.options().dtype(at::kLong));
+    int64_t* ri = rows.data_ptr<int64_t>();
+    for (int64_t r = 0; r < N; ++r)
+      if (cp[r] != T(0)) *ri++ = r;
+  }
   const int64_t* row_idx = all_rows ? nullptr : rows.const_data_ptr<int64_t>();
   const int64_t C = rows_per_chunk(spec, n_active, sizeof(T));
 
@@ -208,7 +217,6 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   const HeadWeight w_for_logits(w_out, true, pack_rows);
   const HeadWeight w_for_dh(w_out, false, grads ? pack_rows : 0);
 
-  const T* cp = coef.const_data_ptr<T>();
   T* lp = step_loss.defined() ? step_loss.data_ptr<T>() : nullptr;
   const bool ce = spec.kind == LossKind::kCrossEntropy;
   const int64_t* yp = ce ? target.const_data_ptr<int64_t>() : nullptr;
@@ -319,8 +327,18 @@ HeadSweep head_sweep(const LossSpec& spec, const ElmanShape& s, const at::Tensor
   r.grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts) : no_head_grads(opts);
   run_head(spec, s, h, target, weight_out, bias_out, coef, r.step_loss,
            grads_now ? &r.grads : nullptr);
-  r.value = scalar ? coef.mul(r.step_loss).sum(at::kDouble).to(h.scalar_type())
-                   : r.weight.mul(r.step_loss);
+  if (scalar) {
+    // sum of coef * l in double, in row order, as one scan
+    double acc = 0;
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "loss_value", [&] {
+      const scalar_t* c = coef.const_data_ptr<scalar_t>();
+      const scalar_t* l = r.step_loss.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < s.T * s.B; ++i) acc += double(c[i]) * double(l[i]);
+    });
+    r.value = at::scalar_tensor(acc, opts);
+  } else {
+    r.value = r.weight.mul(r.step_loss);
+  }
   if (grads_now) r.grads.output = r.grads.output.view({s.T, s.B, s.H});
   return r;
 }
