@@ -42,14 +42,24 @@ def _want_cuda(cuda_sources):
     import torch
 
     missing = []
-    if cpp_extension.CUDA_HOME is None:
+    home = cpp_extension.CUDA_HOME
+    if home is None:
         missing.append("nvcc was not found (set CUDA_HOME)")
+    elif not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        # torch guesses CUDA_HOME from nvcc on PATH: a wrapper script in
+        # /usr/local/bin makes that /usr/local, which is no toolkit.
+        missing.append(f"CUDA_HOME={home} has no include/cuda_runtime.h (set CUDA_HOME to the "
+                       "CUDA toolkit, e.g. /usr/local/cuda)")
     if torch.version.cuda is None:
         missing.append(f"torch {torch.__version__} is a CPU-only build")
     if not cuda_sources:
         missing.append("csrc/cuda/ has no sources yet")
     if mode == "1" and missing:
         sys.exit("RNNKERN_CUDA=1 but the CUDA backend cannot be built: " + "; ".join(missing))
+    if not missing and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        print("rnnkern setup.py: TORCH_CUDA_ARCH_LIST is not set, so torch compiles for the GPUs "
+              "it finds, and fails (IndexError) on a machine without one; set it, e.g. "
+              "TORCH_CUDA_ARCH_LIST='8.0;9.0'", file=sys.stderr)
     return not missing
 
 
