@@ -108,7 +108,7 @@ def run_cell(impl, cell, d, upstream_seed=0, **kw):
 def assert_all_close(got, want, tol, what=""):
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want)):
-        assert a.device.type == "cuda" or b.device.type == "cpu"
+        assert a.shape == b.shape, (what, i, a.shape, b.shape)
         assert_close(a.detach().cpu().to(b.dtype), b.detach(), tol, f"{what} #{i}")
 
 
@@ -168,13 +168,15 @@ def test_layer_float32_at_a_realistic_size(cell):
 
 def test_lengths_on_the_device_or_the_cpu_give_the_same_bits():
     """The ops take lengths on the CPU (as the Python API passes them) or on the
-    input's device; either way the kernels read the same lengths."""
+    input's device; either way the kernels read the same lengths (from CPU
+    lengths the loops skip the steps past the longest sequence, from device
+    lengths they run them as all-padding steps: the same bits)."""
     T, B, I, H = 7, 4, 3, 5
     x = torch.randn(T, B, I, dtype=torch.float64, device=DEV)
     h0 = torch.randn(B, H, dtype=torch.float64, device=DEV)
     w_ih = torch.randn(H, I, dtype=torch.float64, device=DEV)
     w_hh = torch.randn(H, H, dtype=torch.float64, device=DEV) / H**0.5
-    lengths = torch.tensor([7, 0, 3, 5])
+    lengths = torch.tensor([6, 0, 3, 5])  # max < T: the CPU copy lets the loops stop early
     for reverse in (False, True):
         a = _ops.elman_fwd(x, h0, w_ih, w_hh, None, None, lengths, "tanh", reverse)
         b = _ops.elman_fwd(x, h0, w_ih, w_hh, None, None, lengths.to(DEV), "tanh", reverse)
