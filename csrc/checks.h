@@ -17,7 +17,7 @@ Activation parse_activation(c10::string_view nonlinearity);
 // Checks the forward arguments and returns the sizes. `shape.lengths` is left
 // null: the caller points it at its own contiguous copy.
 //   input [T,B,I]  hx [B,H]  weight_ih [H,I]  weight_hh [H,H]
-//   bias_ih, bias_hh [H] or None   lengths [B] int64 on the CPU, or None
+//   bias_ih, bias_hh [H] or None   lengths [B] int64 on the CPU or the input's device, or None
 ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::Tensor& hx,
                             const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                             const c10::optional<at::Tensor>& bias_ih,
@@ -54,9 +54,10 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
                          const at::Tensor& grad_weight_out, const at::Tensor& grad_bias_out,
                          bool has_bias_out);
 
-// lengths [B] int64 on the CPU with 0 <= len <= T, or None.
+// lengths [B] int64 with 0 <= len <= T, or None; on the CPU or on `device`
+// (the input's: a CUDA op copies CPU lengths to the device once per call).
 void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int64_t B,
-                   int64_t T);
+                   int64_t T, const at::Device& device);
 
 // The head op's hidden states h [T,B,P] (any cell's) and lengths; returns the
 // sizes with H = P (the head reads P features).

@@ -196,17 +196,20 @@ void check_blas_sizes(const char* op, std::initializer_list<std::pair<const char
 }  // namespace
 
 void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int64_t B,
-                   int64_t T) {
+                   int64_t T, const at::Device& device) {
   if (!lengths.has_value()) return;
   const at::Tensor& len = *lengths;
   TORCH_CHECK_TYPE(len.scalar_type() == at::kLong, op,
                    ": lengths must be an int64 tensor, got ", dtype_str(len.scalar_type()));
-  TORCH_CHECK(len.device().is_cpu(), op, ": lengths must be on the CPU, got ", len.device());
+  TORCH_CHECK(len.device().is_cpu() || len.device() == device, op,
+              ": lengths must be on the CPU or on the input's device ", device, ", got ",
+              len.device());
   check_shape(op, "lengths", len, {B}, "[B]");
   if (B > 0) {
     // A plain scan: two reductions through the dispatcher cost more than
-    // a short layer's whole forward.
-    const at::Tensor lc = len.contiguous();
+    // a short layer's whole forward. Lengths on a GPU are copied here once
+    // per call (the one host sync they cost), never inside a time loop.
+    const at::Tensor lc = len.to(at::kCPU).contiguous();
     const int64_t* l = lc.const_data_ptr<int64_t>();
     const auto [lo, hi] = std::minmax_element(l, l + B);
     TORCH_CHECK_VALUE(*lo >= 0 && *hi <= T, op, ": lengths must be in [0, T=", T,
@@ -261,7 +264,7 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
     check_float_like(op, "bias_hh", *bias_hh, input);
     check_shape(op, "bias_hh", *bias_hh, {s.H}, "[H]");
   }
-  check_lengths(op, lengths, s.B, s.T);
+  check_lengths(op, lengths, s.B, s.T, input.device());
   return s;
 }
 
@@ -409,10 +412,10 @@ LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& 
     if (m.scalar_type() != at::kBool) check_mask_values(op, m);
   }
   if (spec.steps == Steps::kLast && s.B > 0) {
-    // check_lengths ran first: lengths are int64 [B] on the CPU.
+    // check_lengths ran first: lengths are int64 [B] (on the CPU or the input's device).
     int64_t lo = s.T;
     if (lengths.has_value()) {
-      const at::Tensor lc = lengths->contiguous();
+      const at::Tensor lc = lengths->to(at::kCPU).contiguous();
       const int64_t* l = lc.const_data_ptr<int64_t>();
       lo = *std::min_element(l, l + s.B);
     }
@@ -467,7 +470,7 @@ ElmanShape check_head_args(const char* op, const at::Tensor& h,
   s.B = h.size(1);
   s.H = h.size(2);
   check_blas_sizes(op, {{"B", s.B}, {"P", s.H}});
-  check_lengths(op, lengths, s.B, s.T);
+  check_lengths(op, lengths, s.B, s.T, h.device());
   return s;
 }
 
@@ -540,7 +543,7 @@ LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::T
     check_float_like(op, "bias_hh", *bias_hh, input);
     check_shape(op, "bias_hh", *bias_hh, {s.G}, lstm ? "[4H]" : "[3H]");
   }
-  check_lengths(op, lengths, s.B, s.T);
+  check_lengths(op, lengths, s.B, s.T, input.device());
   return s;
 }
 

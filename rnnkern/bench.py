@@ -6,6 +6,11 @@ O = I, reduced as in seed 000, example 3 (each
 sequence's mean over its valid steps, summed over the batch). Every
 implementation is timed interleaved with the others in the same run (medians
 over repeats after a warm-up), so the ratios hold on a shared, noisy machine.
+
+``--device cuda`` runs the same problems on the GPU (rnnkern's CUDA backend
+against torch.nn's modules on cuDNN), each call timed with CUDA events and the
+peak memory read from torch's CUDA allocator; it needs a GPU and rnnkern built
+with RNNKERN_CUDA=1, and says so otherwise.
 """
 
 from __future__ import annotations
@@ -70,23 +75,26 @@ def suite(cells=CELLS, names=None) -> list:
 
 
 class Problem:
-    """One configuration's data and parameters, shared by every implementation."""
+    """One configuration's data and parameters, shared by every implementation.
+    Drawn on the CPU (the same numbers for either device), then moved to
+    `device`; lengths stay on the CPU, where packing and rnnkern take them."""
 
-    def __init__(self, cfg: Config, seed: int = 0):
+    def __init__(self, cfg: Config, seed: int = 0, device: str = "cpu"):
         g = torch.Generator().manual_seed(seed)
         self.cfg = cfg
         B, T, I, H = cfg.B, cfg.T, cfg.I, cfg.H
         torch.manual_seed(seed)
-        self.rnn = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cfg.cell](I, H)
-        self.head = torch.nn.Linear(H, I)
+        rnn = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cfg.cell](I, H)
+        self.rnn = rnn.to(device)
+        self.head = torch.nn.Linear(H, I).to(device)
         self.params = [*self.rnn.parameters(), *self.head.parameters()]
-        self.x = torch.randn(T, B, I, generator=g)  # [T,B,I]
-        self.target = torch.randn(T, B, I, generator=g)  # [T,B,O]
+        self.x = torch.randn(T, B, I, generator=g).to(device)  # [T,B,I]
+        self.target = torch.randn(T, B, I, generator=g).to(device)  # [T,B,O]
         if cfg.lengths:
             self.lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
         else:
             self.lengths = torch.full((B,), T, dtype=torch.int64)
-        self.mask = (torch.arange(T)[:, None] < self.lengths[None, :]).float()  # [T,B]
+        self.mask = (torch.arange(T)[:, None] < self.lengths[None, :]).float().to(device)  # [T,B]
 
     def zero_grad(self):
         for p in self.params:
@@ -242,6 +250,48 @@ def _time_once(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+def _time_once_cuda(fn: Callable[[], None]) -> float:
+    """Seconds of GPU time from a CUDA event before fn's work to one after it
+    (the queue drained first, so nothing earlier is counted)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def timer(device: str) -> Callable[[Callable[[], None]], float]:
+    return _time_once_cuda if device == "cuda" else _time_once
+
+
+CUDA_OPS = ("elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "layer_fwd",
+            "layer_bwd", "head_loss_fwd", "head_loss_bwd")
+
+
+def check_device(device: str) -> None:
+    """Refuses --device cuda, saying why, where it cannot run."""
+    if device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        raise SystemExit(f"rnnkern bench --device cuda: no CUDA GPU is available "
+                         f"(torch.cuda.is_available() is False; torch {torch.__version__} is "
+                         f"{build}). Run it on a machine with a GPU, or use --device cpu.")
+    missing = [op for op in CUDA_OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"rnnkern::{op}", "CUDA")]
+    if missing:
+        raise SystemExit("rnnkern bench --device cuda: rnnkern was built without its CUDA "
+                         f"backend (no CUDA kernel for {', '.join(missing)}); rebuild it with "
+                         "RNNKERN_CUDA=1 (README.md, CUDA backend).")
+
+
+def gpu_name() -> str:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+
+
 _libc = None
 
 
@@ -283,14 +333,25 @@ def peak_rss_growth_mb(fn: Callable[[], None]) -> Optional[float]:
     return max(0.0, (peak - base) / 1024)
 
 
-def sgemm_gflops(cfg: Config, repeats: int = 5) -> float:
+def peak_cuda_growth_mb(fn: Callable[[], None]) -> float:
+    """Peak GPU memory that `fn` adds, in MB, from torch's CUDA allocator."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return max(0.0, (torch.cuda.max_memory_allocated() - base) / 2**20)
+
+
+def sgemm_gflops(cfg: Config, repeats: int = 5, device: str = "cpu") -> float:
     """Throughput of one large float32 GEMM of the problem's size in this run:
     the ceiling for work that is all GEMM."""
-    a = torch.randn(cfg.T * cfg.B, cfg.H)
-    w = torch.randn(cfg.H, cfg.H)
-    out = torch.empty(cfg.T * cfg.B, cfg.H)
+    a = torch.randn(cfg.T * cfg.B, cfg.H, device=device)
+    w = torch.randn(cfg.H, cfg.H, device=device)
+    out = torch.empty(cfg.T * cfg.B, cfg.H, device=device)
     torch.mm(a, w, out=out)
-    t = statistics.median(_time_once(lambda: torch.mm(a, w, out=out)) for _ in range(repeats))
+    time_once = timer(device)
+    t = statistics.median(time_once(lambda: torch.mm(a, w, out=out)) for _ in range(repeats))
     return 2 * cfg.T * cfg.B * cfg.H * cfg.H / t / 1e9
 
 
@@ -371,8 +432,10 @@ def machine_load(calibration_s: float = 0.05) -> dict:
 
 
 def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
-               progress: Callable[[str], None]) -> dict:
-    problem = Problem(cfg)
+               progress: Callable[[str], None], device: str = "cpu") -> dict:
+    problem = Problem(cfg, device=device)
+    time_once = timer(device)
+    peak_mb = peak_cuda_growth_mb if device == "cuda" else peak_rss_growth_mb
     impls = [(name, *make(problem)) for name, make in implementations(cfg, with_reference)]
     times = {name: {"forward": [], "train": []} for name, _, _ in impls}
 
@@ -384,12 +447,12 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
         for _ in range(warmup):
             fwd()
             train_step(train)
-    peaks = {name: peak_rss_growth_mb(lambda: train_step(train)) for name, _, train in impls}
+    peaks = {name: peak_mb(lambda: train_step(train)) for name, _, train in impls}
     for rep in range(repeats):
         progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
         for name, fwd, train in impls:  # interleaved: every impl sees the same noise
-            times[name]["forward"].append(_time_once(fwd))
-            times[name]["train"].append(_time_once(lambda: train_step(train)))
+            times[name]["forward"].append(time_once(fwd))
+            times[name]["train"].append(time_once(lambda: train_step(train)))
     def row(name):
         f, t = times[name]["forward"], times[name]["train"]
         return Row(name, statistics.median(f) * 1e3, statistics.median(t) * 1e3, peaks[name],
@@ -401,7 +464,7 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
     result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
               "rows": [dict(dataclasses.asdict(r), noisy=r.noisy) for r in rows]}
     if cfg.name == "large":
-        gf = sgemm_gflops(cfg)
+        gf = sgemm_gflops(cfg, device=device)
         ours = next(r for r in rows if r.impl == "rnnkern")
         result["sgemm_gflops"] = gf
         result["rnnkern_train_gflops"] = train_flops(cfg) / (ours.train_ms * 1e-3) / 1e9
@@ -460,6 +523,8 @@ def plot(results: list, path: str) -> None:
 
 
 def main(args) -> int:
+    device = getattr(args, "device", "cpu")
+    check_device(device)
     torch.set_num_threads(args.threads)
     configs = suite(args.cell or CELLS, args.config)
     with_reference = not args.no_reference
@@ -469,9 +534,15 @@ def main(args) -> int:
         repeats, warmup, with_reference = 5, 1, False
     else:
         repeats, warmup = args.repeats, 2
-    header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs ({cpu_name()}), "
-              f"median of {repeats} interleaved repeats")
+    if device == "cuda":
+        header = (f"rnnkern bench: torch {torch.__version__}, float32 on {gpu_name()} (CUDA "
+                  f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), rnnkern's "
+                  f"CUDA kernels against torch.nn on cuDNN, timed with CUDA events, "
+                  f"median of {repeats} interleaved repeats")
+    else:
+        header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+                  f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs "
+                  f"({cpu_name()}), median of {repeats} interleaved repeats")
     print(header, flush=True)
     load = machine_load()
     if load["busy"]:
@@ -484,7 +555,7 @@ def main(args) -> int:
     for cfg in configs:
         progress(f"[{len(results) + 1}/{len(configs)}] {cfg.label}")
         result = run_config(cfg, repeats=repeats, warmup=warmup,
-                            with_reference=with_reference, progress=progress)
+                            with_reference=with_reference, progress=progress, device=device)
         results.append(result)
         print("\n" + format_table(result), flush=True)
     print("\nSpeedup of rnnkern over the baseline (the cell's torch.nn module; packed for "

@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--plot", metavar="FILE", help="write a PNG bar chart (needs matplotlib)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow autograd reference")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (default), or cuda: rnnkern's CUDA backend against torch.nn on "
+                        "cuDNN, timed with CUDA events (needs a GPU)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("check", help="compare kernels with the autograd reference")
     p.add_argument("-T", type=int)

@@ -157,3 +157,27 @@ def test_bench_machine_load_reports_a_verdict():
     load = bench.machine_load(calibration_s=0.01)
     assert load["cores"] >= 1 and load["calibration_drift"] >= 0
     assert load["busy"] == bool(load["reasons"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bench_device_cuda_without_a_gpu_is_a_clear_error():
+    r = run_module("bench", "--device", "cuda", "--quick", "--no-progress")
+    assert r.returncode != 0
+    assert "rnnkern bench --device cuda: no CUDA GPU is available" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == "", r.stdout  # refused before any timing
+
+
+def test_bench_device_cuda_refusals(monkeypatch):
+    """Either reason, whatever this machine has: no GPU, or an rnnkern built
+    without its CUDA backend."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"no CUDA GPU is available \(torch.cuda.is_available\(\) "
+                                         r"is False; torch .* is a"):
+        cli.main(["bench", "--device", "cuda", "--quick", "--no-progress"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.raises(SystemExit, match=r"rnnkern was built without its CUDA backend \(no CUDA "
+                                         r"kernel for elman_fwd, .*\); rebuild it with "
+                                         r"RNNKERN_CUDA=1"):
+        cli.main(["bench", "--device", "cuda", "--quick", "--no-progress"])

@@ -18,9 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 VENV_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
-# Not run here: the test command itself, the sanitizer run (CI runs it right
-# after make test), and installs into another environment.
-NOT_RUN = ("make test", "make sanitize", "pip install")
+# Not run here: the test command itself, the sanitizer run and the CUDA build
+# (CI runs both right after make test), and installs into another environment.
+NOT_RUN = ("make test", "make sanitize", "make cuda-build", "pip install")
 # Seconds per command; the full bench suite is the slowest.
 TIMEOUT = 900
 
