@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../head_sweep.h"
 #include "../loss.h"
 #include "../params.h"
 #include "elman_cpu.h"
@@ -158,24 +159,6 @@ class HeadWeight {
   int64_t rows_;
 };
 
-// The head's gradients, each accumulated over the chunks.
-struct HeadGrads {
-  at::Tensor output;      // [T*B,H] dL/dh_t through the head at step t
-  at::Tensor weight_out;  // [O,H]
-  at::Tensor bias_out;    // [O], or [0] without bias_out
-};
-
-// grads.output is left uninitialised: head_loss writes every row of it.
-HeadGrads new_head_grads(const LossSpec& spec, const ElmanShape& s, bool has_bias,
-                         const at::TensorOptions& opts) {
-  return {at::empty({s.T * s.B, s.H}, opts), at::zeros({spec.O, s.H}, opts),
-          at::zeros({has_bias ? spec.O : 0}, opts)};
-}
-
-HeadGrads no_head_grads(const at::TensorOptions& opts) {
-  return {at::empty({0}, opts), at::empty({0}, opts), at::empty({0}, opts)};
-}
-
 // Runs the head and the loss over the rows of h whose coefficient is not 0, a
 // chunk at a time.
 //   h [N,H] contiguous (N = T*B rows, row r = t*B + b); coef [N] contiguous
@@ -301,47 +284,20 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   });
 }
 
-// The forward sweep of the head over h [T,B,H] (contiguous), shared by the
-// fused Elman loss and the cell-independent head op: the step weights, the
-// reduction's coefficients, l of every counted row, the reduced loss and,
-// with compute_grad and a scalar reduction, the head's gradients.
-struct HeadSweep {
-  at::Tensor value;      // [] ([T,B] for 'none')
-  at::Tensor step_loss;  // [T,B]
-  at::Tensor weight;     // [T,B]
-  HeadGrads grads;       // [0]s unless computed
-};
-
-HeadSweep head_sweep(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
-                     const at::Tensor& target, const at::Tensor& weight_out,
-                     const c10::optional<at::Tensor>& bias_out,
-                     const c10::optional<at::Tensor>& loss_mask, bool compute_grad) {
-  const auto opts = h.options();
-  HeadSweep r;
-  r.weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
-  const bool scalar = spec.reduction != Reduction::kNone;
-  // 'none' computes l only; its gradient waits for the upstream coefficients.
-  const auto coef = scalar ? reduction_coefs(spec, s, r.weight) : r.weight;  // [T,B]
-  r.step_loss = at::zeros({s.T, s.B}, opts);                                 // [T,B]
-  const bool grads_now = compute_grad && scalar;
-  r.grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts) : no_head_grads(opts);
-  run_head(spec, s, h, target, weight_out, bias_out, coef, r.step_loss,
-           grads_now ? &r.grads : nullptr);
-  if (scalar) {
-    // sum of coef * l in double, in row order, as one scan
-    double acc = 0;
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "loss_value", [&] {
-      const scalar_t* c = coef.const_data_ptr<scalar_t>();
-      const scalar_t* l = r.step_loss.const_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < s.T * s.B; ++i) acc += double(c[i]) * double(l[i]);
-    });
-    r.value = at::scalar_tensor(acc, opts);
-  } else {
-    r.value = r.weight.mul(r.step_loss);
-  }
-  if (grads_now) r.grads.output = r.grads.output.view({s.T, s.B, s.H});
-  return r;
+// sum of coef * l over the rows [T,B], in double and in row order, as one scan
+// (cheaper than mul + sum + to at a tiny call's sizes).
+at::Tensor weighted_sum(const at::Tensor& coef, const at::Tensor& l) {
+  double acc = 0;
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "weighted_sum", [&] {
+    const scalar_t* c = coef.const_data_ptr<scalar_t>();
+    const scalar_t* lp = l.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < coef.numel(); ++i) acc += double(c[i]) * double(lp[i]);
+  });
+  return at::scalar_tensor(acc, coef.options());
 }
+
+const HeadPasses kHead{&loss_weights, &reduction_coefs, &run_head, &weighted_sum};
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
@@ -366,7 +322,8 @@ elman_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const at::
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
 
   auto [output, h_n] = elman_forward(s, x, hx, weight_ih, weight_hh, bias_sum(bias_ih, bias_hh));
-  HeadSweep r = head_sweep(spec, s, output, target, weight_out, bias_out, loss_mask, compute_grad);
+  HeadSweep r = head_sweep(kHead, spec, s, output, target, weight_out, bias_out, loss_mask,
+                           compute_grad);
   return {r.value, output, h_n, r.step_loss, r.weight, r.grads.output, r.grads.weight_out,
           r.grads.bias_out};
 }
@@ -437,7 +394,7 @@ head_loss_fwd_cpu(const at::Tensor& h, const at::Tensor& target, const at::Tenso
                                         label_smoothing, chunk_rows);
   const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  HeadSweep r = head_sweep(spec, s, h.contiguous(), target, weight_out, bias_out, loss_mask,
+  HeadSweep r = head_sweep(kHead, spec, s, h.contiguous(), target, weight_out, bias_out, loss_mask,
                            compute_grad);
   return {r.value, r.step_loss, r.weight, r.grads.output, r.grads.weight_out, r.grads.bias_out};
 }

@@ -25,6 +25,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../head_sweep.h"
 #include "../loss.h"
 #include "../params.h"
 #include "common_cuda.cuh"
@@ -239,23 +240,6 @@ __global__ void scatter_rows_kernel(T* dst, const T* src, const int64_t* rows, i
   }
 }
 
-// The head's gradients, each accumulated over the chunks.
-struct HeadGrads {
-  at::Tensor output;      // [T*B,H] dL/dh_t through the head at step t
-  at::Tensor weight_out;  // [O,H]
-  at::Tensor bias_out;    // [O], or [0] without bias_out
-};
-
-HeadGrads new_head_grads(const LossSpec& spec, const ElmanShape& s, bool has_bias,
-                         const at::TensorOptions& opts) {
-  return {at::empty({s.T * s.B, s.H}, opts), at::zeros({spec.O, s.H}, opts),
-          at::zeros({has_bias ? spec.O : 0}, opts)};
-}
-
-HeadGrads no_head_grads(const at::TensorOptions& opts) {
-  return {empty0(opts), empty0(opts), empty0(opts)};
-}
-
 // The head and the loss over the rows of h whose coefficient is not 0, a chunk
 // at a time (cpu/loss_cpu.cpp's head_loss, on the device).
 //   h [N,H] contiguous (N = T*B, row r = t*B + b); coef [N] contiguous
@@ -360,32 +344,8 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   });
 }
 
-// The forward sweep of the head over h [T,B,H], as cpu/loss_cpu.cpp's head_sweep.
-struct HeadSweep {
-  at::Tensor value;      // [] ([T,B] for 'none')
-  at::Tensor step_loss;  // [T,B]
-  at::Tensor weight;     // [T,B]
-  HeadGrads grads;       // [0]s unless computed
-};
+const HeadPasses kHead{&loss_weights, &reduction_coefs, &run_head, &weighted_sum};
 
-HeadSweep head_sweep(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
-                     const at::Tensor& target, const at::Tensor& weight_out,
-                     const c10::optional<at::Tensor>& bias_out,
-                     const c10::optional<at::Tensor>& loss_mask, bool compute_grad) {
-  const auto opts = h.options();
-  HeadSweep r;
-  r.weight = loss_weights(spec, s, target, loss_mask, opts);  // [T,B]
-  const bool scalar = spec.reduction != Reduction::kNone;
-  const auto coef = scalar ? reduction_coefs(spec, s, r.weight) : r.weight;  // [T,B]
-  r.step_loss = at::zeros({s.T, s.B}, opts);                                 // [T,B]
-  const bool grads_now = compute_grad && scalar;
-  r.grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts) : no_head_grads(opts);
-  run_head(spec, s, h, target, weight_out, bias_out, coef, r.step_loss,
-           grads_now ? &r.grads : nullptr);
-  r.value = scalar ? weighted_sum(coef, r.step_loss) : r.weight.mul(r.step_loss);
-  if (grads_now) r.grads.output = r.grads.output.view({s.T, s.B, s.H});
-  return r;
-}
 
 // The head's gradients for a backward call: the forward's scaled by grad_loss
 // [] (no .item(): no host sync), or the sweep again ('none', or a forward
@@ -434,7 +394,8 @@ elman_loss_fwd_cuda(const at::Tensor& input, const at::Tensor& target, const at:
   s.lengths = len.ptr();
   auto [output, h_n] = elman_forward(s, len.max, input.contiguous(), hx, weight_ih, weight_hh,
                                      bias_sum(bias_ih, bias_hh));
-  HeadSweep r = head_sweep(spec, s, output, target, weight_out, bias_out, loss_mask, compute_grad);
+  HeadSweep r = head_sweep(kHead, spec, s, output, target, weight_out, bias_out, loss_mask,
+                           compute_grad);
   return {r.value, output, h_n, r.step_loss, r.weight, r.grads.output, r.grads.weight_out,
           r.grads.bias_out};
 }
@@ -489,7 +450,7 @@ head_loss_fwd_cuda(const at::Tensor& h, const at::Tensor& target, const at::Tens
   const c10::cuda::CUDAGuard guard(h.device());
   const DeviceLengths len = device_lengths(lengths, s.T, h.device());
   s.lengths = len.ptr();
-  HeadSweep r = head_sweep(spec, s, h.contiguous(), target, weight_out, bias_out, loss_mask,
+  HeadSweep r = head_sweep(kHead, spec, s, h.contiguous(), target, weight_out, bias_out, loss_mask,
                            compute_grad);
   return {r.value, r.step_loss, r.weight, r.grads.output, r.grads.weight_out, r.grads.bias_out};
 }
