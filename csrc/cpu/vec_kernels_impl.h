@@ -196,22 +196,32 @@ inline void tile(const StepArgs<T>& p, int64_t b, int64_t j0) {
   }
 }
 
-template <typename T, bool kForward>
-void fused_step(const StepArgs<T>& p, int64_t b0, int64_t b1) {
+// The tiling of a fused step over rows [b0, b1) and N columns (NP packed):
+// RB x CB tiles, then the tails with one row or one vector. tile is a generic
+// lambda called as tile.template operator()<R, C>(b, j0).
+template <typename T, typename Tile>
+inline void for_tiles(int64_t N, int64_t NP, int64_t b0, int64_t b1, const Tile& tile) {
   constexpr int RB = Tiling<T>::RB, CB = Tiling<T>::CB;
   constexpr int VL = Vectorized<T>::size();
-  for (int64_t j0 = 0; j0 < p.N; j0 += CB * VL) {
-    const bool full_c = j0 + CB * VL <= p.NP;
+  for (int64_t j0 = 0; j0 < N; j0 += CB * VL) {
+    const bool full_c = j0 + CB * VL <= NP;
     int64_t b = b0;
     for (; b + RB <= b1; b += RB) {
-      if (full_c) tile<T, kForward, RB, CB>(p, b, j0);
-      else tile<T, kForward, RB, 1>(p, b, j0);
+      if (full_c) tile.template operator()<RB, CB>(b, j0);
+      else tile.template operator()<RB, 1>(b, j0);
     }
     for (; b < b1; ++b) {
-      if (full_c) tile<T, kForward, 1, CB>(p, b, j0);
-      else tile<T, kForward, 1, 1>(p, b, j0);
+      if (full_c) tile.template operator()<1, CB>(b, j0);
+      else tile.template operator()<1, 1>(b, j0);
     }
   }
+}
+
+template <typename T, bool kForward>
+void fused_step(const StepArgs<T>& p, int64_t b0, int64_t b1) {
+  for_tiles<T>(p.N, p.NP, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
+    tile<T, kForward, R, C>(p, b, j0);
+  });
 }
 
 template <typename T>
@@ -565,20 +575,9 @@ inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
 
 template <typename T, int NG>
 void gated_bwd_step_ng(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
-  constexpr int RB = Tiling<T>::RB, CB = Tiling<T>::CB;
-  constexpr int VL = Vectorized<T>::size();
-  for (int64_t j0 = 0; j0 < p.H; j0 += CB * VL) {
-    const bool full_c = j0 + CB * VL <= p.NP;
-    int64_t b = b0;
-    for (; b + RB <= b1; b += RB) {
-      if (full_c) gated_bwd_tile<T, NG, RB, CB>(p, b, j0);
-      else gated_bwd_tile<T, NG, RB, 1>(p, b, j0);
-    }
-    for (; b < b1; ++b) {
-      if (full_c) gated_bwd_tile<T, NG, 1, CB>(p, b, j0);
-      else gated_bwd_tile<T, NG, 1, 1>(p, b, j0);
-    }
-  }
+  for_tiles<T>(p.H, p.NP, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
+    gated_bwd_tile<T, NG, R, C>(p, b, j0);
+  });
 }
 
 template <typename T>
