@@ -43,11 +43,20 @@ class Config:
     lengths: bool = False  # lengths uniform in [T/2, T]
     truncate: Optional[int] = None
     cell: str = "rnn"  # 'rnn' | 'lstm' | 'gru'
+    layers: int = 1
+    bidirectional: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        """Run through the modules (rnnkern.RNN and torch.nn.RNN, say), not one layer."""
+        return self.layers > 1 or self.bidirectional
 
     @property
     def label(self) -> str:
         extra = " lengths~U[T/2,T]" if self.lengths else ""
         extra += f" truncate={self.truncate}" if self.truncate else ""
+        extra += f" layers={self.layers}" if self.layers > 1 else ""
+        extra += " bidirectional" if self.bidirectional else ""
         return (f"{self.cell} {self.name} (B={self.B}, T={self.T}, I={self.I}, H={self.H}, "
                 f"O={self.I}){extra}")
 
@@ -65,7 +74,14 @@ SUITE = [
     Config("large", 64, 200, 256, 512),
     Config("long-lengths", 16, 1000, 32, 64, lengths=True),
     Config("long-truncate", 16, 1000, 32, 64, truncate=10),
+    # The reverse direction runs each sequence from its own last step.
+    Config("bidir-lengths", 16, 1000, 32, 64, lengths=True, layers=2, bidirectional=True),
 ]
+
+
+# Left out of --quick unless named with --config: four layer-directions over
+# T = 1000 against packed modules would take the quick suite past 2 minutes.
+FULL_SUITE_ONLY = ("bidir-lengths",)
 
 
 def suite(cells=CELLS, names=None) -> list:
@@ -84,10 +100,19 @@ class Problem:
         self.cfg = cfg
         B, T, I, H = cfg.B, cfg.T, cfg.I, cfg.H
         torch.manual_seed(seed)
-        rnn = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cfg.cell](I, H)
+        rnn = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cfg.cell](
+            I, H, num_layers=cfg.layers, bidirectional=cfg.bidirectional)
         self.rnn = rnn.to(device)
-        self.head = torch.nn.Linear(H, I).to(device)
+        self.head = torch.nn.Linear(H * (2 if cfg.bidirectional else 1), I).to(device)
         self.params = [*self.rnn.parameters(), *self.head.parameters()]
+        self.module = None  # rnnkern's module with the same weights, for a stacked config
+        if cfg.stacked:
+            import rnnkern
+
+            self.module = getattr(rnnkern, type(rnn).__name__)(
+                I, H, num_layers=cfg.layers, bidirectional=cfg.bidirectional).to(device)
+            self.module.load_state_dict(self.rnn.state_dict())
+            self.params += list(self.module.parameters())
         self.x = torch.randn(T, B, I, generator=g).to(device)  # [T,B,I]
         self.target = torch.randn(T, B, I, generator=g).to(device)  # [T,B,O]
         if cfg.lengths:
@@ -119,13 +144,17 @@ class Problem:
 
 
 def _layer(p: Problem, impl, **kw):
-    """One layer of the problem's cell through impl (functional or reference)."""
+    """One layer of the problem's cell through impl (functional or reference);
+    rnnkern's module for a stacked configuration."""
+    if p.cfg.stacked:
+        assert impl is functional, "the reference runs single-layer configurations only"
+        return p.module(p.x, **kw)[0]
     return getattr(impl, p.cfg.cell)(p.x, None, *p.weights(), **kw)[0]
 
 
 def _rnnkern_loss(p: Problem, impl):
     lengths = p.lengths if p.cfg.lengths else None
-    if p.cfg.cell == "rnn":  # the fused per-step loss (the Elman cell's, for now)
+    if p.cfg.cell == "rnn" and not p.cfg.stacked:  # the fused per-step loss (the Elman cell's, for now)
         return impl.rnn_loss(p.x, p.target, None, *p.weights(), p.head.weight, p.head.bias,
                              loss="mse", lengths=lengths, reduction="seq_sum",
                              truncate=p.cfg.truncate)
@@ -213,7 +242,7 @@ def implementations(cfg: Config, with_reference: bool = True):
         impls.append((f"{cfg.nn_name} packed", impl_nn_rnn_packed))
     if cfg.truncate:
         impls.append((f"{cfg.nn_name} chunked K={cfg.truncate}", impl_nn_rnn_chunked))
-    if with_reference:
+    if with_reference and not cfg.stacked:
         impls.append(("reference", impl_reference))
     return impls
 
@@ -527,6 +556,8 @@ def main(args) -> int:
     check_device(device)
     torch.set_num_threads(args.threads)
     configs = suite(args.cell or CELLS, args.config)
+    if args.quick and not args.config:
+        configs = [c for c in configs if c.name not in FULL_SUITE_ONLY]
     with_reference = not args.no_reference
     if args.quick:
         # The autograd reference is the specification, not a baseline: at T=1000

@@ -83,13 +83,61 @@ def test_kernel_equals_reference(case):
 @pytest.mark.parametrize("case", product(cell=CELLS, H=[256, 257], lengths=[False, True],
                                          reverse=[False, True]), ids=str)
 def test_fused_and_blas_steps_both_equal_the_reference(case):
-    """H = 256 runs the fused register-tiled steps (with lengths and reverse
-    together, the per-step BLAS loop), H = 257 the BLAS loop; both against the
-    reference in float64, B = 5 for a partial row tile."""
+    """H = 256 runs the fused register-tiled steps (reverse with lengths on the
+    sequences reordered within their lengths), H = 257 the BLAS loop; both
+    against the reference in float64, B = 5 for a partial row tile."""
     T, B, I, H = 4, 5, 3, case["H"]
     d = make_gated(case["cell"], T, B, I, H, seed=11)
     lengths = torch.tensor([4, 0, 2, 3, 1]) if case["lengths"] else None
     compare(case["cell"], d, 1e-10, lengths=lengths, reverse=case["reverse"], truncate=3)
+
+
+@pytest.mark.parametrize("case", product(cell=CELLS, H=[7, 257], truncate=[0, 2]), ids=str)
+def test_op_grad_norm_reverse_with_lengths(case):
+    """layer_bwd's ||dL/dh_t|| (want_grad_norm, reachable by a direct op call)
+    on reverse with lengths: the fused steps' reordered run (H = 7) and the
+    BLAS loop (H = 257) against retain_grad on each step's state in the
+    reference, with dL/dx and dL/dW_hh alongside."""
+    cell, H, K = case["cell"], case["H"], case["truncate"]
+    T, B, I = 6, 4, 3
+    d = make_gated(cell, T, B, I, H, seed=5)
+    lens = torch.tensor([6, 0, 3, 5])
+    x, wi, wh, bi, bh = (d[k].detach() for k in ("input", "weight_ih", "weight_hh", "bias_ih",
+                                                 "bias_hh"))
+    h0, c0 = ((d["hx"][0].detach(), d["hx"][1].detach()) if cell == "lstm"
+              else (d["hx"].detach(), None))
+    out, h_n, c_n, gates, cl, pin = torch.ops.rnnkern.layer_fwd(
+        x, h0, c0, wi, wh, bi, bh, None, lens, cell, True, K)
+    g_out, g_h = torch.randn_like(out), torch.randn_like(h_n)
+    g_c = torch.randn_like(c_n) if cell == "lstm" else None
+    got = torch.ops.rnnkern.layer_bwd(g_out, g_h, g_c, x, h0, c0, wi, wh, None, out, gates, cl,
+                                      pin, lens, cell, True, K, True, True)
+
+    states = []
+
+    def keep(s, state):
+        h = state[0] if cell == "lstm" else state
+        h.retain_grad()
+        states.append(h)
+        return state
+
+    leaves_ = [v.clone().requires_grad_() for v in (x, wh)]
+    hx = (h0, c0) if cell == "lstm" else h0
+    r_out, r_state = getattr(reference, cell)(leaves_[0], hx, wi, leaves_[1], bi, bh,
+                                              lengths=lens, reverse=True, truncate=K or None,
+                                              _step=keep)
+    finals = r_state if cell == "lstm" else (r_state,)
+    value = (r_out * g_out).sum() + (finals[0] * g_h).sum()
+    if cell == "lstm":
+        value = value + (finals[1] * g_c).sum()
+    value.backward()
+    want = torch.zeros(T, B, dtype=x.dtype)
+    for b, n in enumerate(lens.tolist()):
+        for s in range(n):  # processing step s of sequence b is its time n - 1 - s
+            want[n - 1 - s, b] = states[s].grad[b].norm()
+    assert_close(got[-1], want, 1e-10, "grad_norm")
+    assert_close(got[0], leaves_[0].grad, 1e-10, "grad input")
+    assert_close(got[4], leaves_[1].grad, 1e-10, "grad weight_hh")
 
 
 @pytest.mark.parametrize("case", product(cell=["lstm"], bias=[True, False], hx=[True, False],

@@ -25,6 +25,7 @@
 #include "../params.h"
 #include "blas.h"
 #include "elman_cpu.h"
+#include "time_order.h"
 #include "vec_kernels.h"
 
 namespace rnnkern::cpu {
@@ -130,11 +131,12 @@ void for_row_tiles(int64_t B, int64_t row_block, int64_t fma_per_row, const F& l
   });
 }
 
-inline bool fused_path(const ElmanShape& s) {
-  // Reverse with lengths reads each sequence at its own time index, which the
-  // fused steps (one time block per step) do not express.
-  return s.H <= kFusedMaxH && !(s.reverse && s.lengths);
-}
+inline bool fused_path(const ElmanShape& s) { return s.H <= kFusedMaxH; }
+
+// Reverse with lengths on the fused path: a forward call on the sequences
+// reversed within their lengths (time_order.h), since a fused step reads one
+// time block.
+inline bool fused_reversed(const ElmanShape& s) { return fused_path(s) && s.reverse && s.lengths; }
 
 template <typename T>
 void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
@@ -142,6 +144,14 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
   const int64_t t_max = max_length(s);
+  if (fused_reversed(s)) {
+    reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);  // the pre-activations
+    ElmanFwdParams<T> q = p;
+    q.shape.reverse = false;  // h_n is then each sequence's last step: time 0
+    elman_fwd_kernel(q);
+    reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);
+    return;
+  }
   if (fused_path(s)) {
     int64_t NP = 0;
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
@@ -261,6 +271,19 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
   const ElmanShape& s = p.shape;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
+  if (fused_reversed(s) && !p.grad_h_norm) {
+    const auto g = reversed_within_lengths(p.grad_out, s.T, B, H, s.lengths);
+    const auto h = reversed_within_lengths(p.out, s.T, B, H, s.lengths);
+    ElmanBwdParams<T> q = p;
+    q.shape.reverse = false;
+    q.grad_out = g.get();
+    q.out = h.get();
+    elman_bwd_fused(q);
+    // Each sequence's first processed step is time 0 of the reversed order.
+    std::memcpy(p.grad_z_first, p.grad_z, sizeof(T) * BH);
+    reverse_within_lengths(p.grad_z, p.grad_z, s.T, B, H, s.lengths);
+    return;
+  }
   if (fused_path(s) && !p.grad_h_norm) {
     elman_bwd_fused(p);
     return;

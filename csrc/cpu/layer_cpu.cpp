@@ -24,6 +24,7 @@
 #include "../params.h"
 #include "blas.h"
 #include "elman_cpu.h"
+#include "time_order.h"
 #include "vec_kernels.h"
 
 namespace rnnkern::cpu {
@@ -76,12 +77,10 @@ constexpr int64_t kGatedFusedMaxH = 256;
 // Work (multiply-adds over the sequence) below which the fused loop keeps to one thread.
 constexpr int64_t kGatedLoopGrainFma = int64_t(1) << 18;
 
-// Reverse with lengths reads each sequence at its own time index, which one
-// step at one time index per call does not express; a projection puts a GEMM
-// between the cell and h.
-bool gated_fused_path(const LayerShape& s) {
-  return !s.proj && s.H <= kGatedFusedMaxH && !(s.reverse && s.lengths);
-}
+// A projection puts a GEMM between the cell and h. Reverse with lengths runs
+// as a forward call on the sequences reversed within their lengths
+// (time_order.h), since a fused step reads one time block.
+bool gated_fused_path(const LayerShape& s) { return !s.proj && s.H <= kGatedFusedMaxH; }
 
 // W_hh [NG*H, H] (gate g's rows g*H..) -> M [H, NB*NG*VL] gate-interleaved:
 // M[k][(jb*NG + g)*VL + l] = W_hh[g*H + jb*VL + l][k], zero past unit H, so a
@@ -151,8 +150,23 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
   }
 }
 
+// Reverse with lengths on the fused path (see gated_fused_path).
+template <typename T>
+void layer_fwd_fused_reversed(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n) {
+  const auto ax = reversed_within_lengths(p.ax, s.T, s.B, s.G, s.lengths);
+  LayerShape f = s;
+  f.reverse = false;  // h_n is then each sequence's last step: time 0
+  LayerPtrs<T> q = p;
+  q.ax = ax.get();
+  layer_fwd_fused(f, q, h_n, c_n);
+  reverse_within_lengths(p.out, p.out, s.T, s.B, s.H, s.lengths);
+  reverse_within_lengths(p.gates, p.gates, s.T, s.B, 4 * s.H, s.lengths);
+  if (p.cell) reverse_within_lengths(p.cell, p.cell, s.T, s.B, s.H, s.lengths);
+}
+
 template <typename T>
 void layer_fwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n) {
+  if (gated_fused_path(s) && s.reverse && s.lengths) return layer_fwd_fused_reversed(s, p, h_n, c_n);
   if (gated_fused_path(s)) return layer_fwd_fused(s, p, h_n, c_n);
   const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
   const VecKernels<T>& vk = vec_kernels_for<T>();
@@ -297,8 +311,33 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
   });
 }
 
+// Reverse with lengths on the fused path (see gated_fused_path): the saved
+// state and dL/dh_t reordered in, the gradients of the pre-activations and
+// ||dL/dh_t|| reordered back. The state gradients (dh, dc) are per sequence.
+template <typename T>
+void layer_bwd_fused_reversed(const LayerShape& s, const LayerPtrs<T>& p,
+                              const LayerGradPtrs<T>& g) {
+  const int64_t T_ = s.T, B = s.B, H = s.H, G = s.G;
+  const bool lstm = s.cell == CellKind::kLstm;
+  const auto grad_out = reversed_within_lengths(g.grad_out, T_, B, H, s.lengths);
+  const auto gates = reversed_within_lengths(p.gates, T_, B, 4 * H, s.lengths);
+  const auto state = reversed_within_lengths(lstm ? p.cell : p.out, T_, B, H, s.lengths);
+  LayerShape f = s;
+  f.reverse = false;
+  LayerPtrs<T> q = p;
+  q.gates = gates.get();
+  (lstm ? q.cell : q.out) = state.get();
+  LayerGradPtrs<T> r = g;
+  r.grad_out = grad_out.get();
+  layer_bwd_fused(f, q, r);
+  reverse_within_lengths(g.dax, g.dax, T_, B, G, s.lengths);
+  if (g.dah != g.dax) reverse_within_lengths(g.dah, g.dah, T_, B, G, s.lengths);
+  if (g.grad_norm) reverse_within_lengths(g.grad_norm, g.grad_norm, T_, B, int64_t(1), s.lengths);
+}
+
 template <typename T>
 void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGradPtrs<T>& g) {
+  if (gated_fused_path(s) && s.reverse && s.lengths) return layer_bwd_fused_reversed(s, p, g);
   if (gated_fused_path(s)) return layer_bwd_fused(s, p, g);
   const int64_t B = s.B, H = s.H, P = s.P, G = s.G, S = 4 * H;
   const VecKernels<T>& vk = vec_kernels_for<T>();
