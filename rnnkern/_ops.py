@@ -244,8 +244,23 @@ def elman_fwd_setup(ctx, inputs, output):
                   bias_hh is not None)
 
 
+def _zeros_for(grad, like):
+    """An output's gradient as the op takes it: zeros where autograd passed
+    None (an unused output, when the Function does not materialise grads)."""
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _loss_grad(grad_loss, weight, reduction):
+    """The loss's gradient, zeros where it was not used (None): [] or, for
+    reduction 'none', [T,B] like the loss weights."""
+    if grad_loss is not None:
+        return grad_loss
+    return weight.new_zeros(weight.shape if reduction == "none" else ())
+
+
 def elman_fwd_backward(ctx, grad_output, grad_h_n):
     input, hx, weight_ih, weight_hh, output, lengths = ctx.saved_tensors
+    grad_output, grad_h_n = _zeros_for(grad_output, output), _zeros_for(grad_h_n, hx)
     nonlinearity, reverse, truncate, has_b_ih, has_b_hh = ctx.config
     want_in = ctx.needs_input_grad[0]
     g_in, g_hx, g_w_ih, g_w_hh, g_b = elman_bwd(
@@ -286,6 +301,7 @@ def elman_loss_backward(ctx, grad_loss, grad_h_n, want_input: bool, want_grad_no
      g_out, g_w_out, g_b_out) = ctx.saved_tensors
     nonlinearity, loss, reduction, ignore_index, label_smoothing, truncate, chunk_rows = \
         ctx.loss_config
+    grad_loss, grad_h_n = _loss_grad(grad_loss, weight, reduction), _zeros_for(grad_h_n, hx)
     has_b_ih, has_b_hh, has_b_out = ctx.has_bias
     want_in = want_input
     g_in, g_hx, g_w_ih, g_w_hh, g_b, g_w_out, g_b_out, grad_norm = elman_loss_bwd(
@@ -418,6 +434,9 @@ def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved, want_input
      lengths) = ctx.saved_tensors
     mode, reverse, truncate, has_b_ih, has_b_hh = ctx.config
     want_in = ctx.needs_input_grad[0] if want_input is None else want_input
+    grad_output, grad_h_n = _zeros_for(grad_output, out), _zeros_for(grad_h_n, h0)
+    if c0 is not None:
+        grad_c_n = _zeros_for(grad_c_n, c0)
     g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr, norms = layer_bwd(
         grad_output, grad_h_n, grad_c_n if c0 is not None else None, input, h0, c0, weight_ih,
         weight_hh, weight_hr, out, gates, cell, proj_in, lengths, mode, reverse, truncate,
@@ -496,6 +515,7 @@ def head_loss_setup(ctx, inputs, output):
 def head_loss_backward(ctx, grad_loss, *_rest):
     h, target, weight_out, bias_out, lengths, weight, g_h, g_w_out, g_b_out = ctx.saved_tensors
     loss, reduction, ignore_index, label_smoothing, chunk_rows = ctx.head_config
+    grad_loss = _loss_grad(grad_loss, weight, reduction)
     g_h, g_w_out, g_b_out = head_loss_bwd(grad_loss, h, target, weight_out, bias_out, lengths,
                                           weight, g_h, g_w_out, g_b_out, loss, reduction,
                                           ignore_index, label_smoothing, chunk_rows)

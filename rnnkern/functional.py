@@ -182,6 +182,11 @@ def _variants(base, what: str):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             output = base.forward(*inputs)
         base.setup_context(ctx, inputs, output)
+        # An unused output's gradient comes to backward as None, not as a
+        # zero-filled tensor: the saved state (gates, cell, dL/dh from the
+        # head: [T,B,*] each) is an output, and filling its zeros cost a
+        # tenth of a small training step.
+        ctx.set_materialize_grads(False)
         return output
 
     fast = type(base.__name__ + "Fast", (torch.autograd.Function,),
