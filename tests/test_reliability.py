@@ -115,11 +115,12 @@ def _loss_run(threads, problem, **kw):
 
 
 @pytest.mark.parametrize("case", product(loss=["cross_entropy", "mse"],
-                                         reduction=["mean", "none"]), ids=str)
+                                         reduction=["mean", "none"], O=[300, 8]), ids=str)
 def test_fused_loss_bitwise_equal_at_one_and_two_threads(case):
     """Every reduction (the head's bias gradient included) sums in an order
-    that does not depend on the thread count."""
-    problem = make_loss_problem(17, 33, 9, 64, 300, loss=case["loss"], dtype=torch.float32,
+    that does not depend on the thread count; O = 8 takes the head's
+    transposed logits product (mm_wide_out)."""
+    problem = make_loss_problem(17, 33, 9, 64, case["O"], loss=case["loss"], dtype=torch.float32,
                                 seed=3)[:2]
     kw = dict(loss=case["loss"], reduction=case["reduction"],
               lengths=torch.randint(0, 18, (33,), generator=torch.Generator().manual_seed(1)))

@@ -376,6 +376,18 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m) {
   });
 }
 
+void mm_wide_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  // Below this many columns, with more rows than columns, the product is
+  // transposed. AMD EPYC (Zen 4), MKL, 2 threads: [3200,32] x [32,8] took
+  // 104 us as it is and 37 us transposed.
+  constexpr int64_t kNarrowN = 16;
+  if (b.size(1) >= kNarrowN || a.size(0) <= b.size(1)) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  out.copy_(at::mm(b.t(), a.t()).t());
+}
+
 std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::Tensor& x,
                                                  const at::Tensor& hx, const at::Tensor& weight_ih,
                                                  const at::Tensor& weight_hh,

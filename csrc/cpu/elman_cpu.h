@@ -20,6 +20,14 @@ at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<a
 // sum may split the rows across threads).
 void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 
+// out [M,N] (contiguous) = a [M,K] b [K,N]. MKL runs a product with few
+// columns N (the logits of a head over a few classes) several times below
+// its rate; there the product is formed as (b^T a^T)^T, whose N is M, and
+// copied out. The choice depends on the shapes only. (Not for products whose
+// K is the T*B rows, such as dW_ih = dz^T x at a small I: transposed, MKL
+// splits their K across threads, and the bits then depend on the thread count.)
+void mm_wide_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
 // Runs the layer. `s` comes from check_elman_args with s.lengths pointing at a
 // contiguous int64 [B] copy (or null).
 //   x [T,B,I] contiguous, hx [B,H], weight_ih [H,I], weight_hh [H,H], bias [H] or undefined

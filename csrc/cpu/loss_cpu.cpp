@@ -150,7 +150,7 @@ class HeadWeight {
       return;
     }
 #endif
-    at::mm_out(out, a, trans_ ? w_.t() : w_);
+    mm_wide_out(out, a, trans_ ? w_.t() : w_);
   }
 
  private:
