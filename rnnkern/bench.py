@@ -1,7 +1,8 @@
 """The benchmark suite behind ``python -m rnnkern bench``.
 
 Each configuration is a training problem: one recurrent layer (an Elman RNN,
-an LSTM or a GRU: ``--cell``) with a per-step MSE loss over a linear head with
+an LSTM or a GRU: ``--cell``; ``bidir-lengths`` runs the cell's 2-layer
+bidirectional module instead) with a per-step MSE loss over a linear head with
 O = I, reduced as in seed 000, example 3 (each
 sequence's mean over its valid steps, summed over the batch). Every
 implementation is timed interleaved with the others in the same run (medians
