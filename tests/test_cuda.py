@@ -59,6 +59,18 @@ def flat_leaves(d):
     return [v for v in out if v is not None]
 
 
+def with_leaves(d, ts):
+    """d with its leaves, in flat_leaves' order, replaced by ts (all of them)."""
+    dd, it = dict(d), iter(ts)
+    for k in sorted(d):
+        if isinstance(d[k], tuple):
+            dd[k] = tuple(next(it) for _ in d[k])
+        elif d[k] is not None:
+            dd[k] = next(it)
+    assert next(it, None) is None, "more tensors than leaves"
+    return dd
+
+
 def make_cell(cell, T, B, I, H, *, dtype=torch.float64, bias=True, hx=True, batch_first=False,
               seed=None):
     """Fresh random inputs of one layer of `cell` on the CPU, all requiring grad."""
@@ -408,17 +420,9 @@ def test_gradcheck_layer(case):
     d = fresh_dict(make_cell(case["cell"], 4, 3, 2, 3, seed=5), DEV)
     lengths = torch.tensor([4, 0, 2])
     leaves = flat_leaves(d)
-    names = [k for k in sorted(d) for _ in (d[k] if isinstance(d[k], tuple) else [d[k]])
-             if d[k] is not None]
 
     def f(*ts):
-        dd = dict(d)
-        it = iter(ts)
-        for k in sorted(d):
-            if isinstance(d[k], tuple):
-                dd[k] = tuple(next(it) for _ in d[k])
-            elif d[k] is not None:
-                dd[k] = next(it)
+        dd = with_leaves(d, ts)
         args = (dd["input"], dd["hx"], dd["weight_ih"], dd["weight_hh"], dd["bias_ih"],
                 dd["bias_hh"])
         cell = case["cell"]
@@ -432,7 +436,6 @@ def test_gradcheck_layer(case):
             return out, h, c
         return functional.gru(*args, lengths=lengths, reverse=case["reverse"])
 
-    assert len(names) == len(leaves)
     assert torch.autograd.gradcheck(f, tuple(leaves))
 
 
@@ -443,24 +446,15 @@ def test_gradcheck_rnn_loss(case):
     d = fresh_dict(d, DEV)
     target = target.to(DEV)
     leaves = flat_leaves(d)
-    keys = [k for k in sorted(d) for _ in (d[k] if isinstance(d[k], tuple) else [d[k]])
-            if d[k] is not None]
 
     def f(*ts):
-        dd = dict(d)
-        it = iter(ts)
-        for k in sorted(d):
-            if isinstance(d[k], tuple):
-                dd[k] = tuple(next(it) for _ in d[k])
-            elif d[k] is not None:
-                dd[k] = next(it)
+        dd = with_leaves(d, ts)
         return functional.rnn_loss(dd["input"], target, dd["hx"], dd["weight_ih"],
                                    dd["weight_hh"], dd["bias_ih"], dd["bias_hh"],
                                    dd["weight_out"], dd["bias_out"], loss=case["loss"],
                                    mode=case["mode"], lengths=torch.tensor([4, 1, 3]),
                                    reduction="seq_mean", _chunk_rows=2)
 
-    assert len(keys) == len(leaves)
     assert torch.autograd.gradcheck(f, tuple(leaves))
 
 
