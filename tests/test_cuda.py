@@ -178,6 +178,27 @@ def test_layer_float32_at_a_realistic_size(cell):
     assert_all_close(got, want, TOL32, "float32 CUDA vs float64 reference")
 
 
+@pytest.mark.parametrize("case", product(cell=["rnn_tanh", "rnn_relu", "lstm", "gru"],
+                                         TBIH=[(5, 301, 3, 9), (4, 3, 5, 200)],
+                                         reverse=[False, True]), ids=str)
+def test_persistent_and_per_step_loops_match_the_reference(case):
+    """Small layers run each loop as one persistent kernel (W_hh in a block's
+    shared memory): H = 9, where B = 301 puts several sequences in each block
+    on any GPU of up to 300 multiprocessors, the last block partly empty.
+    float64 H = 200 fits no block (320 KB and more) and runs the per-step loop
+    of cuBLAS GEMMs and pointwise kernels. Both against the CPU kernel and the
+    reference, with lengths (zeros among them), reverse and truncation."""
+    T, B, I, H = case["TBIH"]
+    d = make_cell(case["cell"], T, B, I, H)
+    lengths = torch.randint(0, T + 1, (B,))
+    lengths[0] = 0
+    lengths[-1] = T
+    cuda, cpu, ref = three_ways(case["cell"], d, lengths=lengths, reverse=case["reverse"],
+                                truncate=2)
+    assert_all_close(cuda, cpu, TOL[torch.float64], "vs CPU kernel")
+    assert_all_close(cuda, ref, TOL[torch.float64], "vs reference")
+
+
 def test_lengths_on_the_device_or_the_cpu_give_the_same_bits():
     """The ops take lengths on the CPU (as the Python API passes them) or on the
     input's device; either way the kernels read the same lengths (from CPU

@@ -14,6 +14,8 @@
 //                                         sequences still running (or cuts it: truncate)
 //           then dx, dW_ih, dW_hh, dW_hr as whole GEMMs and the biases as
 //           ordered column sums (no atomics: bitwise the same run to run).
+// Small layers (W_hh fits in one block's shared memory, G <= 1024, no
+// projection) run each loop as one persistent kernel instead: "Persistent steps".
 // The semantics are cpu/elman_cpu.cpp's and cpu/layer_cpu.cpp's exactly; the
 // math is cells/*.h, marked RNNKERN_HD, which the CPU tests cover.
 #include <ATen/ATen.h>
@@ -402,6 +404,385 @@ void launch(K kernel, int64_t n, const P& p, X x) {
 }
 
 // ---------------------------------------------------------------------------
+// Persistent steps: a small layer's whole time loop in one kernel
+// ---------------------------------------------------------------------------
+// The per-step loop above launches a GEMM and one to three kernels per step:
+// at small sizes each step then costs several launches (about 15 us a step on
+// an H100 for H = 64), far more than its arithmetic. The sequences of a layer
+// are independent, so when W_hh fits in one block's shared memory (and G <=
+// 1024, no projection) each block runs every step of its own rb sequences
+// (cuDNN's persistent RNN and haste's idea, without a grid-wide barrier):
+//   forward, per step:  a = h_prev W_hh^T        thread (slice of k, g): a
+//                                                partial sum over its slice of
+//                                                W_hh^T's column g in shared
+//                                                memory, h_prev broadcast
+//                       the cell (cells/*.h)      thread (row, j): the slices'
+//                                                sums in order, lengths,
+//                                                reverse, the saved state
+//   backward, per step: the cell's backward      thread (row, j) -> dz_t [rb,G]
+//                       carry = dz_t W_hh        thread (slice of G, row, k):
+//                                                partial sums, added in order
+//                       grad_norm, truncation, the frozen states
+// dW_hh, dW_ih, dx and the biases stay whole GEMMs and ordered column sums
+// after the loop (param_grads). Every sum runs in a fixed order: the same bits
+// on every run (they differ from the per-step loop's cuBLAS bits by rounding).
+// Each step's global reads are issued one step ahead, so their latency hides
+// behind the previous step's product.
+
+constexpr int kMaxRowsPerBlock = 8;
+constexpr int kMinSlice = 16;  // the shortest slice of a sum one thread runs
+
+// The block's rows: their lengths (0 past B) and the longest, in shared memory.
+struct BlockRows {
+  int64_t b0, len[kMaxRowsPerBlock], max_len;
+};
+
+struct Persist {
+  bool ok = false;
+  int rows = 1;         // sequences per block (rb)
+  int fwd_splits = 1;   // forward: slices of P, one thread per (slice, g)
+  int fwd_threads = 32;
+  int bwd_splits = 1;   // backward: slices of G, one thread per (slice, row, k)
+  int bwd_threads = 32;
+  size_t fwd_smem = 0, bwd_smem = 0;  // dynamic shared memory, bytes
+};
+
+int64_t round_up_warp(int64_t n) { return (n + 31) / 32 * 32; }
+
+// Threads for `units` sums of length `len` each, in slices of at least
+// kMinSlice, and at least `floor` threads: (splits, threads).
+std::pair<int64_t, int64_t> slice_sums(int64_t units, int64_t len, int64_t floor) {
+  int64_t splits = std::max<int64_t>(1, std::min(1024 / units, (len + kMinSlice - 1) / kMinSlice));
+  return {splits, round_up_warp(std::max(splits * units, floor))};
+}
+
+template <typename T>
+Persist persist_plan(const Loop& s) {
+  Persist p;
+  if (s.proj || s.G > 1024 || s.B == 0) return p;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t sms = std::max(1, prop->multiProcessorCount);
+  int64_t rb = std::clamp<int64_t>((s.B + sms - 1) / sms, 1, kMaxRowsPerBlock);
+  while (rb > 1 && rb * s.H > 1024) --rb;
+  const auto [fs, ft] = slice_sums(s.G, s.P, rb * s.H);
+  const auto [bs, bt] = slice_sums(rb * s.P, s.G, std::max(s.G, rb * s.H));
+  // forward:  W^T [P,G], partial sums [fs,rb,G], h [rb,P]
+  // backward: ||.||^2 [2,rb,H] (double), W [G,P], dz [rb,G], partial sums [bs,rb,P]
+  p.fwd_smem = size_t(s.G * s.P + fs * rb * s.G + rb * s.P) * sizeof(T);
+  p.bwd_smem = 2 * size_t(rb * s.H) * sizeof(double) +
+               size_t(s.G * s.P + rb * s.G + bs * rb * s.P) * sizeof(T);
+  // (BlockRows, the kernels' static shared memory, comes on top.)
+  const size_t limit = prop->sharedMemPerBlockOptin - sizeof(BlockRows);
+  if (std::max(p.fwd_smem, p.bwd_smem) > limit ||
+      std::max(ft, bt) > prop->maxThreadsPerBlock) {
+    return p;
+  }
+  p.ok = true;
+  p.rows = int(rb);
+  p.fwd_splits = int(fs), p.fwd_threads = int(ft);
+  p.bwd_splits = int(bs), p.bwd_threads = int(bt);
+  return p;
+}
+
+template <typename K>
+void launch_persistent(K kernel, int64_t B, int rows, int threads, size_t smem,
+                       const auto&... args) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(smem)));
+  const unsigned blocks = unsigned((B + rows - 1) / rows);
+  kernel<<<blocks, threads, smem, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+__device__ __forceinline__ void load_block_rows(BlockRows& rows, const int64_t* lengths,
+                                                int64_t T, int64_t B, int rb_n) {
+  if (threadIdx.x == 0) {
+    rows.b0 = int64_t(blockIdx.x) * rb_n;
+    rows.max_len = 0;
+    for (int q = 0; q < rb_n; ++q) {
+      const int64_t b = rows.b0 + q;
+      rows.len[q] = b < B ? (lengths ? lengths[b] : T) : 0;
+      rows.max_len = std::max(rows.max_len, rows.len[q]);
+    }
+  }
+}
+
+// Row and previous row of [T,B,*] at `step` for a sequence of length len
+// (pos_of with the length known).
+__device__ __forceinline__ void rows_at(int64_t len, int64_t B, bool reverse, int64_t step,
+                                        int64_t b, int64_t& r, int64_t& pr) {
+  const int64_t t = reverse ? len - 1 - step : step;
+  r = t * B + b;
+  pr = step == 0 ? -1 : (reverse ? t + 1 : t - 1) * B + b;
+}
+
+template <typename T, Cell C>
+__global__ void __launch_bounds__(1024) fwd_persistent_kernel(FwdStep<T> p, const T* w_hh,
+                                                              int rb_n, int splits) {
+  constexpr int NG = C == Cell::kElman ? 1 : (C == Cell::kLstm ? 4 : 3);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ BlockRows rows;
+  const int64_t B = p.B;
+  const int H = int(p.H), G = int(p.G), P = int(p.P);  // G * P fits shared memory
+  T* wt = reinterpret_cast<T*>(smem_raw);  // [P,G]: W_hh^T
+  T* part = wt + G * P;                     // [splits,rb,G]: slices of h_prev W_hh^T
+  T* h_s = part + splits * rb_n * G;        // [rb,P]: the running states
+  const int tid = threadIdx.x;
+  load_block_rows(rows, p.lengths, p.T_, B, rb_n);
+  for (int i = tid; i < G * P; i += blockDim.x) {
+    const int g = i / P, k = i - g * P;
+    wt[k * G + g] = w_hh[i];
+  }
+  __syncthreads();
+  // This thread's unit: row q of the block, unit j (P == H here).
+  const int q = tid / H, j = tid - q * H;
+  const bool unit = q < rb_n;
+  const int64_t b = rows.b0 + q;
+  const bool item = unit && b < B;
+  const int64_t len = unit ? rows.len[q] : 0;
+  // This thread's slice of the product: column g, rows k0..k1 of W_hh^T.
+  const int sl = tid / G, g = tid - sl * G;
+  const int kc = (P + splits - 1) / splits;
+  const int k0 = sl * kc, k1 = std::min(P, k0 + kc);
+  T c = T(0), bh[3] = {T(0), T(0), T(0)};
+  if (unit) h_s[q * P + j] = item ? p.h[b * P + j] : T(0);
+  if constexpr (C == Cell::kLstm) {
+    if (item) c = p.c[b * H + j];
+  }
+  if constexpr (C == Cell::kGru) {
+    if (item && p.b_hh) {
+      for (int k = 0; k < 3; ++k) bh[k] = p.b_hh[k * H + j];
+    }
+  }
+  // This thread's input projection at a step, read one step ahead.
+  T x[NG];
+  auto load_x = [&](int64_t step) {
+    if (item && step < len) {
+      int64_t r, pr;
+      rows_at(len, B, p.reverse, step, b, r, pr);
+#pragma unroll
+      for (int k = 0; k < NG; ++k) x[k] = p.ax[r * G + k * H + j];
+    }
+  };
+  load_x(0);
+  __syncthreads();
+  const int64_t steps = rows.max_len;
+  for (int64_t step = 0; step < p.T_; ++step) {
+    if (step >= steps) {
+      // Every row of the block is past its end: zero outputs, no product.
+      if (item) {
+        const int64_t r = step * B + b;
+        p.out[r * P + j] = T(0);
+        if constexpr (C != Cell::kElman) {
+          for (int k = 0; k < 4; ++k) p.gates[r * 4 * H + k * H + j] = T(0);
+        }
+        if constexpr (C == Cell::kLstm) p.cell[r * H + j] = T(0);
+      }
+      continue;
+    }
+    if (sl < splits) {
+      const T* w = wt + g;
+      for (int rr = 0; rr < rb_n; ++rr) {
+        const T* h = h_s + rr * P;
+        T acc = T(0);
+#pragma unroll 8
+        for (int k = k0; k < k1; ++k) acc += w[k * G] * h[k];
+        part[(sl * rb_n + rr) * G + g] = acc;
+      }
+    }
+    __syncthreads();
+    if (item) {
+      if (step >= len) {
+        const int64_t r = step * B + b;  // a padded time, in either direction
+        p.out[r * P + j] = T(0);
+        if constexpr (C != Cell::kElman) {
+          for (int k = 0; k < 4; ++k) p.gates[r * 4 * H + k * H + j] = T(0);
+        }
+        if constexpr (C == Cell::kLstm) p.cell[r * H + j] = T(0);
+      } else {
+        int64_t r, pr;
+        rows_at(len, B, p.reverse, step, b, r, pr);
+        T a[NG];
+#pragma unroll
+        for (int k = 0; k < NG; ++k) {
+          const T* pk = part + q * G + k * H + j;
+          a[k] = pk[0];
+          for (int s2 = 1; s2 < splits; ++s2) a[k] += pk[s2 * rb_n * G];
+        }
+        T h;
+        if constexpr (C == Cell::kElman) {
+          h = act_forward(p.act, x[0] + a[0]);
+        } else if constexpr (C == Cell::kLstm) {
+          T gi, gf, gg, go;
+          cells::lstm::forward<T>(x[0] + a[0], x[1] + a[1], x[2] + a[2], x[3] + a[3], c, gi, gf,
+                                  gg, go, c, h);
+          T* act = p.gates + r * 4 * H + j;
+          act[0] = gi;
+          act[H] = gf;
+          act[2 * H] = gg;
+          act[3 * H] = go;
+          p.cell[r * H + j] = c;
+        } else {
+          const T ahn = a[2] + bh[2];
+          T gr, gz, gn;
+          cells::gru::forward<T>(x[0], x[1], x[2], a[0] + bh[0], a[1] + bh[1], ahn,
+                                 h_s[q * P + j], gr, gz, gn, h);
+          T* act = p.gates + r * 4 * H + j;
+          act[0] = gr;
+          act[H] = gz;
+          act[2 * H] = gn;
+          act[3 * H] = ahn;
+        }
+        p.out[r * P + j] = h;
+        h_s[q * P + j] = h;
+      }
+      load_x(step + 1);
+    }
+    __syncthreads();
+  }
+  if (item) {
+    p.h[b * P + j] = h_s[q * P + j];
+    if constexpr (C == Cell::kLstm) p.c[b * H + j] = c;
+  }
+}
+
+template <typename T, Cell C>
+__global__ void __launch_bounds__(1024) bwd_persistent_kernel(BwdStep<T> p, const T* w_hh,
+                                                              int64_t truncate, int rb_n,
+                                                              int splits) {
+  constexpr int NG = C == Cell::kElman ? 1 : (C == Cell::kLstm ? 4 : 3);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ BlockRows rows;
+  const int64_t B = p.B;
+  const int H = int(p.H), G = int(p.G), P = int(p.P);  // G * P fits shared memory
+  double* sq_s = reinterpret_cast<double*>(smem_raw);  // [2,rb,H]: (dL/dh_t)^2, by step parity
+  T* w = reinterpret_cast<T*>(sq_s + 2 * rb_n * H);    // [G,P]: W_hh
+  T* dz_s = w + G * P;                                 // [rb,G]: this step's dah
+  T* part = dz_s + rb_n * G;                           // [splits,rb,P]: carry partial sums
+  const int tid = threadIdx.x;
+  load_block_rows(rows, p.lengths, p.T_, B, rb_n);
+  for (int i = tid; i < G * P; i += blockDim.x) w[i] = w_hh[i];
+  __syncthreads();
+  const int q = tid / H, j = tid - q * H;
+  const bool unit = q < rb_n;
+  const int64_t b = rows.b0 + q;
+  const bool item = unit && b < B;
+  const int64_t len = unit ? rows.len[q] : 0;
+  T dh = item ? p.dh[b * P + j] : T(0);  // the carry dL/dh (P == H)
+  T dc = T(0);
+  if constexpr (C == Cell::kLstm) {
+    if (item) dc = p.dc[b * H + j];
+  }
+  // This thread's slice of the carry: row rr, column k, rows g0..g1 of W_hh.
+  const int sums = splits * rb_n * P;
+  const int sl = tid / (rb_n * P), rem = tid - sl * (rb_n * P);
+  const int rr = rem / P, k = rem - rr * P;
+  const int gc = (G + splits - 1) / splits;
+  const int g0 = sl * gc, g1 = std::min(G, g0 + gc);
+  // This thread's saved state at a step, read one step ahead: dL/dh_t from
+  // outside, then the cell's (Elman: h_t; LSTM: i, f, g, o, c_t, c_prev;
+  // GRU: r, z, n, ah_n, h_prev).
+  constexpr int NS = C == Cell::kElman ? 1 : (C == Cell::kLstm ? 6 : 5);
+  T gout = T(0), sv[NS];
+  int64_t r_cur = 0, pr_cur = -1;
+  auto load = [&](int64_t step) {
+    if (!(item && step >= 0 && step < len)) return;
+    rows_at(len, B, p.reverse, step, b, r_cur, pr_cur);
+    const int64_t r = r_cur, pr = pr_cur;
+    gout = p.grad_out[r * P + j];
+    if constexpr (C == Cell::kElman) {
+      sv[0] = p.out[r * H + j];
+    } else {
+      const T* a = p.gates + r * 4 * H + j;
+      for (int kk = 0; kk < 4; ++kk) sv[kk] = a[kk * H];
+      if constexpr (C == Cell::kLstm) {
+        sv[4] = p.cell[r * H + j];
+        sv[5] = pr < 0 ? p.c0[b * H + j] : p.cell[pr * H + j];
+      } else {
+        sv[4] = pr < 0 ? p.h0[b * H + j] : p.out[pr * H + j];
+      }
+    }
+  };
+  const int64_t steps = rows.max_len;
+  load(std::min(p.T_, steps) - 1);
+  for (int64_t step = p.T_ - 1; step >= 0; --step) {
+    const bool cut = truncate > 0 && step > 0 && step % truncate == 0;
+    if (step >= steps) {
+      // Every row of the block has ended: frozen states pass their gradients
+      // through, unless a truncation boundary cuts them.
+      if (cut) dh = dc = T(0);
+      continue;
+    }
+    const bool active = item && step < len;
+    const int64_t r = r_cur;
+    double* sq = sq_s + (step & 1) * rb_n * H;
+    T direct = T(0);
+    if (unit) {
+      T dz[NG];
+#pragma unroll
+      for (int kk = 0; kk < NG; ++kk) dz[kk] = T(0);
+      if (active) {
+        const T dht = gout + dh;
+        if (p.grad_norm) sq[q * H + j] = double(dht) * double(dht);
+        if constexpr (C == Cell::kElman) {
+          dz[0] = act_backward(p.act, dht, sv[0]);
+          p.dax[r * H + j] = dz[0];
+        } else if constexpr (C == Cell::kLstm) {
+          T dcp;
+          cells::lstm::backward<T>(sv[0], sv[1], sv[2], sv[3], sv[4], sv[5], dht, dc, dz[0],
+                                   dz[1], dz[2], dz[3], dcp);
+          dc = dcp;
+          for (int kk = 0; kk < 4; ++kk) p.dax[r * G + kk * H + j] = dz[kk];
+        } else {
+          T daxn;
+          cells::gru::backward<T>(sv[0], sv[1], sv[2], sv[3], sv[4], dht, dz[0], dz[1], daxn,
+                                  dz[2], direct);
+          T* dx = p.dax + r * G + j;
+          T* dhh = p.dah + r * G + j;
+          dx[0] = dhh[0] = dz[0];
+          dx[H] = dhh[H] = dz[1];
+          dx[2 * H] = daxn;
+          dhh[2 * H] = dz[2];
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < NG; ++kk) dz_s[q * G + kk * H + j] = dz[kk];
+      if (step == 0 && item) {
+        for (int kk = 0; kk < NG; ++kk) p.dah_step[b * G + kk * H + j] = dz[kk];
+      }
+    }
+    load(step - 1);  // the next step's reads, in flight during the product
+    __syncthreads();
+    if (tid < sums) {
+      const T* z = dz_s + rr * G;
+      T acc = T(0);
+#pragma unroll 8
+      for (int gg = g0; gg < g1; ++gg) acc += z[gg] * w[gg * P + k];
+      part[tid] = acc;
+    }
+    __syncthreads();
+    if (item) {
+      if (active && p.grad_norm && j == 0) {
+        double acc = 0;
+        for (int jj = 0; jj < H; ++jj) acc += sq[q * H + jj];
+        p.grad_norm[r] = T(std::sqrt(acc));
+      }
+      if (cut) {
+        dh = dc = T(0);
+      } else if (active) {
+        T carry = part[q * P + j];
+        for (int s2 = 1; s2 < splits; ++s2) carry += part[(s2 * rb_n + q) * P + j];
+        dh = C == Cell::kGru ? direct + carry : carry;
+      }
+    }
+  }
+  if (item) {
+    p.dh[b * P + j] = dh;
+    if constexpr (C == Cell::kLstm) p.dc[b * H + j] = dc;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Host loops
 // ---------------------------------------------------------------------------
 
@@ -433,6 +814,14 @@ void forward_loop(const Loop& s, FwdTensors& f) {
   p.cell = f.cell.defined() ? f.cell.data_ptr<T>() : nullptr;
   p.m = kProj ? m.data_ptr<T>() : nullptr;
   p.proj_in = kProj ? f.proj_in.data_ptr<T>() : nullptr;
+  if constexpr (!kProj) {
+    const Persist plan = persist_plan<T>(s);
+    if (plan.ok) {
+      launch_persistent(fwd_persistent_kernel<T, C>, s.B, plan.rows, plan.fwd_threads,
+                        plan.fwd_smem, p, f.w_hh.const_data_ptr<T>(), plan.rows, plan.fwd_splits);
+      return;
+    }
+  }
   for (int64_t step = 0; step < s.T; ++step) {
     p.step = step;
     const bool running = step < s.t_max;  // else every row is padding: no GEMM
@@ -477,6 +866,15 @@ void backward_loop(const Loop& s, BwdTensors& g) {
   p.dh_step = kProj ? dh_step.data_ptr<T>() : nullptr;
   p.dh_all = kProj ? g.dh_all.data_ptr<T>() : nullptr;
   p.grad_norm = g.grad_norm.defined() ? g.grad_norm.data_ptr<T>() : nullptr;
+  if constexpr (!kProj) {
+    const Persist plan = persist_plan<T>(s);
+    if (plan.ok) {
+      launch_persistent(bwd_persistent_kernel<T, C>, s.B, plan.rows, plan.bwd_threads,
+                        plan.bwd_smem, p, g.w_hh.const_data_ptr<T>(), s.truncate, plan.rows,
+                        plan.bwd_splits);
+      return;
+    }
+  }
   auto cut = [&] {
     g.dh.zero_();
     if (g.dc.defined()) g.dc.zero_();
