@@ -581,3 +581,56 @@ def test_fused_loss_peak_memory_at_least_5x_below_nn():
     assert ours * 5 <= theirs, f"fused peak {ours / 2**20:.1f} MiB, nn {theirs / 2**20:.1f} MiB"
     for p in itertools.chain(rnn.parameters(), head.parameters()):
         p.grad = None
+
+
+# ---------------------------------------------------------------------------
+# DistributedDataParallel on CUDA tensors
+# ---------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, world, backend, port, path, cell):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import test_ddp
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    # NCCL takes one GPU per rank; gloo runs its ranks on one GPU too.
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        model = DistributedDataParallel(test_ddp.make_model(cell).to(device))
+        half = test_ddp.B_HALF * test_ddp.WORLD // world
+        test_ddp.train_on(model, slice(rank * half, (rank + 1) * half), device)
+        torch.save({k: v.cpu() for k, v in model.module.state_dict().items()}, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_ddp_on_cuda_equals_one_process_on_the_whole_batch(tmp_path, backend, cell):
+    """DDP over rnnkern modules on CUDA tensors: NCCL with one rank per GPU (a
+    single rank on a one-GPU machine), gloo with two ranks on the GPU(s). The
+    parameters after training equal one CPU process's on the whole batches."""
+    import torch.multiprocessing as mp
+
+    import test_ddp
+
+    world = min(2, torch.cuda.device_count()) if backend == "nccl" else 2
+    path = str(tmp_path / "state")
+    mp.spawn(_ddp_worker, args=(world, backend, test_ddp.free_port(), path, cell), nprocs=world,
+             join=True)
+    single = test_ddp.make_model(cell)
+    initial = {n: p.detach().clone() for n, p in single.named_parameters()}
+    test_ddp.train(single, slice(None))
+    for rank in range(world):
+        state = torch.load(f"{path}.{rank}")
+        for name, p in single.named_parameters():
+            assert test_ddp.rel_change(p, initial[name]) > 1e-3, f"{name} did not train"
+            assert_close(state[name], p.detach(), TOL[torch.float64], f"rank {rank} {name}")

@@ -53,9 +53,16 @@ def train(model, rows):
     """SGD over STEPS batches, each restricted to `rows`. The loss is a mean over
     equal halves, so DDP's average of the two ranks' gradients is the gradient
     of the mean over the whole batch."""
+    train_on(model, rows, torch.device("cpu"))
+
+
+def train_on(model, rows, device):
+    """train() with the batches' x and target on `device` (lengths stay on the
+    CPU, as a user passes them)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(STEPS):
         x, lengths, target = (t[rows] for t in batch(step))
+        x, target = x.to(device), target.to(device)
         opt.zero_grad()
         (model(x, lengths) - target).square().mean().backward()
         opt.step()
