@@ -376,16 +376,123 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m) {
   });
 }
 
-void mm_wide_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  // Below this many columns, with more rows than columns, the product is
-  // transposed. AMD EPYC (Zen 4), MKL, 2 threads: [3200,32] x [32,8] took
-  // 104 us as it is and 37 us transposed.
-  constexpr int64_t kNarrowN = 16;
-  if (b.size(1) >= kNarrowN || a.size(0) <= b.size(1)) {
-    at::mm_out(out, a, b);
+namespace {
+
+// Where the vector kernels beat BLAS (AMD EPYC Zen 4, 2 threads; see
+// bench/small_gemm.py): a side below kNarrow, within a panel that stays in
+// cache; for a^T b also any output of at most kSmallOut elements.
+constexpr int64_t kNarrow = 16, kPanel = 16384, kSmallOut = 4096;
+constexpr int64_t kChunkRows = 512;  // a^T b: rows per partial sum
+
+bool row_gemm_wins(int64_t K, int64_t N) {
+  return (K < kNarrow || N < kNarrow) && K * N <= kPanel;
+}
+
+bool atb_wins(int64_t M, int64_t N) { return std::min(M, N) < kNarrow || M * N <= kSmallOut; }
+
+template <typename T>
+void small_mm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                   const at::Tensor& bias) {
+  const auto& vk = vec_kernels_for<T>();
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(1);
+  const int64_t NP = (N + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
+  // w and the bias packed as row_gemm reads them: [K, NP], [NP], zero padded.
+  auto wt = at::zeros({K, NP}, out.options());
+  wt.narrow(1, 0, N).copy_(w);
+  at::Tensor bp;
+  if (bias.defined()) {
+    bp = at::zeros({NP}, out.options());
+    bp.narrow(0, 0, N).copy_(bias);
+  }
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = wt.const_data_ptr<T>();
+  const T* bptr = bp.defined() ? bp.const_data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * NP));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    vk.row_gemm(xp, ldx, r0, r1, K, wp, N, NP, bptr, op, ldo);
+  });
+}
+
+// c = a^T b (+ c), with a's columns along the vectors: trans_c stores the
+// result transposed (c holds b^T a's transpose when the caller swapped a, b).
+template <typename T>
+void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor& b,
+              bool accumulate) {
+  const auto& vk = vec_kernels_for<T>();
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  const int64_t MR = vk.atb_width, NR = kAtbCols;
+  const int64_t mb = (M + MR - 1) / MR, nb = (N + NR - 1) / NR;
+  const int64_t chunks = std::max<int64_t>(1, (K + kChunkRows - 1) / kChunkRows);
+  const int64_t blocks = mb * nb, block_size = NR * MR;
+  auto partial = at::empty({chunks * blocks * block_size}, c.options());
+  T* pp = partial.data_ptr<T>();
+  const T* ap = a.const_data_ptr<T>();
+  const T* bp = b.const_data_ptr<T>();
+  const int64_t lda = a.stride(0), ldb = b.stride(0);
+  // One task per (chunk of rows, block of the output).
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t ch = t / blocks, blk = t - ch * blocks;
+      const int64_t i0 = (blk / nb) * MR, n0 = (blk % nb) * NR;
+      const int64_t k0 = ch * kChunkRows, kl = std::min(kChunkRows, K - k0);
+      vk.atb_block(ap + k0 * lda + i0, lda, bp + k0 * ldb + n0, ldb, std::max<int64_t>(kl, 0),
+                   std::min(MR, M - i0), std::min(NR, N - n0), pp + t * block_size, MR);
+    }
+  });
+  // The chunks' partial sums, added in chunk order.
+  T* cp = c.data_ptr<T>();
+  const int64_t ldc = c.stride(0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = (blk / nb) * MR, n0 = (blk % nb) * NR;
+      const int64_t ml = std::min(MR, M - i0), nl = std::min(NR, N - n0);
+      for (int64_t n = 0; n < nl; ++n)
+        for (int64_t i = 0; i < ml; ++i) {
+          T sum = pp[blk * block_size + n * MR + i];
+          for (int64_t ch = 1; ch < chunks; ++ch) sum += pp[(ch * blocks + blk) * block_size + n * MR + i];
+          T& dst = trans_c ? cp[(n0 + n) * ldc + i0 + i] : cp[(i0 + i) * ldc + n0 + n];
+          dst = accumulate ? dst + sum : sum;
+        }
+    }
+  });
+}
+
+}  // namespace
+
+void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(0) &&
+                        out.size(0) == x.size(0) && out.size(1) == w.size(1) &&
+                        out.stride(1) == 1 && (!bias.defined() || bias.numel() == w.size(1)));
+  const int64_t R = x.size(0), K = x.size(1), N = w.size(1);
+  if (R == 0 || N == 0 || !row_gemm_wins(K, N)) {
+    if (bias.defined()) at::addmm_out(out, bias, x, w);
+    else at::mm_out(out, x, w);
     return;
   }
-  out.copy_(at::mm(b.t(), a.t()).t());
+  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_mm_out",
+                             [&] { small_mm_impl<scalar_t>(out, xc, w, bias); });
+}
+
+void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && c.is_contiguous() &&
+                        a.size(0) == b.size(0) && c.size(0) == a.size(1) &&
+                        c.size(1) == b.size(1) && a.stride(1) == 1 && b.stride(1) == 1);
+  const int64_t M = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0) return;
+  if (!atb_wins(M, N)) {
+    if (accumulate) c.addmm_(a.t(), b);
+    else at::mm_out(c, a.t(), b);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "atb_out", [&] {
+    // The wider side along the vectors.
+    if (M >= N) atb_impl<scalar_t>(c, false, a, b, accumulate);
+    else atb_impl<scalar_t>(c, true, b, a, accumulate);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::Tensor& x,
@@ -406,8 +513,7 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
   // The input projection of every step, bias included, as one GEMM.
   const auto x2 = x.view({s.T * s.B, s.I});
   auto out2 = out.view({s.T * s.B, s.H});
-  if (bias.defined()) at::addmm_out(out2, bias.contiguous(), x2, w_ih.t());
-  else at::mm_out(out2, x2, w_ih.t());
+  small_mm_out(out2, x2, w_ih.t(), bias.defined() ? bias.contiguous() : bias);
 
   at::Tensor state, gemm_buf;
   if (s.lengths) {
@@ -466,8 +572,14 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   ElmanGrads g;
   // Every parameter gradient is one GEMM or reduction over all T*B rows.
   const auto gz2 = grad_z.view({T * B, H});
-  g.input = grad_input ? at::mm(gz2, w_ih).view({T, B, I}) : at::empty({0}, x.options());
-  g.weight_ih = at::mm(gz2.t(), x.view({T * B, I}));
+  g.input = at::empty({0}, x.options());
+  if (grad_input) {
+    g.input = at::empty({T, B, I}, x.options());
+    auto gi2 = g.input.view({T * B, I});
+    small_mm_out(gi2, gz2, w_ih);
+  }
+  g.weight_ih = at::empty({H, I}, x.options());
+  atb_out(g.weight_ih, gz2, x.view({T * B, I}), false);
   g.bias = at::zeros({H}, x.options());
   add_column_sums(g.bias, gz2);
   // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
@@ -475,11 +587,13 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   const at::Tensor dz_first = (s.lengths && s.reverse)
                                    ? grad_z_first
                                    : (T > 0 ? grad_z[s.reverse ? T - 1 : 0] : grad_z_first.zero_());
-  g.weight_hh = at::mm(dz_first.t(), h0);
+  g.weight_hh = at::empty({H, H}, x.options());
+  atb_out(g.weight_hh, dz_first, h0, false);
   if (T > 1) {
     const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
     const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
-    g.weight_hh.addmm_(dz_rest.reshape({(T - 1) * B, H}).t(), h_prev.reshape({(T - 1) * B, H}));
+    atb_out(g.weight_hh, dz_rest.reshape({(T - 1) * B, H}), h_prev.reshape({(T - 1) * B, H}),
+            true);
   }
   g.hx = carry;
   return g;

@@ -20,13 +20,25 @@ at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<a
 // sum may split the rows across threads).
 void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 
-// out [M,N] (contiguous) = a [M,K] b [K,N]. MKL runs a product with few
-// columns N (the logits of a head over a few classes) several times below
-// its rate; there the product is formed as (b^T a^T)^T, whose N is M, and
-// copied out. The choice depends on the shapes only. (Not for products whose
-// K is the T*B rows, such as dW_ih = dz^T x at a small I: transposed, MKL
-// splits their K across threads, and the bits then depend on the thread count.)
-void mm_wide_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+// The products around the time loops whose shapes BLAS runs far below its
+// rate: a side below 16 (the input projection at a small I, the logits of a
+// head over a few classes, dW_ih at a small I), or a small output over the
+// T*B rows (dW_hh at a small H). AMD EPYC (Zen 4), MKL, 2 threads: dW_ih =
+// dz^T x at [3200,128]^T [3200,8] took 414 us, dx = dz W_ih at
+// [3200,128] [128,8] 371 us. These run on the vector kernels instead
+// (VecKernels::row_gemm, atb_block), each output element summed in a fixed
+// order by one thread: the same bits at any thread count. Larger products go
+// to BLAS through ATen. The choice depends on the shapes only.
+//
+// out [R,N] (contiguous rows) = x [R,K] w [K,N] (+ bias [N], if defined);
+// x and w any strides with unit column stride for x.
+void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& bias = at::Tensor());
+
+// c [M,N] (contiguous) = a^T b, or += with accumulate; a [K,M], b [K,N] with
+// unit column stride: a sum over the K rows. K is split into fixed chunks
+// whose partial sums are added in order, never into per-thread ranges.
+void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 // Runs the layer. `s` comes from check_elman_args with s.lengths pointing at a
 // contiguous int64 [B] copy (or null).

@@ -461,8 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto ax = at::empty({s.T, s.B, s.G}, opts);  // [T,B,G]
   if (s.T * s.B > 0) {
     auto ax2 = ax.view({s.T * s.B, s.G});
-    if (b_x.defined()) at::addmm_out(ax2, b_x.contiguous(), x.view({s.T * s.B, s.I}), w_ih.t());
-    else at::mm_out(ax2, x.view({s.T * s.B, s.I}), w_ih.t());
+    small_mm_out(ax2, x.view({s.T * s.B, s.I}), w_ih.t(), b_x.defined() ? b_x.contiguous() : b_x);
   }
   auto out = at::empty({s.T, s.B, s.P}, opts);
   auto h_n = at::empty({s.B, s.P}, opts);
@@ -544,8 +543,14 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     });
   }
   const auto dax2 = dax.view({T * B, G}), dah2 = dah.view({T * B, G});
-  auto g_in = grad_input ? at::mm(dax2, w_ih).view({T, B, I}) : empty0(input);
-  auto g_w_ih = at::mm(dax2.t(), x.view({T * B, I}));
+  auto g_in = empty0(input);
+  if (grad_input) {
+    g_in = at::empty({T, B, I}, opts);
+    auto gi2 = g_in.view({T * B, I});
+    small_mm_out(gi2, dax2, w_ih);
+  }
+  auto g_w_ih = at::empty({G, I}, opts);
+  atb_out(g_w_ih, dax2, x.view({T * B, I}), false);
   auto g_b_ih = at::zeros({G}, opts);
   add_column_sums(g_b_ih, dax2);
   at::Tensor g_b_hh = g_b_ih;
@@ -566,14 +571,18 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   } else {
     dah_first = dah[s.reverse ? T - 1 : 0];
   }
-  auto g_w_hh = at::mm(dah_first.t(), hx);
+  auto g_w_hh = at::empty({G, P}, opts);
+  atb_out(g_w_hh, dah_first, hx, false);
   if (T > 1) {
     const auto rest = s.reverse ? dah.narrow(0, 0, T - 1) : dah.narrow(0, 1, T - 1);
     const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
-    g_w_hh.addmm_(rest.reshape({(T - 1) * B, G}).t(), h_prev.reshape({(T - 1) * B, P}));
+    atb_out(g_w_hh, rest.reshape({(T - 1) * B, G}), h_prev.reshape({(T - 1) * B, P}), true);
   }
-  auto g_w_hr = s.proj ? at::mm(dh_all.view({T * B, P}).t(), pin.view({T * B, H}))
-                       : empty0(input);
+  auto g_w_hr = empty0(input);
+  if (s.proj) {
+    g_w_hr = at::empty({P, H}, opts);
+    atb_out(g_w_hr, dh_all.view({T * B, P}), pin.view({T * B, H}), false);
+  }
   return {g_in, dh, dc, g_w_ih, g_w_hh, g_b_ih, g_b_hh.clone(), g_w_hr, grad_norm};
 }
 

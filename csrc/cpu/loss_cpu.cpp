@@ -150,7 +150,7 @@ class HeadWeight {
       return;
     }
 #endif
-    mm_wide_out(out, a, trans_ ? w_.t() : w_);
+    small_mm_out(out, a, trans_ ? w_.t() : w_);
   }
 
  private:
@@ -251,7 +251,7 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
       w_for_dh.mm_out(dh, logits);
       grads->output.index_copy_(0, idx, dh);
     }
-    grads->weight_out.addmm_(logits.t(), hc);
+    atb_out(grads->weight_out, logits, hc, true);
     // The bias gradient sums the rows in order, chunk after chunk: the same
     // bits at any thread count.
     if (bp) vk.add_column_sums(grads->bias_out.data_ptr<T>(), xp, n, O, O);

@@ -155,7 +155,24 @@ struct VecKernels {
   int64_t gated_row_block;
   // The fused gated backward step (GatedBwdArgs); its row block is row_block.
   void (*gated_bwd_step)(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1);
+  // Small products where BLAS is slow (a side below 16, or a small output),
+  // each output element summed over k in order, by one call: the same bits
+  // however callers split the blocks across threads.
+  // atb_block: one block of a^T b over K rows:
+  //   out[n * ldo + i] = sum over k < K of a[k * lda + i] * b[k * ldb + n]
+  //   for i < ml <= atb_width, n < nl <= kAtbCols.
+  void (*atb_block)(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int64_t ml,
+                    int64_t nl, T* out, int64_t ldo);
+  int64_t atb_width;
+  // row_gemm: rows [r0, r1) of out = bias + x w, w given as wt [K, NP]
+  // (row-major, NP = N rounded up to pack_width, zero padded), bias [NP]
+  // padded the same way or null:
+  //   out[r * ldo + n] = bias[n] + sum over k < K of x[r * ldx + k] * wt[k * NP + n]
+  void (*row_gemm)(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const T* wt,
+                   int64_t N, int64_t NP, const T* bias, T* out, int64_t ldo);
 };
+
+constexpr int64_t kAtbCols = 8;  // the broadcast side of an atb_block
 
 struct VecKernelTable {
   VecKernels<float> f32;

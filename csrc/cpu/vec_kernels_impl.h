@@ -8,6 +8,7 @@
 #endif
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cmath>
@@ -586,12 +587,135 @@ void gated_bwd_step(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
   else gated_bwd_step_ng<T, 3>(p, b0, b1);
 }
 
+// ---------------------------------------------------------------------------
+// Small products (VecKernels::atb_block, row_gemm)
+// ---------------------------------------------------------------------------
+// Their inner loops are written a * b + c and contracted to FMAs here: with
+// at::vec::fmadd, GCC 12 keeps the accumulator arrays in memory too and
+// stores every one of them on each k (16 stores per 16 FMAs in atb_run).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+// A block of a^T b: NL broadcast columns of b, one or two vectors of a's
+// columns (kTwo), the accumulators in registers for the whole of K (every loop
+// over them unrolled: indexed at run time, GCC keeps them in memory). kPart:
+// the last vector is partial, m_last lanes.
+template <typename T, int NL, bool kTwo, bool kPart>
+void atb_run(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int m_last, T* out,
+             int64_t ldo) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  V acc0[NL], acc1[NL];
+#pragma GCC unroll 8
+  for (int n = 0; n < NL; ++n) {
+    acc0[n] = V(T(0));
+    acc1[n] = V(T(0));
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* ak = a + k * lda;
+    const T* bk = b + k * ldb;
+    const V a0 = kPart && !kTwo ? V::loadu(ak, m_last) : V::loadu(ak);
+    const V a1 = kTwo ? (kPart ? V::loadu(ak + VL, m_last) : V::loadu(ak + VL)) : a0;
+#pragma GCC unroll 8
+    for (int n = 0; n < NL; ++n) {
+      const V bn(bk[n]);
+      acc0[n] = a0 * bn + acc0[n];
+      if constexpr (kTwo) acc1[n] = a1 * bn + acc1[n];
+    }
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < NL; ++n) {
+    if constexpr (kTwo) {
+      acc0[n].store(out + n * ldo);
+      acc1[n].store(out + n * ldo + VL, kPart ? m_last : VL);
+    } else {
+      acc0[n].store(out + n * ldo, kPart ? m_last : VL);
+    }
+  }
+}
+
+template <typename T, int NL, bool kTwo>
+void atb_block_t(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int64_t ml, T* out,
+                 int64_t ldo) {
+  constexpr int VL = Vectorized<T>::size();
+  const int last = int(kTwo ? ml - VL : ml);
+  if (last == VL) atb_run<T, NL, kTwo, false>(a, lda, b, ldb, K, last, out, ldo);
+  else atb_run<T, NL, kTwo, true>(a, lda, b, ldb, K, last, out, ldo);
+}
+
+template <typename T>
+void atb_block(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int64_t ml,
+               int64_t nl, T* out, int64_t ldo) {
+  const bool two = ml > Vectorized<T>::size();
+#define RNNKERN_ATB_CASE(NL)                                                    \
+  case NL:                                                                      \
+    return two ? atb_block_t<T, NL, true>(a, lda, b, ldb, K, ml, out, ldo)      \
+               : atb_block_t<T, NL, false>(a, lda, b, ldb, K, ml, out, ldo);
+  switch (nl) {
+    RNNKERN_ATB_CASE(1)
+    RNNKERN_ATB_CASE(2)
+    RNNKERN_ATB_CASE(3)
+    RNNKERN_ATB_CASE(4)
+    RNNKERN_ATB_CASE(5)
+    RNNKERN_ATB_CASE(6)
+    RNNKERN_ATB_CASE(7)
+    RNNKERN_ATB_CASE(8)
+    default: TORCH_INTERNAL_ASSERT(false, "atb_block: nl = ", nl);
+  }
+#undef RNNKERN_ATB_CASE
+}
+
+// NV vectors of output columns [n0, n0 + nl) for rows [r0, r1).
+template <typename T, int NV>
+void row_gemm_t(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const T* wt,
+                int64_t NP, int64_t n0, int64_t nl, const T* bias, T* out, int64_t ldo) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    V acc[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[v] = bias ? V::loadu(bias + n0 + v * VL) : V(T(0));
+    const T* xr = x + r * ldx;
+    for (int64_t k = 0; k < K; ++k) {
+      const V xk(xr[k]);
+      const T* w = wt + k * NP + n0;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[v] = xk * V::loadu(w + v * VL) + acc[v];
+    }
+    T* o = out + r * ldo + n0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const int64_t cnt = std::min<int64_t>(VL, nl - v * VL);
+      if (cnt == VL) acc[v].store(o + v * VL);
+      else acc[v].store(o + v * VL, int(cnt));
+    }
+  }
+}
+
+template <typename T>
+void row_gemm(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const T* wt, int64_t N,
+              int64_t NP, const T* bias, T* out, int64_t ldo) {
+  constexpr int64_t VL = Vectorized<T>::size(), kMaxNV = 4;
+  for (int64_t n0 = 0; n0 < N; n0 += kMaxNV * VL) {
+    const int64_t nl = std::min(N - n0, kMaxNV * VL);
+    switch ((nl + VL - 1) / VL) {
+      case 1: row_gemm_t<T, 1>(x, ldx, r0, r1, K, wt, NP, n0, nl, bias, out, ldo); break;
+      case 2: row_gemm_t<T, 2>(x, ldx, r0, r1, K, wt, NP, n0, nl, bias, out, ldo); break;
+      case 3: row_gemm_t<T, 3>(x, ldx, r0, r1, K, wt, NP, n0, nl, bias, out, ldo); break;
+      default: row_gemm_t<T, 4>(x, ldx, r0, r1, K, wt, NP, n0, nl, bias, out, ldo); break;
+    }
+  }
+}
+
+#pragma GCC pop_options
+
 template <typename T>
 VecKernels<T> make() {
   return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
           &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
-          &gru_bwd_row<T>, &gated_fwd_step<T>, GatedTiling<T>::RB, &gated_bwd_step<T>};
+          &gru_bwd_row<T>, &gated_fwd_step<T>, GatedTiling<T>::RB, &gated_bwd_step<T>,
+          &atb_block<T>, 2 * Vectorized<T>::size(), &row_gemm<T>};
 }
 
 }  // namespace RNNKERN_CAP
