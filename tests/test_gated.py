@@ -253,10 +253,13 @@ def test_bitwise_deterministic(cell):
             assert a is None and b is None or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("H", [16, 48])
 @pytest.mark.parametrize("cell", CELLS)
-def test_same_bits_at_one_and_two_threads(cell):
-    d = make_gated(cell, 12, 40, 8, 48, dtype=torch.float32, seed=2)
-    lengths = torch.randint(0, 13, (40,), generator=torch.Generator().manual_seed(1))
+def test_same_bits_at_one_and_two_threads(cell, H):
+    # T*B = 520 rows: dW_ih (I = 8) sums them in two chunks on the vector
+    # kernels, and so does dW_hh at H = 16 (64 x 16 or 48 x 16 outputs).
+    d = make_gated(cell, 13, 40, 8, H, dtype=torch.float32, seed=2)
+    lengths = torch.randint(0, 14, (40,), generator=torch.Generator().manual_seed(1))
     old = torch.get_num_threads()
     res = []
     try:
