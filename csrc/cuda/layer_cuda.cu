@@ -167,15 +167,20 @@ struct Pos {
   int64_t pr;   // row of the state it read (the previous processed step), -1 at step 0
 };
 
-__device__ __forceinline__ Pos pos_of(const int64_t* lengths, int64_t T, int64_t B, bool reverse,
-                                      int64_t step, int64_t b) {
-  const int64_t len = lengths ? lengths[b] : T;
+// ... for a sequence b of length len.
+__device__ __forceinline__ Pos pos_at(int64_t len, int64_t B, bool reverse, int64_t step,
+                                      int64_t b) {
   Pos p;
   p.active = step < len;
   const int64_t t = reverse ? len - 1 - step : step;
   p.r = t * B + b;
   p.pr = step == 0 ? -1 : (reverse ? t + 1 : t - 1) * B + b;
   return p;
+}
+
+__device__ __forceinline__ Pos pos_of(const int64_t* lengths, int64_t T, int64_t B, bool reverse,
+                                      int64_t step, int64_t b) {
+  return pos_at(lengths ? lengths[b] : T, B, reverse, step, b);
 }
 
 template <typename T>
@@ -507,13 +512,23 @@ __device__ __forceinline__ void load_block_rows(BlockRows& rows, const int64_t* 
   }
 }
 
-// Row and previous row of [T,B,*] at `step` for a sequence of length len
-// (pos_of with the length known).
-__device__ __forceinline__ void rows_at(int64_t len, int64_t B, bool reverse, int64_t step,
-                                        int64_t b, int64_t& r, int64_t& pr) {
-  const int64_t t = reverse ? len - 1 - step : step;
-  r = t * B + b;
-  pr = step == 0 ? -1 : (reverse ? t + 1 : t - 1) * B + b;
+// A thread's unit in a persistent kernel: row q of the block, unit j (P == H).
+struct BlockUnit {
+  int q, j;
+  bool unit;    // q is one of the block's rows
+  bool item;    // ... and holds a sequence (b < B)
+  int64_t b, len;
+};
+
+__device__ __forceinline__ BlockUnit unit_of(const BlockRows& rows, int H, int rb_n, int64_t B) {
+  BlockUnit u;
+  u.q = int(threadIdx.x) / H;
+  u.j = int(threadIdx.x) - u.q * H;
+  u.unit = u.q < rb_n;
+  u.b = rows.b0 + u.q;
+  u.item = u.unit && u.b < B;
+  u.len = u.unit ? rows.len[u.q] : 0;
+  return u;
 }
 
 template <typename T, Cell C>
@@ -534,12 +549,7 @@ __global__ void __launch_bounds__(1024) fwd_persistent_kernel(FwdStep<T> p, cons
     wt[k * G + g] = w_hh[i];
   }
   __syncthreads();
-  // This thread's unit: row q of the block, unit j (P == H here).
-  const int q = tid / H, j = tid - q * H;
-  const bool unit = q < rb_n;
-  const int64_t b = rows.b0 + q;
-  const bool item = unit && b < B;
-  const int64_t len = unit ? rows.len[q] : 0;
+  const auto [q, j, unit, item, b, len] = unit_of(rows, H, rb_n, B);
   // This thread's slice of the product: column g, rows k0..k1 of W_hh^T.
   const int sl = tid / G, g = tid - sl * G;
   const int kc = (P + splits - 1) / splits;
@@ -558,8 +568,7 @@ __global__ void __launch_bounds__(1024) fwd_persistent_kernel(FwdStep<T> p, cons
   T x[NG];
   auto load_x = [&](int64_t step) {
     if (item && step < len) {
-      int64_t r, pr;
-      rows_at(len, B, p.reverse, step, b, r, pr);
+      const int64_t r = pos_at(len, B, p.reverse, step, b).r;
 #pragma unroll
       for (int k = 0; k < NG; ++k) x[k] = p.ax[r * G + k * H + j];
     }
@@ -600,8 +609,7 @@ __global__ void __launch_bounds__(1024) fwd_persistent_kernel(FwdStep<T> p, cons
         }
         if constexpr (C == Cell::kLstm) p.cell[r * H + j] = T(0);
       } else {
-        int64_t r, pr;
-        rows_at(len, B, p.reverse, step, b, r, pr);
+        const int64_t r = pos_at(len, B, p.reverse, step, b).r;
         T a[NG];
 #pragma unroll
         for (int k = 0; k < NG; ++k) {
@@ -663,11 +671,7 @@ __global__ void __launch_bounds__(1024) bwd_persistent_kernel(BwdStep<T> p, cons
   load_block_rows(rows, p.lengths, p.T_, B, rb_n);
   for (int i = tid; i < G * P; i += blockDim.x) w[i] = w_hh[i];
   __syncthreads();
-  const int q = tid / H, j = tid - q * H;
-  const bool unit = q < rb_n;
-  const int64_t b = rows.b0 + q;
-  const bool item = unit && b < B;
-  const int64_t len = unit ? rows.len[q] : 0;
+  const auto [q, j, unit, item, b, len] = unit_of(rows, H, rb_n, B);
   T dh = item ? p.dh[b * P + j] : T(0);  // the carry dL/dh (P == H)
   T dc = T(0);
   if constexpr (C == Cell::kLstm) {
@@ -684,11 +688,11 @@ __global__ void __launch_bounds__(1024) bwd_persistent_kernel(BwdStep<T> p, cons
   // GRU: r, z, n, ah_n, h_prev).
   constexpr int NS = C == Cell::kElman ? 1 : (C == Cell::kLstm ? 6 : 5);
   T gout = T(0), sv[NS];
-  int64_t r_cur = 0, pr_cur = -1;
+  int64_t r_cur = 0;  // the row the loaded state belongs to
   auto load = [&](int64_t step) {
     if (!(item && step >= 0 && step < len)) return;
-    rows_at(len, B, p.reverse, step, b, r_cur, pr_cur);
-    const int64_t r = r_cur, pr = pr_cur;
+    const Pos at = pos_at(len, B, p.reverse, step, b);
+    const int64_t r = r_cur = at.r, pr = at.pr;
     gout = p.grad_out[r * P + j];
     if constexpr (C == Cell::kElman) {
       sv[0] = p.out[r * H + j];
