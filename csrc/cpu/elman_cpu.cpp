@@ -391,19 +391,10 @@ bool row_gemm_wins(int64_t K, int64_t N) {
 bool atb_wins(int64_t M, int64_t N) { return std::min(M, N) < kNarrow || M * N <= kSmallOut; }
 
 template <typename T>
-void small_mm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-                   const at::Tensor& bias) {
+void row_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& wt, int64_t N,
+                  const at::Tensor& bp) {
   const auto& vk = vec_kernels_for<T>();
-  const int64_t R = x.size(0), K = x.size(1), N = w.size(1);
-  const int64_t NP = (N + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
-  // w and the bias packed as row_gemm reads them: [K, NP], [NP], zero padded.
-  auto wt = at::zeros({K, NP}, out.options());
-  wt.narrow(1, 0, N).copy_(w);
-  at::Tensor bp;
-  if (bias.defined()) {
-    bp = at::zeros({NP}, out.options());
-    bp.narrow(0, 0, N).copy_(bias);
-  }
+  const int64_t R = x.size(0), K = x.size(1), NP = wt.size(1);
   const T* xp = x.const_data_ptr<T>();
   const T* wp = wt.const_data_ptr<T>();
   const T* bptr = bp.defined() ? bp.const_data_ptr<T>() : nullptr;
@@ -461,20 +452,40 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
 
 }  // namespace
 
-void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
-                  const at::Tensor& bias) {
-  TORCH_INTERNAL_ASSERT(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(0) &&
-                        out.size(0) == x.size(0) && out.size(1) == w.size(1) &&
-                        out.stride(1) == 1 && (!bias.defined() || bias.numel() == w.size(1)));
-  const int64_t R = x.size(0), K = x.size(1), N = w.size(1);
-  if (R == 0 || N == 0 || !row_gemm_wins(K, N)) {
-    if (bias.defined()) at::addmm_out(out, bias, x, w);
-    else at::mm_out(out, x, w);
+SmallMatmul::SmallMatmul(const at::Tensor& w, const at::Tensor& bias) : w_(w), bias_(bias) {
+  TORCH_INTERNAL_ASSERT(w.dim() == 2 && (!bias.defined() || bias.numel() == w.size(1)));
+  const int64_t K = w.size(0), N = w.size(1);
+  if (N == 0 || !row_gemm_wins(K, N)) return;
+  // w and the bias as row_gemm reads them: [K, NP], [NP], zero padded.
+  const int64_t pw = w.scalar_type() == at::kFloat ? vec_kernels_for<float>().pack_width
+                                                   : vec_kernels_for<double>().pack_width;
+  const int64_t NP = (N + pw - 1) / pw * pw;
+  wt_ = at::zeros({K, NP}, w.options());
+  wt_.narrow(1, 0, N).copy_(w);
+  if (bias.defined()) {
+    bp_ = at::zeros({NP}, w.options());
+    bp_.narrow(0, 0, N).copy_(bias);
+  }
+}
+
+void SmallMatmul::mm_out(at::Tensor& out, const at::Tensor& x) const {
+  TORCH_INTERNAL_ASSERT(x.dim() == 2 && out.dim() == 2 && x.size(1) == w_.size(0) &&
+                        out.size(0) == x.size(0) && out.size(1) == w_.size(1) &&
+                        out.stride(1) == 1);
+  if (!packed()) {
+    if (bias_.defined()) at::addmm_out(out, bias_, x, w_);
+    else at::mm_out(out, x, w_);
     return;
   }
+  if (x.size(0) == 0) return;
   const auto xc = x.stride(1) == 1 ? x : x.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_mm_out",
-                             [&] { small_mm_impl<scalar_t>(out, xc, w, bias); });
+                             [&] { row_gemm_out<scalar_t>(out, xc, wt_, w_.size(1), bp_); });
+}
+
+void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
+                  const at::Tensor& bias) {
+  SmallMatmul(w, bias).mm_out(out, x);
 }
 
 void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {

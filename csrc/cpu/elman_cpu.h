@@ -35,6 +35,20 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                   const at::Tensor& bias = at::Tensor());
 
+// small_mm_out for many products with one right operand (a head's weight over
+// the chunks of a sweep): w and the bias packed once, when the vector kernel
+// takes their shape.
+class SmallMatmul {
+ public:
+  explicit SmallMatmul(const at::Tensor& w, const at::Tensor& bias = at::Tensor());
+  // Whether the products run on the vector kernel (else on BLAS).
+  bool packed() const { return wt_.defined(); }
+  void mm_out(at::Tensor& out, const at::Tensor& x) const;
+
+ private:
+  at::Tensor w_, bias_, wt_, bp_;
+};
+
 // c [M,N] (contiguous) = a^T b, or += with accumulate; a [K,M], b [K,N] with
 // unit column stride: a sum over the K rows. K is split into fixed chunks
 // whose partial sums are added in order, never into per-thread ranges.

@@ -119,15 +119,18 @@ at::Tensor reduction_coefs(const LossSpec& spec, const ElmanShape& s, const at::
 // B operand on every call, here all of W_out per chunk; with MKL (float32) it
 // is packed once per sweep instead, which saves about a tenth of the head's
 // GEMM time at O = 8192. MKL documents a packed B for the m it was packed
-// with, so a shorter last chunk takes the plain GEMM.
+// with, so a shorter last chunk takes the plain GEMM. Where the vector kernel
+// beats BLAS (a few classes, or H below 16: SmallMatmul), op(W) is packed once
+// for it instead.
 class HeadWeight {
  public:
   //   w_out [O,H] contiguous; trans: op(W) = W_out^T; rows: the chunk height m
-  HeadWeight(const at::Tensor& w_out, bool trans, int64_t rows) : w_(w_out), trans_(trans), rows_(rows) {
+  HeadWeight(const at::Tensor& w_out, bool trans, int64_t rows)
+      : small_(trans ? w_out.t() : w_out), rows_(rows) {
 #if AT_MKL_ENABLED()
     const int64_t O = w_out.size(0), H = w_out.size(1);
     const int64_t n = trans ? O : H, k = trans ? H : O;
-    if (w_out.scalar_type() == at::kFloat && rows > 0 && std::max({O, H, rows}) <= INT32_MAX &&
+    if (!small_.packed() && w_out.scalar_type() == at::kFloat && rows > 0 && std::max({O, H, rows}) <= INT32_MAX &&
         O * H > 0) {
       constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
@@ -150,12 +153,12 @@ class HeadWeight {
       return;
     }
 #endif
-    small_mm_out(out, a, trans_ ? w_.t() : w_);
+    small_.mm_out(out, a);
   }
 
  private:
-  at::Tensor w_, packed_;
-  bool trans_;
+  SmallMatmul small_;
+  at::Tensor packed_;
   int64_t rows_;
 };
 
