@@ -91,7 +91,7 @@ def _cxx_std():
 
 
 def extension():
-    cpu_sources = ["csrc/rnnkern.cpp"] + _sources("csrc/cpu/*.cpp")
+    cpu_sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-fvisibility=hidden"]
     link = []

@@ -197,9 +197,11 @@ def _elman_loss_bwd_fake(grad_loss, grad_h_n, input, target, hx, weight_ih, weig
 
 
 # ---------------------------------------------------------------------------
-# Autograd, registered on the ops themselves, so a graph that holds the op
-# (torch.export, torch.compile, a direct call) differentiates as the Python
-# API does. Backward is one fused kernel call with no derivative of its own.
+# Autograd of the Python Functions in rnnkern/functional.py (torch.func's
+# transforms, Dynamo, rnn_loss's grad_norm). The ops' own autograd, which
+# eager calls, torch.export graphs and direct op calls meet, is the C++ one in
+# csrc/autograd.cpp; the two compute the same thing. Backward is one fused
+# kernel call with no derivative of its own.
 # ---------------------------------------------------------------------------
 
 
@@ -273,10 +275,6 @@ def elman_fwd_backward(ctx, grad_output, grad_h_n):
             None, None, None, None)
 
 
-torch.library.register_autograd("rnnkern::elman_fwd", elman_fwd_backward,
-                                setup_context=elman_fwd_setup)
-
-
 def elman_loss_setup(ctx, inputs, output):
     """Saves what elman_loss_backward needs (shared by the registered autograd
     and rnnkern.functional's grad_norm path)."""
@@ -318,18 +316,6 @@ def elman_loss_backward(ctx, grad_loss, grad_h_n, want_input: bool, want_grad_no
     return grads, (grad_norm if want_grad_norm else None)
 
 
-def _elman_loss_fwd_setup(ctx, inputs, output):
-    elman_loss_setup(ctx, inputs, output)
-    # Only the loss and h_n carry gradients; the other outputs are the
-    # backward's saved state.
-    ctx.mark_non_differentiable(*(o for i, o in enumerate(output) if i not in (0, 2)))
-
-
-def _elman_loss_fwd_backward(ctx, grad_loss, _g_output, grad_h_n, *_rest):
-    grads, _ = elman_loss_backward(ctx, grad_loss, grad_h_n, ctx.needs_input_grad[0], False)
-    return (*grads, *([None] * 9))
-
-
 def no_forward_ad(name: str):
     """The jvp of rnnkern's autograd.Functions: refuse, naming what works."""
     raise RuntimeError(
@@ -337,10 +323,6 @@ def no_forward_ad(name: str):
         "torch.autograd.forward_ad) is not supported: the kernels have a fused reverse-mode "
         "backward only. Use reverse mode (backward, torch.func.grad, vjp, jacrev; vmap works "
         "too), or rnnkern.reference for forward mode.")
-
-
-torch.library.register_autograd("rnnkern::elman_loss_fwd", _elman_loss_fwd_backward,
-                                setup_context=_elman_loss_fwd_setup)
 
 
 # ---------------------------------------------------------------------------
@@ -452,10 +434,6 @@ def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved, want_input
             g_b_hh if has_b_hh else None, g_w_hr, None, None, None, None)
 
 
-torch.library.register_autograd("rnnkern::layer_fwd", layer_fwd_backward,
-                                setup_context=layer_fwd_setup)
-
-
 # ---------------------------------------------------------------------------
 # The per-step loss head on any cell's hidden states: head_loss_fwd / _bwd
 # ---------------------------------------------------------------------------
@@ -524,6 +502,3 @@ def head_loss_backward(ctx, grad_loss, *_rest):
         (h, weight_out, bias_out))
     return (g_h, None, g_w_out, g_b_out, *([None] * 9))
 
-
-torch.library.register_autograd("rnnkern::head_loss_fwd", head_loss_backward,
-                                setup_context=head_loss_setup)

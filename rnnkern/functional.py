@@ -1,8 +1,8 @@
 """The functional API over the fused kernels.
 
-Each op carries its own autograd (registered in rnnkern/_ops.py with
-torch.library.register_autograd), so these functions only convert layouts and
-call it: eager, torch.compile and torch.export programs differentiate alike.
+Each forward op carries its own autograd (C++, csrc/autograd.cpp), so these
+functions only convert layouts and call it: eager, torch.compile and
+torch.export programs differentiate alike.
 """
 
 from __future__ import annotations
@@ -86,8 +86,6 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
         hx = x.new_zeros(x.shape[1], weight_hh.shape[0])
     inputs = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
               truncate or 0)
-    if _inference(inputs):
-        return _below_autograd(_ops.elman_fwd, *inputs)
     return _apply_elman(*inputs)
 
 
@@ -146,32 +144,17 @@ class _HeadLoss(torch.autograd.Function):
     backward = staticmethod(_ops.head_loss_backward)
 
 
-def _inference(inputs) -> bool:
-    """True where no gradient can be asked for: grad mode off, or no tensor
-    requiring one, outside torch.func's transforms, forward-mode AD and
-    compilation. The op is
-    then called directly, without an autograd.Function around it (which costs
-    more than a tiny layer's whole forward)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    # Inside a forward-AD dual level a dual input needs no grad but carries a
-    # tangent: the Function must see it (to refuse forward mode by name).
-    if torch.autograd.forward_ad._current_level >= 0:
-        return False
-    return not torch.is_grad_enabled() or not any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in inputs)
-
-
-def _variants(base, what: str):
-    """How a Function ``base`` (setup_context style) is applied, by context:
-    compiled code applies ``base`` (Dynamo traces it); torch.func's transforms
-    apply it with a jvp that refuses forward mode by name (Dynamo traces no
-    Function with a jvp); plain eager autograd applies an old-style twin that
-    calls the op below the autograd dispatch key. The twin computes the same
-    thing: the Function is what differentiates it, so the op's own registered
-    autograd (for torch.export) is skipped, and with it a Python redispatch
-    and torch's per-call signature binding of setup_context Functions, which
-    cost more than a tiny layer's whole call."""
+def _variants(base, what: str, op, *, side_output: bool = False):
+    """How a Function ``base`` (setup_context style) is applied, by context.
+    Plain eager calls the op itself, whose autograd is C++ (csrc/autograd.cpp):
+    no Python autograd.Function runs, which at small sizes cost more than the
+    kernels. Compiled code applies ``base`` (Dynamo traces it); torch.func's
+    transforms, which take no C++ Function, apply it with a jvp that refuses
+    forward mode by name (Dynamo traces no Function with a jvp); and an old-style
+    twin that calls the op below autograd serves what the op alone cannot: a
+    forward-AD level (to refuse forward mode by name) and, with
+    ``side_output``, a grad_norm tensor (the Function's first input; None: not
+    wanted) that backward fills in."""
 
     def jvp(ctx, *tangents):
         _ops.no_forward_ad(what)
@@ -198,21 +181,22 @@ def _variants(base, what: str):
             return base.apply(*inputs)
         if torch._C._functorch.peek_interpreter_stack() is not None:
             return eager.apply(*inputs)
-        return fast.apply(*inputs)
+        if torch.autograd.forward_ad._current_level >= 0:
+            return fast.apply(*inputs)
+        if side_output:
+            if inputs[0] is not None:
+                return fast.apply(*inputs)
+            return op(*inputs[1:])
+        return op(*inputs)
 
     return apply
 
 
-def _below_autograd(op, *inputs):
-    """An op call where no gradient can be asked for (see _inference), past its
-    registered autograd kernel."""
-    with torch._C._AutoDispatchBelowADInplaceOrView():
-        return op(*inputs)
-
-
-_apply_elman = _variants(_Elman, "rnnkern.functional.rnn")
-_apply_layer = _variants(_Layer, "rnnkern.functional.lstm / gru")
-_apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss")
+_apply_elman = _variants(_Elman, "rnnkern.functional.rnn", torch.ops.rnnkern.elman_fwd.default)
+_apply_layer = _variants(_Layer, "rnnkern.functional.lstm / gru",
+                         torch.ops.rnnkern.layer_fwd.default, side_output=True)
+_apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss",
+                             torch.ops.rnnkern.head_loss_fwd.default)
 
 
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
@@ -241,10 +225,7 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
         h0, c0 = (hx if hx is not None else x.new_zeros(B, H)), None  # [B,H]
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
               truncate or 0)
-    if _inference(inputs):
-        output, h_n, c_n, *_ = _below_autograd(_ops.layer_fwd, *inputs)
-    else:
-        output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
+    output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
     return output, h_n, c_n
 
 
@@ -339,7 +320,8 @@ class _ElmanLoss(torch.autograd.Function):
         return (None, *grads, *([None] * 9))
 
 
-_apply_elman_loss = _variants(_ElmanLoss, "rnnkern.functional.rnn_loss")
+_apply_elman_loss = _variants(_ElmanLoss, "rnnkern.functional.rnn_loss",
+                              torch.ops.rnnkern.elman_loss_fwd.default, side_output=True)
 
 
 def rnn_loss(
@@ -443,10 +425,7 @@ def rnn_loss(
     inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
               needs_grad, int(_chunk_rows), truncate or 0)
     grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
-    if _inference(inputs):
-        value, _, h_n, step_loss, *_ = _below_autograd(_ops.elman_loss_fwd, *inputs)
-    else:
-        value, _, h_n, step_loss, *_ = _apply_elman_loss(grad_norm, *inputs)
+    value, _, h_n, step_loss, *_ = _apply_elman_loss(grad_norm, *inputs)
     if reduction == "none" and batch_first:
         value = value.transpose(0, 1)
     if not return_details:
