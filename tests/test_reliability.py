@@ -400,6 +400,48 @@ def test_direct_op_call_differentiates():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", product(mode=["rnn_tanh", "lstm", "gru"],
+                                         reduction=["mean", "none"]), ids=str)
+def test_cpp_and_python_autograd_give_the_same_bits(case):
+    """Eager calls differentiate through the ops' C++ autograd (csrc/autograd.cpp);
+    torch.func's transforms go through the Python Functions (rnnkern/_ops.py)
+    instead. Both must give the same gradients, bit for bit, and the eager
+    graph must hold no Python rnnkern node."""
+    mode = case["mode"]
+    T, B, I, H, O = 6, 3, 4, 7, 5
+    G = {"rnn_tanh": 1, "lstm": 4, "gru": 3}[mode]
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.tensor([6, 1, 4])
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=g)
+    w = [torch.randn(*shape, dtype=torch.float64, generator=g) * 0.4
+         for shape in ((G * H, I), (G * H, H), (G * H,), (G * H,), (O, H), (O,))]
+    target = torch.randint(0, O, (T, B), generator=g)
+    h0 = torch.randn(B, H, dtype=torch.float64, generator=g)
+    hx = (h0, h0.flip(0)) if mode == "lstm" else h0
+    coef = torch.linspace(0.5, 1.5, T * B, dtype=torch.float64).view(T, B)
+
+    def f(x, *w):
+        value = functional.rnn_loss(x, target, hx, *w, mode=mode, lengths=lengths, truncate=4,
+                                    reduction=case["reduction"])
+        return (value * coef).sum() if case["reduction"] == "none" else value
+
+    leaves = [t.clone().requires_grad_() for t in (x, *w)]
+    value = f(*leaves)
+    chain, seen = [value.grad_fn], set()
+    while chain:
+        fn = chain.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        assert not isinstance(fn, torch.autograd.function.BackwardCFunction), fn.name()
+        chain.extend(fn_ for fn_, _ in fn.next_functions)
+    assert any(fn.name().startswith("torch::autograd::CppNode<rnnkern::") for fn in seen)
+    eager = torch.autograd.grad(value, leaves)
+    func = torch.func.grad(f, argnums=tuple(range(7)))(x, *w)
+    for a, b in zip(eager, func):
+        assert torch.equal(a, b)
+
+
 # --- torch.func ---------------------------------------------------------------
 
 
