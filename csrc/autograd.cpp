@@ -43,15 +43,22 @@ Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); 
 OptTensor as_optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // True where the call records a graph: grad mode on and a tensor argument
-// that requires grad. Otherwise the op runs below autograd at once.
-bool records_graph(std::initializer_list<const Tensor*> tensors,
+// that requires grad. Otherwise the op runs below autograd at once. A
+// forward-mode tangent on an argument is refused by name: the kernels have no
+// forward-mode derivative, and running below autograd would drop it silently.
+bool records_graph(const char* op, std::initializer_list<const Tensor*> tensors,
                    std::initializer_list<const OptTensor*> optionals) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : tensors)
-    if (t->requires_grad()) return true;
+  bool wanted = false;
+  auto see = [&](const Tensor& t) {
+    TORCH_CHECK(!t._fw_grad(/*level=*/0).defined(), "rnnkern: forward-mode AD through ", op,
+                " is not supported: the kernels have a fused reverse-mode backward only. Use "
+                "reverse mode, or rnnkern.reference for forward mode.");
+    wanted = wanted || t.requires_grad();
+  };
+  for (const Tensor* t : tensors) see(*t);
   for (const OptTensor* t : optionals)
-    if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) return true;
-  return false;
+    if (t->has_value() && (*t)->defined()) see(**t);
+  return wanted && at::GradMode::is_enabled();
 }
 
 // The gradient of an output autograd left out (None: the output was unused).
@@ -159,7 +166,8 @@ std::tuple<Tensor, Tensor> elman_fwd_autograd(const Tensor& input, const Tensor&
                                               const OptTensor& bias_ih, const OptTensor& bias_hh,
                                               const OptTensor& lengths, Str nonlinearity,
                                               bool reverse, int64_t truncate) {
-  if (!records_graph({&input, &hx, &weight_ih, &weight_hh}, {&bias_ih, &bias_hh})) {
+  if (!records_graph("rnnkern::elman_fwd", {&input, &hx, &weight_ih, &weight_hh},
+                     {&bias_ih, &bias_hh})) {
     static auto op = op_handle<ElmanFwdSig>("rnnkern::elman_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
@@ -271,7 +279,7 @@ Tensors8 elman_loss_fwd_autograd(const Tensor& input, const Tensor& target, cons
                                  Str nonlinearity, Str loss, Str steps, Str reduction,
                                  int64_t ignore_index, double label_smoothing, bool compute_grad,
                                  int64_t chunk_rows, int64_t truncate) {
-  if (!records_graph({&input, &hx, &weight_ih, &weight_hh, &weight_out},
+  if (!records_graph("rnnkern::elman_loss_fwd", {&input, &hx, &weight_ih, &weight_hh, &weight_out},
                      {&bias_ih, &bias_hh, &bias_out})) {
     static auto op = op_handle<ElmanLossFwdSig>("rnnkern::elman_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
@@ -358,7 +366,8 @@ Tensors6 layer_fwd_autograd(const Tensor& input, const Tensor& h0, const OptTens
                             const OptTensor& bias_ih, const OptTensor& bias_hh,
                             const OptTensor& weight_hr, const OptTensor& lengths, Str mode,
                             bool reverse, int64_t truncate) {
-  if (!records_graph({&input, &h0, &weight_ih, &weight_hh}, {&c0, &bias_ih, &bias_hh, &weight_hr})) {
+  if (!records_graph("rnnkern::layer_fwd", {&input, &h0, &weight_ih, &weight_hh},
+                     {&c0, &bias_ih, &bias_hh, &weight_hr})) {
     static auto op = op_handle<LayerFwdSig>("rnnkern::layer_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
@@ -433,7 +442,7 @@ Tensors6 head_loss_fwd_autograd(const Tensor& h, const Tensor& target, const Ten
                                 const OptTensor& loss_mask, Str loss, Str steps, Str reduction,
                                 int64_t ignore_index, double label_smoothing, bool compute_grad,
                                 int64_t chunk_rows) {
-  if (!records_graph({&h, &weight_out}, {&bias_out})) {
+  if (!records_graph("rnnkern::head_loss_fwd", {&h, &weight_out}, {&bias_out})) {
     static auto op = op_handle<HeadFwdSig>("rnnkern::head_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView below;
     return op.call(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps, reduction,

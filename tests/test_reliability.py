@@ -442,6 +442,23 @@ def test_cpp_and_python_autograd_give_the_same_bits(case):
         assert torch.equal(a, b)
 
 
+def test_direct_op_call_refuses_a_forward_mode_tangent():
+    """A dual input to a direct op call is refused by name, not run below
+    autograd with its tangent silently dropped."""
+    import torch.autograd.forward_ad as fwAD
+    layer = {k: v.detach() for k, v in make_layer(4, 2, 3, 5, seed=3).items()}
+    inputs = [layer[k] for k in NAMES]
+    with fwAD.dual_level():
+        x = fwAD.make_dual(inputs[0], torch.randn_like(inputs[0]))
+        with pytest.raises(RuntimeError, match=r"forward-mode AD through rnnkern::elman_fwd "):
+            torch.ops.rnnkern.elman_fwd(x, *inputs[1:], None, "tanh", False, 0)
+        h = fwAD.make_dual(torch.randn(4, 2, 5), torch.randn(4, 2, 5))
+        with pytest.raises(RuntimeError, match=r"forward-mode AD through rnnkern::head_loss_fwd "):
+            torch.ops.rnnkern.head_loss_fwd(h, torch.randint(0, 3, (4, 2)), torch.randn(3, 5),
+                                            None, None, None, "cross_entropy", "all", "mean",
+                                            -100, 0.0, False, 0)
+
+
 # --- torch.func ---------------------------------------------------------------
 
 
