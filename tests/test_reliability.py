@@ -481,6 +481,21 @@ def test_func_grad_and_vjp_work():
     torch.testing.assert_close(torch.func.jacrev(lambda w_: _f(w_, layer))(w), want, rtol=0, atol=0)
 
 
+def test_func_transform_over_a_bare_op_call_is_refused_not_wrong():
+    """The ops' own autograd is C++, which torch.func does not take: a bare op
+    call inside a transform raises (README, torch.func); the functions route
+    transforms to their Python Functions instead (the test above)."""
+    layer = {k: v.detach() for k, v in make_layer(5, 3, 4, 6, seed=4).items()}
+
+    def f(w_hh):
+        out, _ = torch.ops.rnnkern.elman_fwd(layer["input"], layer["hx"], layer["weight_ih"], w_hh,
+                                             None, None, None, "tanh", False, 0)
+        return out.sum()
+
+    with pytest.raises(RuntimeError, match="C\\+\\+ torch::autograd::Function with functorch"):
+        torch.func.grad(f)(layer["weight_hh"])
+
+
 def test_func_vmap_equals_a_loop():
     layer = {k: v.detach() for k, v in make_layer(5, 3, 4, 6, seed=4).items()}
     ws = torch.randn(3, 6, 6, dtype=torch.float64)
