@@ -222,7 +222,7 @@ struct ElmanLossFn : public torch::autograd::Function<ElmanLossFn> {
                             or_undefined(bias_out), or_undefined(lengths), output, weight, g_out,
                             g_w_out, g_b_out});
     ctx->saved_data["config"] = c10::IValue(std::vector<int64_t>{
-        ignore_index, truncate, chunk_rows, present(bias_ih), present(bias_hh), present(bias_out)});
+        ignore_index, truncate, chunk_rows, present(bias_ih), present(bias_hh)});
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["names"] = c10::IValue(std::vector<std::string>{
         std::string(nonlinearity), std::string(loss), std::string(reduction)});
@@ -254,7 +254,7 @@ struct ElmanLossFn : public torch::autograd::Function<ElmanLossFn> {
       std::tie(g[0], g[1], g[2], g[3], g[4], g[5], g[6], std::ignore) = r;
     }
     if (!want_input) g[0] = Tensor();
-    if (!config[5]) g[6] = Tensor();
+    if (!bias_out.defined()) g[6] = Tensor();
     first_order("rnnkern.functional.rnn_loss", g,
                 {input, hx, weight_ih, weight_hh, weight_out, bias_out});
     const Tensor none;

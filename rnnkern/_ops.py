@@ -408,14 +408,13 @@ def layer_fwd_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(gates, cell, proj_in)
 
 
-def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *_saved, want_input=None,
-                       grad_norm=None):
-    """The gradients of layer_fwd's inputs; with grad_norm (a [T,B] tensor),
-    ||dL/dh_t|| is written into it too."""
+def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *, want_input, grad_norm):
+    """The gradients of layer_fwd's inputs (the input's only with want_input);
+    with grad_norm (a [T,B] tensor), ||dL/dh_t|| is written into it too."""
     (input, h0, c0, weight_ih, weight_hh, weight_hr, out, gates, cell, proj_in,
      lengths) = ctx.saved_tensors
     mode, reverse, truncate, has_b_ih, has_b_hh = ctx.config
-    want_in = ctx.needs_input_grad[0] if want_input is None else want_input
+    want_in = want_input
     grad_output, grad_h_n = _zeros_for(grad_output, out), _zeros_for(grad_h_n, h0)
     if c0 is not None:
         grad_c_n = _zeros_for(grad_c_n, c0)
