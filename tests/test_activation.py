@@ -1,5 +1,6 @@
-"""The fused steps' float32 tanh is a rational approximation (inlined so the
-register tile survives); its error against float64 tanh is bounded here."""
+"""The fused steps' float32 tanh is a rational approximation and their sigmoid
+inlines its exp (both so the register tile survives); their errors against
+float64 are bounded here."""
 
 import torch
 
@@ -31,3 +32,40 @@ def test_tanh_saturates_and_keeps_sign():
     out = out.reshape(-1)
     assert torch.all(out[:4] <= 0) and torch.all(out[5:] >= 0) and out[4] == 0
     assert torch.allclose(out[[0, 1, 2, 6, 7, 8]].abs(), torch.ones(6), atol=3e-7)
+
+
+def lstm_gates(x32: torch.Tensor) -> torch.Tensor:
+    """One LSTM step with W_hh = 0, W_ih = 1, no bias: the saved gates are
+    (sigmoid(x), sigmoid(x), tanh(x), sigmoid(x)) through the fused kernel."""
+    n = x32.numel()
+    out = torch.ops.rnnkern.layer_fwd(x32.reshape(1, n, 1), torch.randn(n, 1), torch.randn(n, 1),
+                                      torch.ones(4, 1), torch.zeros(4, 1), None, None, None, None,
+                                      "lstm", False, 0)
+    return out[3].reshape(n, 4)
+
+
+def test_sigmoid_float32_within_4_ulp():
+    """The fused step's float32 sigmoid inlines its exp (csrc/cpu/vec_kernels_impl.h)."""
+    import numpy as np
+
+    x = torch.cat([torch.linspace(-20, 20, 200_001), torch.logspace(-8, 2, 50_001),
+                   -torch.logspace(-8, 2, 50_001), torch.randn(100_000) * 4]).float()
+    gates = lstm_gates(x)
+    ref = torch.sigmoid(x.double())
+    normal = ref >= torch.finfo(torch.float32).tiny  # an ulp of a subnormal says nothing
+    spacing = torch.from_numpy(np.spacing(ref.float().numpy())).double()
+    for k in (0, 1, 3):  # i, f, o: the same function on every gate
+        err = ((gates[:, k].double() - ref).abs() / spacing)[normal]
+        assert err.max() <= 4, f"gate {k}: max error {err.max():.2f} ulp"
+        assert err.mean() <= 1, f"gate {k}: mean error {err.mean():.2f} ulp"
+        assert (gates[:, k].double() - ref)[~normal].abs().max() < 1e-38
+
+
+def test_sigmoid_saturates_exactly_and_keeps_nan():
+    x = torch.tensor([-float("inf"), -1e30, -100.0, -88.8, 0.0, 30.0, 100.0, 1e30, float("inf"),
+                      float("nan")])
+    s = lstm_gates(x)[:, 0]
+    assert torch.equal(s[:4], torch.zeros(4))  # exp(-x) overflows: 1 / (1 + inf) = 0
+    assert s[4] == 0.5
+    assert torch.equal(s[5:9], torch.ones(4))
+    assert torch.isnan(s[9])

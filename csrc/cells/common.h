@@ -19,6 +19,7 @@ namespace rnnkern::cells {
 template <typename T>
 struct MathOf {
   static RNNKERN_HD T exp(T x) { return std::exp(x); }
+  static RNNKERN_HD T sigmoid(T x) { return T(1) / (T(1) + exp(T(0) - x)); }
   static RNNKERN_HD T tanh(T x) { return std::tanh(x); }
   // relu and its backward from the output h: NaN passes through both, as
   // ATen's relu and threshold_backward (h <= 0 is false for NaN).
@@ -28,7 +29,7 @@ struct MathOf {
 
 template <typename T>
 RNNKERN_HD T sigmoid(T x) {
-  return T(1) / (T(1) + MathOf<T>::exp(T(0) - x));
+  return MathOf<T>::sigmoid(x);
 }
 
 template <typename T>

@@ -23,6 +23,7 @@
 
 #include "../checks.h"
 #include "../params.h"
+#include "aligned.h"
 #include "blas.h"
 #include "elman_cpu.h"
 #include "time_order.h"
@@ -108,10 +109,10 @@ constexpr int64_t kLoopGrainFma = int64_t(1) << 18;
 
 // M [K,N] (strides sk, sn) -> [K,NP] rows, NP = N rounded up to `width`, zero padded.
 template <typename T>
-std::vector<T> pack_matrix(const T* m, int64_t K, int64_t N, int64_t sk, int64_t sn,
-                           int64_t width, int64_t* NP) {
+AlignedVector<T> pack_matrix(const T* m, int64_t K, int64_t N, int64_t sk, int64_t sn,
+                             int64_t width, int64_t* NP) {
   *NP = (N + width - 1) / width * width;
-  std::vector<T> packed(size_t(K * *NP), T(0));
+  AlignedVector<T> packed(size_t(K * *NP), T(0));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t n = 0; n < N; ++n) packed[size_t(k * *NP + n)] = m[k * sk + n * sn];
   return packed;
@@ -155,7 +156,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   if (fused_path(s)) {
     int64_t NP = 0;
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
-    const std::vector<T> mp = pack_matrix(p.w_hh, H, H, 1, H, vk.pack_width, &NP);
+    const AlignedVector<T> mp = pack_matrix(p.w_hh, H, H, 1, H, vk.pack_width, &NP);
     for_row_tiles(B, vk.row_block, s.T * H * H, [&](int64_t b0, int64_t b1) {
       StepArgs<T> a;
       a.act = s.act;
@@ -229,7 +230,7 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
   const int64_t T_ = s.T, B = s.B, H = s.H, BH = B * H;
   int64_t NP = 0;
   // carry = dz W_hh: M = W_hh, M[k][j] = W_hh[k][j]
-  const std::vector<T> mp = pack_matrix(p.w_hh, H, H, H, 1, vk.pack_width, &NP);
+  const AlignedVector<T> mp = pack_matrix(p.w_hh, H, H, H, 1, vk.pack_width, &NP);
   for_row_tiles(B, vk.row_block, T_ * H * H, [&](int64_t b0, int64_t b1) {
     StepArgs<T> a;
     a.act = s.act;

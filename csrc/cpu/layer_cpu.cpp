@@ -22,6 +22,7 @@
 
 #include "../checks.h"
 #include "../params.h"
+#include "aligned.h"
 #include "blas.h"
 #include "elman_cpu.h"
 #include "time_order.h"
@@ -86,10 +87,10 @@ bool gated_fused_path(const LayerShape& s) { return !s.proj && s.H <= kGatedFuse
 // M[k][(jb*NG + g)*VL + l] = W_hh[g*H + jb*VL + l][k], zero past unit H, so a
 // register tile loads all NG gates of VL units from one contiguous run.
 template <typename T>
-std::vector<T> pack_gates(const T* w, int64_t H, int64_t NG, int64_t VL, int64_t* NB) {
+AlignedVector<T> pack_gates(const T* w, int64_t H, int64_t NG, int64_t VL, int64_t* NB) {
   *NB = (H + VL - 1) / VL;
   const int64_t ld = *NB * NG * VL;
-  std::vector<T> m(size_t(H * ld), T(0));
+  AlignedVector<T> m(size_t(H * ld), T(0));
   for (int64_t g = 0; g < NG; ++g)
     for (int64_t j = 0; j < H; ++j) {
       const int64_t col = ((j / VL) * NG + g) * VL + j % VL;
@@ -110,12 +111,13 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
   const Steps st{s};
   const int64_t t_max = st.max_len();
   int64_t NB = 0;
-  const std::vector<T> mp = pack_gates(p.w_hh, H, ng, vk.pack_width, &NB);
+  const AlignedVector<T> mp = pack_gates(p.w_hh, H, ng, vk.pack_width, &NB);
   if (lstm) std::memcpy(c_n, p.c0, sizeof(T) * B * H);
-  const int64_t rb = vk.gated_row_block, tiles = (B + rb - 1) / rb;
-  const int64_t grain = B * s.T * G * H >= kGatedLoopGrainFma ? 1 : tiles;
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    const int64_t b0 = t0 * rb, b1 = std::min(B, t1 * rb);
+  // An even split of the rows over the threads (each then tiles its own), so
+  // no thread is left a short tile's worth more than another.
+  const int64_t threads = B * s.T * G * H >= kGatedLoopGrainFma ? at::get_num_threads() : 1;
+  const int64_t grain = std::max<int64_t>(1, (B + threads - 1) / threads);
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     GatedStepArgs<T> a;
     a.ng = int(ng);
     a.H = H, a.NB = NB;
@@ -173,7 +175,7 @@ void layer_fwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n
   const bool lstm = s.cell == CellKind::kLstm;
   const Steps st{s};
   const int64_t t_max = st.max_len();
-  std::vector<T> ah(size_t(B * G)), m(s.proj ? size_t(B * H) : 0), hp(s.proj ? size_t(B * P) : 0);
+  AlignedVector<T> ah(size_t(B * G)), m(s.proj ? size_t(B * H) : 0), hp(s.proj ? size_t(B * P) : 0);
   T* h = h_n;  // [B,P], the running state, frozen per row after its last step
   T* c = c_n;  // [B,H] LSTM
   std::memcpy(h, p.h0, sizeof(T) * B * P);
@@ -255,9 +257,9 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
   const int64_t t_max = st.max_len();
   // M = W_hh [G,H] as it is (carry = dah W_hh), rows padded to the vector width.
   const int64_t NP = (H + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
-  std::vector<T> mp(size_t(G * NP), T(0));
+  AlignedVector<T> mp(size_t(G * NP), T(0));
   for (int64_t k = 0; k < G; ++k) std::memcpy(mp.data() + k * NP, p.w_hh + k * H, sizeof(T) * H);
-  std::vector<T> dtot(g.grad_norm ? size_t(B * H) : 0);
+  AlignedVector<T> dtot(g.grad_norm ? size_t(B * H) : 0);
   auto time_of = [&](int64_t step) { return s.reverse ? s.T - 1 - step : step; };
   const int64_t rb = vk.row_block, tiles = (B + rb - 1) / rb;
   const int64_t grain = B * s.T * G * H >= kGatedLoopGrainFma ? 1 : tiles;
@@ -344,11 +346,11 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
   const bool lstm = s.cell == CellKind::kLstm;
   const Steps st{s};
   const int64_t t_max = st.max_len();
-  std::vector<T> dah_step(size_t(B * G)), carry(size_t(B * P));
+  AlignedVector<T> dah_step(size_t(B * G)), carry(size_t(B * P));
   // dL/dm_t of the LSTM without a projection (= dL/dh_t), a row per sequence:
   // allocated once per call, not per step.
-  std::vector<T> dm_rows(lstm && !s.proj ? size_t(B * H) : 0);
-  std::vector<T> dh_step(s.proj ? size_t(B * P) : 0), dm(s.proj ? size_t(B * H) : 0);
+  AlignedVector<T> dm_rows(lstm && !s.proj ? size_t(B * H) : 0);
+  AlignedVector<T> dh_step(s.proj ? size_t(B * P) : 0), dm(s.proj ? size_t(B * H) : 0);
   // The state a row read at `step` (its value before that step).
   auto prev_row = [&](int64_t step, int64_t b) -> int64_t {
     return step == 0 ? -1 : st.time(step - 1, b) * B + b;

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <memory>
 
+#include "aligned.h"
+
 namespace rnnkern::cpu {
 
 // dst = the permutation of src, both [T,B,W] contiguous; dst == src permutes in place.
@@ -38,11 +40,18 @@ void reverse_within_lengths(T* dst, const T* src, int64_t T_, int64_t B, int64_t
   });
 }
 
-// A [T,B,W] copy of src in the reversed-within-lengths order, owned by the caller.
+// A [T,B,W] copy of src in the reversed-within-lengths order, owned by the
+// caller (cache-line aligned: the fused steps read it with vector loads).
 template <typename T>
-std::unique_ptr<T[]> reversed_within_lengths(const T* src, int64_t T_, int64_t B, int64_t W,
-                                             const int64_t* lengths) {
-  std::unique_ptr<T[]> dst(new T[size_t(T_ * B * W)]);
+struct ReversedCopy {
+  mutable AlignedVector<T> data;  // writable through a const copy, as unique_ptr's get()
+  T* get() const { return data.data(); }
+};
+
+template <typename T>
+ReversedCopy<T> reversed_within_lengths(const T* src, int64_t T_, int64_t B, int64_t W,
+                                        const int64_t* lengths) {
+  ReversedCopy<T> dst{AlignedVector<T>(size_t(T_ * B * W))};
   reverse_within_lengths(dst.get(), src, T_, B, W, lengths);
   return dst;
 }

@@ -150,9 +150,8 @@ struct VecKernels {
                       T* h);
   // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out; dax, dah [3H] out.
   void (*gru_bwd_row)(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah);
-  // The fused gated step (GatedStepArgs) and its row block.
+  // The fused gated step (GatedStepArgs), rows [b0, b1) in register tiles.
   void (*gated_fwd_step)(const GatedStepArgs<T>& p, int64_t b0, int64_t b1);
-  int64_t gated_row_block;
   // The fused gated backward step (GatedBwdArgs); its row block is row_block.
   void (*gated_bwd_step)(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1);
   // Small products where BLAS is slow (a side below 16, or a small output),

@@ -78,6 +78,75 @@ inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
 inline Vectorized<float> tanh_vec(Vectorized<float> v) { return tanh_rational(v); }
 inline Vectorized<double> tanh_vec(Vectorized<double> v) { return v.tanh(); }
 
+// sigmoid(x) = 1 / (1 + exp(-x)) for float32 with exp inlined, for the same
+// reason as tanh above: a call to Sleef's exp in the fused LSTM or GRU step
+// spills the register tile, three times per row for the LSTM. exp(y) is
+// Cephes' expf: y = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), e^r a
+// polynomial, times 2^n. The sigmoid is within 3.1 ulp of float64's, 0.5 on
+// average (tests/test_activation.py measures it). y is clamped, to
+// [-103.97, 88.376] with AVX-512 (whose scalef makes the subnormals) and to
+// [-87.34, 88.03] with AVX2 (2^n built from exponent bits, n in [-126, 127]),
+// so sigmoid(x) is exactly 1 for large x; it is exactly 0 for x < -88.72,
+// where exp(-x) overflows, as it was with Sleef's exp; between, it is a
+// subnormal. max/min take the constant first, and the last compare is
+// unordered-true: they keep a NaN, so NaN stays NaN.
+// Elsewhere (float64, the portable kernels) Sleef's exp, as before.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline Vectorized<float> sigmoid_inline(Vectorized<float> x_in) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 y = _mm512_sub_ps(_mm512_setzero_ps(), __m512(x_in));
+  y = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-103.972084f), y));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  const __m512 e = _mm512_scalef_ps(_mm512_add_ps(p, _mm512_set1_ps(1.0f)), n);
+  // 1/(1 + e) by rcp14 and one Newton step (relative error ~2^-28).
+  const __m512 q = _mm512_add_ps(e, _mm512_set1_ps(1.0f));
+  const __m512 inv = _mm512_rcp14_ps(q);
+  const __m512 s = _mm512_mul_ps(inv, _mm512_fnmadd_ps(q, inv, _mm512_set1_ps(2.0f)));
+  // 0 where exp(-x) overflows float32, as 1 / (1 + inf)
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x_in, _mm512_set1_ps(-88.7228391f), _CMP_NLT_UQ), s);
+#else
+  __m256 y = _mm256_sub_ps(_mm256_setzero_ps(), __m256(x_in));
+  y = _mm256_min_ps(_mm256_set1_ps(88.0296919311130f), _mm256_max_ps(_mm256_set1_ps(-87.3365447505531f), y));
+  // (88.0296919 = 127 ln2: n stays <= 127, where 2^n still has exponent bits)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(_mm256_add_ps(p, _mm256_set1_ps(1.0f)), _mm256_castsi256_ps(bits));
+  const __m256 s = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+  // 0 where exp(-x) overflows float32, as 1 / (1 + inf)
+  return _mm256_and_ps(s, _mm256_cmp_ps(__m256(x_in), _mm256_set1_ps(-88.7228391f), _CMP_NLT_UQ));
+#endif
+}
+inline Vectorized<float> sigmoid_vec(Vectorized<float> x) { return sigmoid_inline(x); }
+#else
+inline Vectorized<float> sigmoid_vec(Vectorized<float> x) {
+  return Vectorized<float>(1.0f) / (Vectorized<float>(1.0f) + (Vectorized<float>(0.0f) - x).exp());
+}
+#endif
+inline Vectorized<double> sigmoid_vec(Vectorized<double> x) {
+  return Vectorized<double>(1.0) / (Vectorized<double>(1.0) + (Vectorized<double>(0.0) - x).exp());
+}
+
 }  // namespace RNNKERN_CAP
 }  // namespace rnnkern::cpu
 
@@ -89,6 +158,7 @@ struct MathOf<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V exp(V x) { return x.exp(); }
   static V tanh(V x) { return rnnkern::cpu::RNNKERN_CAP::tanh_vec(x); }
+  static V sigmoid(V x) { return rnnkern::cpu::RNNKERN_CAP::sigmoid_vec(x); }
   static V relu(V x) { return at::vec::maximum(x, V(S(0))); }
   static V relu_backward(V g, V h) { return V::blendv(g, V(S(0)), h <= V(S(0))); }
 };
@@ -424,9 +494,14 @@ void gru_bwd_row(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah
 
 template <typename T>
 struct GatedTiling {
-  // R*NG accumulators + NG loads + a broadcast: 4 rows (21 of 32 zmm) with
-  // AVX-512, 2 rows (13 of 16 ymm) otherwise.
-  static constexpr int RB = Vectorized<T>::size() * sizeof(T) >= 64 ? 4 : 2;
+  // R*NG accumulators + NG loads + a broadcast fill the register file: with
+  // AVX-512 6 LSTM rows (29 of 32 zmm) or 8 GRU rows (28), otherwise 2 LSTM
+  // rows (13 of 16 ymm) or 3 GRU rows (13). Each row of a tile reuses the NG
+  // vectors of W_hh loaded per k, so the taller the tile, the fewer times a
+  // step streams the packed W_hh from L2.
+  static constexpr bool kWide = Vectorized<T>::size() * sizeof(T) >= 64;
+  template <int NG>
+  static constexpr int rows = kWide ? (NG == 4 ? 6 : 8) : (NG == 4 ? 2 : 3);
 };
 
 template <typename T, int NG, int R>
@@ -435,7 +510,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   constexpr int VL = V::size();
   const int64_t H = p.H, ld = p.NB * NG * VL;
   V acc[R][NG];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
@@ -445,7 +520,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
     V mv[NG];
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const V ar(a[r * H + k]);
 #pragma GCC unroll 4
@@ -455,7 +530,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   const int64_t j = jb * VL;
   const int n = int(std::min<int64_t>(VL, H - j));
   const int64_t S = 4 * H;  // the gates' row width, both cells
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = b + r;
     T* gr = p.gates + row * S + j;
@@ -496,12 +571,19 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   }
 }
 
+// Rows [b0, b1) in tiles of R rows, then what is left in tiles of 4, 2 and 1
+// (each row's sums run over k in the same order whatever its tile: the bits
+// do not depend on how the rows are split).
 template <typename T, int NG>
 void gated_fwd_step_ng(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
-  constexpr int RB = GatedTiling<T>::RB;
+  constexpr int R = GatedTiling<T>::template rows<NG>;
   for (int64_t jb = 0; jb < p.NB; ++jb) {
     int64_t b = b0;
-    for (; b + RB <= b1; b += RB) gated_tile<T, NG, RB>(p, b, jb);
+    for (; b + R <= b1; b += R) gated_tile<T, NG, R>(p, b, jb);
+    if constexpr (R > 4)
+      for (; b + 4 <= b1; b += 4) gated_tile<T, NG, 4>(p, b, jb);
+    if constexpr (R > 2)
+      for (; b + 2 <= b1; b += 2) gated_tile<T, NG, 2>(p, b, jb);
     for (; b < b1; ++b) gated_tile<T, NG, 1>(p, b, jb);
   }
 }
@@ -714,7 +796,7 @@ VecKernels<T> make() {
   return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
           &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
-          &gru_bwd_row<T>, &gated_fwd_step<T>, GatedTiling<T>::RB, &gated_bwd_step<T>,
+          &gru_bwd_row<T>, &gated_fwd_step<T>, &gated_bwd_step<T>,
           &atb_block<T>, 2 * Vectorized<T>::size(), &row_gemm<T>};
 }
 
