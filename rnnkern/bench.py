@@ -335,6 +335,34 @@ def _trim():
         pass
 
 
+# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest
+_TRIM_THRESHOLD = 512 * 2**20
+
+
+def steady_malloc() -> Optional[str]:
+    """Fixes glibc malloc's thresholds for this process, so that a block freed
+    after one call is reused by the next instead of going back to the OS and
+    being faulted in again (zeroed page by page). With glibc's default, dynamic
+    thresholds, whether that happens depends on the heap's layout, which
+    differs from process to process: a GRU forward at seed size measured
+    0.45 ms in some processes and 2 ms in others, all of the difference page
+    faults. Every implementation runs under the same setting. Returns what was
+    set, for the header, or None where this is not glibc."""
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        ok = (_libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+              and _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1)
+    except (OSError, AttributeError):
+        return None
+    if not ok:
+        return None
+    return (f"glibc malloc with fixed thresholds (mmap {_MMAP_THRESHOLD >> 20} MB, trim "
+            f"{_TRIM_THRESHOLD >> 20} MB)")
+
+
 def _status_kb(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -477,12 +505,14 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
         for _ in range(warmup):
             fwd()
             train_step(train)
-    peaks = {name: peak_mb(lambda: train_step(train)) for name, _, train in impls}
     for rep in range(repeats):
         progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
         for name, fwd, train in impls:  # interleaved: every impl sees the same noise
             times[name]["forward"].append(time_once(fwd))
             times[name]["train"].append(time_once(lambda: train_step(train)))
+    # After the timing: measuring the CPU peak hands the free heap back to the
+    # OS (malloc_trim), which the next calls would pay for in page faults.
+    peaks = {name: peak_mb(lambda: train_step(train)) for name, _, train in impls}
     def row(name):
         f, t = times[name]["forward"], times[name]["train"]
         return Row(name, statistics.median(f) * 1e3, statistics.median(t) * 1e3, peaks[name],
@@ -572,9 +602,11 @@ def main(args) -> int:
                   f"CUDA kernels against torch.nn on cuDNN, timed with CUDA events, "
                   f"median of {repeats} interleaved repeats")
     else:
+        malloc = steady_malloc()
         header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
                   f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs "
-                  f"({cpu_name()}), median of {repeats} interleaved repeats")
+                  f"({cpu_name()}), median of {repeats} interleaved repeats"
+                  + (f", {malloc}" if malloc else ""))
     print(header, flush=True)
     load = machine_load()
     if load["busy"]:
