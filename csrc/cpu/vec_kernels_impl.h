@@ -83,59 +83,52 @@ inline Vectorized<double> tanh_vec(Vectorized<double> v) { return v.tanh(); }
 // spills the register tile, three times per row for the LSTM. exp(y) is
 // Cephes' expf: y = n ln2 + r with |r| <= ln2/2 (ln2 in two parts), e^r a
 // polynomial, times 2^n. The sigmoid is within 3.1 ulp of float64's, 0.5 on
-// average (tests/test_activation.py measures it). y is clamped, to
-// [-103.97, 88.376] with AVX-512 (whose scalef makes the subnormals) and to
-// [-87.34, 88.03] with AVX2 (2^n built from exponent bits, n in [-126, 127]),
-// so sigmoid(x) is exactly 1 for large x; it is exactly 0 for x < -88.72,
-// where exp(-x) overflows, as it was with Sleef's exp; between, it is a
-// subnormal. max/min take the constant first, and the last compare is
-// unordered-true: they keep a NaN, so NaN stays NaN.
+// average (tests/test_activation.py measures it). It is exactly 1 for large
+// x and exactly 0 for x < -88.72, where exp(-x) overflows, as it was with
+// Sleef's exp; NaN stays NaN (minimum/maximum keep it; x < c is false).
+// Only 2^n and the reciprocal differ by instruction set (ExpSteps below).
 // Elsewhere (float64, the portable kernels) Sleef's exp, as before.
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-inline Vectorized<float> sigmoid_inline(Vectorized<float> x_in) {
+struct ExpSteps {
+  using V = Vectorized<float>;
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 y = _mm512_sub_ps(_mm512_setzero_ps(), __m512(x_in));
-  y = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-103.972084f), y));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  const __m512 e = _mm512_scalef_ps(_mm512_add_ps(p, _mm512_set1_ps(1.0f)), n);
-  // 1/(1 + e) by rcp14 and one Newton step (relative error ~2^-28).
-  const __m512 q = _mm512_add_ps(e, _mm512_set1_ps(1.0f));
-  const __m512 inv = _mm512_rcp14_ps(q);
-  const __m512 s = _mm512_mul_ps(inv, _mm512_fnmadd_ps(q, inv, _mm512_set1_ps(2.0f)));
-  // 0 where exp(-x) overflows float32, as 1 / (1 + inf)
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x_in, _mm512_set1_ps(-88.7228391f), _CMP_NLT_UQ), s);
+  // scalef makes the subnormals, so y can go as low as exp's underflow.
+  static constexpr float kLo = -103.972084f, kHi = 88.3762626647949f;
+  static V times_pow2(V m, V n) { return _mm512_scalef_ps(m, n); }
+  // rcp14 and one Newton step (relative error ~2^-28): a zmm division costs
+  // as much as the rest of the function.
+  static V reciprocal(V q) {
+    const __m512 inv = _mm512_rcp14_ps(q);
+    return _mm512_mul_ps(inv, _mm512_fnmadd_ps(q, inv, _mm512_set1_ps(2.0f)));
+  }
 #else
-  __m256 y = _mm256_sub_ps(_mm256_setzero_ps(), __m256(x_in));
-  y = _mm256_min_ps(_mm256_set1_ps(88.0296919311130f), _mm256_max_ps(_mm256_set1_ps(-87.3365447505531f), y));
-  // (88.0296919 = 127 ln2: n stays <= 127, where 2^n still has exponent bits)
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), y);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
-  // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 e = _mm256_mul_ps(_mm256_add_ps(p, _mm256_set1_ps(1.0f)), _mm256_castsi256_ps(bits));
-  const __m256 s = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
-  // 0 where exp(-x) overflows float32, as 1 / (1 + inf)
-  return _mm256_and_ps(s, _mm256_cmp_ps(__m256(x_in), _mm256_set1_ps(-88.7228391f), _CMP_NLT_UQ));
+  // 2^n from exponent bits: n in [-126, 127] (88.0296919 = 127 ln2).
+  static constexpr float kLo = -87.3365447505531f, kHi = 88.0296919311130f;
+  static V times_pow2(V m, V n) {
+    const __m256i bits =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(m, _mm256_castsi256_ps(bits));
+  }
+  static V reciprocal(V q) { return V(1.0f) / q; }
 #endif
+};
+
+inline Vectorized<float> sigmoid_inline(Vectorized<float> x) {
+  using V = Vectorized<float>;
+  using at::vec::fmadd;
+  const V y = at::vec::minimum(at::vec::maximum(V(0.0f) - x, V(ExpSteps::kLo)), V(ExpSteps::kHi));
+  const V n = (y * V(1.44269504088896341f)).round();
+  V r = fmadd(n, V(-0.693359375f), y);
+  r = fmadd(n, V(2.12194440e-4f), r);
+  V p(1.9875691500e-4f);
+  p = fmadd(p, r, V(1.3981999507e-3f));
+  p = fmadd(p, r, V(8.3334519073e-3f));
+  p = fmadd(p, r, V(4.1665795894e-2f));
+  p = fmadd(p, r, V(1.6666665459e-1f));
+  p = fmadd(p, r, V(5.0000001201e-1f));
+  p = fmadd(p, r * r, r);
+  const V e = ExpSteps::times_pow2(p + V(1.0f), n);
+  return V::blendv(ExpSteps::reciprocal(e + V(1.0f)), V(0.0f), x < V(-88.7228391f));
 }
 inline Vectorized<float> sigmoid_vec(Vectorized<float> x) { return sigmoid_inline(x); }
 #else
