@@ -38,6 +38,13 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// An op's kernel below autograd: the backend's (or the next key's).
+template <class Sig, class... Args>
+auto call_below(const c10::TypedOperatorHandle<Sig>& op, Args&&... args) {
+  at::AutoDispatchBelowADInplaceOrView below;
+  return op.call(std::forward<Args>(args)...);
+}
+
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 OptTensor as_optional(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -117,16 +124,20 @@ using ElmanBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const OptTensor&, Str, bool, int64_t, bool);
 
+// Called by the Function and, with no graph to record, directly.
+const c10::TypedOperatorHandle<ElmanFwdSig>& elman_fwd_op() {
+  static const auto op = op_handle<ElmanFwdSig>("rnnkern::elman_fwd");
+  return op;
+}
+
 struct ElmanFn : public torch::autograd::Function<ElmanFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& hx,
                                const Tensor& weight_ih, const Tensor& weight_hh,
                                const OptTensor& bias_ih, const OptTensor& bias_hh,
                                const OptTensor& lengths, Str nonlinearity, bool reverse,
                                int64_t truncate) {
-    static auto op = op_handle<ElmanFwdSig>("rnnkern::elman_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [output, h_n] = op.call(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                                 nonlinearity, reverse, truncate);
+    auto [output, h_n] = call_below(elman_fwd_op(), input, hx, weight_ih, weight_hh, bias_ih,
+                                    bias_hh, lengths, nonlinearity, reverse, truncate);
     // Backward needs h at every step (act' is derived from it) and nothing
     // else of the forward pass.
     ctx->save_for_backward({input, hx, weight_ih, weight_hh, output, or_undefined(lengths)});
@@ -146,13 +157,10 @@ struct ElmanFn : public torch::autograd::Function<ElmanFn> {
     const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
     const bool want_input = ctx->needs_input_grad(0);
     variable_list g(5);
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(g[0], g[1], g[2], g[3], g[4]) =
-          op.call(or_zeros(grads[0], output), or_zeros(grads[1], hx), input, hx, weight_ih,
-                  weight_hh, output, as_optional(saved[5]), nonlinearity, config[0] != 0,
-                  config[1], want_input);
-    }
+    std::tie(g[0], g[1], g[2], g[3], g[4]) =
+        call_below(op, or_zeros(grads[0], output), or_zeros(grads[1], hx), input, hx, weight_ih,
+                   weight_hh, output, as_optional(saved[5]), nonlinearity, config[0] != 0,
+                   config[1], want_input);
     if (!want_input) g[0] = Tensor();
     first_order("rnnkern.functional.rnn", g, {input, hx, weight_ih, weight_hh});
     const Tensor none;
@@ -168,10 +176,8 @@ std::tuple<Tensor, Tensor> elman_fwd_autograd(const Tensor& input, const Tensor&
                                               bool reverse, int64_t truncate) {
   if (!records_graph("rnnkern::elman_fwd", {&input, &hx, &weight_ih, &weight_hh},
                      {&bias_ih, &bias_hh})) {
-    static auto op = op_handle<ElmanFwdSig>("rnnkern::elman_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
-                   reverse, truncate);
+    return call_below(elman_fwd_op(), input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                      nonlinearity, reverse, truncate);
   }
   auto out = ElmanFn::apply(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                             nonlinearity, reverse, truncate);
@@ -200,6 +206,12 @@ Tensor loss_grad(const Tensor& grad, const Tensor& weight, const std::string& re
   return reduction == "none" ? at::zeros_like(weight) : at::zeros({}, weight.options());
 }
 
+// Called by the Function and, with no graph to record, directly.
+const c10::TypedOperatorHandle<ElmanLossFwdSig>& elman_loss_fwd_op() {
+  static const auto op = op_handle<ElmanLossFwdSig>("rnnkern::elman_loss_fwd");
+  return op;
+}
+
 struct ElmanLossFn : public torch::autograd::Function<ElmanLossFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& target,
                                const Tensor& hx, const Tensor& weight_ih,
@@ -209,11 +221,10 @@ struct ElmanLossFn : public torch::autograd::Function<ElmanLossFn> {
                                const OptTensor& loss_mask, Str nonlinearity, Str loss, Str steps,
                                Str reduction, int64_t ignore_index, double label_smoothing,
                                bool compute_grad, int64_t chunk_rows, int64_t truncate) {
-    static auto op = op_handle<ElmanLossFwdSig>("rnnkern::elman_loss_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto out = op.call(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
-                       bias_out, lengths, loss_mask, nonlinearity, loss, steps, reduction,
-                       ignore_index, label_smoothing, compute_grad, chunk_rows, truncate);
+    auto out = call_below(elman_loss_fwd_op(), input, target, hx, weight_ih, weight_hh, bias_ih,
+                          bias_hh, weight_out, bias_out, lengths, loss_mask, nonlinearity, loss,
+                          steps, reduction, ignore_index, label_smoothing, compute_grad,
+                          chunk_rows, truncate);
     auto& [value, output, h_n, step_loss, weight, g_out, g_w_out, g_b_out] = out;
     // h at every step for BPTT, the weights, and for a scalar reduction the
     // head's gradients if the forward sweep computed them ([0] otherwise: the
@@ -244,15 +255,11 @@ struct ElmanLossFn : public torch::autograd::Function<ElmanLossFn> {
                       reduction = names[2].toStringRef();
     const bool want_input = ctx->needs_input_grad(0);
     variable_list g(7);
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      auto r = op.call(loss_grad(grads[0], weight, reduction), or_zeros(grads[2], hx), input,
-                       target, hx, weight_ih, weight_hh, weight_out, as_optional(bias_out),
-                       as_optional(s[7]), output, weight, s[10], s[11], s[12], nonlinearity, loss,
-                       reduction, config[0], ctx->saved_data["label_smoothing"].toDouble(),
-                       config[1], false, config[2], want_input);
-      std::tie(g[0], g[1], g[2], g[3], g[4], g[5], g[6], std::ignore) = r;
-    }
+    std::tie(g[0], g[1], g[2], g[3], g[4], g[5], g[6], std::ignore) = call_below(
+        op, loss_grad(grads[0], weight, reduction), or_zeros(grads[2], hx), input, target, hx,
+        weight_ih, weight_hh, weight_out, as_optional(bias_out), as_optional(s[7]), output,
+        weight, s[10], s[11], s[12], nonlinearity, loss, reduction, config[0],
+        ctx->saved_data["label_smoothing"].toDouble(), config[1], false, config[2], want_input);
     if (!want_input) g[0] = Tensor();
     if (!bias_out.defined()) g[6] = Tensor();
     first_order("rnnkern.functional.rnn_loss", g,
@@ -281,11 +288,10 @@ Tensors8 elman_loss_fwd_autograd(const Tensor& input, const Tensor& target, cons
                                  int64_t chunk_rows, int64_t truncate) {
   if (!records_graph("rnnkern::elman_loss_fwd", {&input, &hx, &weight_ih, &weight_hh, &weight_out},
                      {&bias_ih, &bias_hh, &bias_out})) {
-    static auto op = op_handle<ElmanLossFwdSig>("rnnkern::elman_loss_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
-                   bias_out, lengths, loss_mask, nonlinearity, loss, steps, reduction,
-                   ignore_index, label_smoothing, compute_grad, chunk_rows, truncate);
+    return call_below(elman_loss_fwd_op(), input, target, hx, weight_ih, weight_hh, bias_ih,
+                      bias_hh, weight_out, bias_out, lengths, loss_mask, nonlinearity, loss,
+                      steps, reduction, ignore_index, label_smoothing, compute_grad, chunk_rows,
+                      truncate);
   }
   auto o = ElmanLossFn::apply(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                               weight_out, bias_out, lengths, loss_mask, nonlinearity, loss, steps,
@@ -308,6 +314,12 @@ using LayerBwdSig = Tensors9(const Tensor&, const Tensor&, const OptTensor&, con
                              const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
                              const Tensor&, const OptTensor&, Str, bool, int64_t, bool, bool);
 
+// Called by the Function and, with no graph to record, directly.
+const c10::TypedOperatorHandle<LayerFwdSig>& layer_fwd_op() {
+  static const auto op = op_handle<LayerFwdSig>("rnnkern::layer_fwd");
+  return op;
+}
+
 struct LayerFn : public torch::autograd::Function<LayerFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& h0,
                                const OptTensor& c0, const Tensor& weight_ih,
@@ -315,11 +327,9 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
                                const OptTensor& bias_hh, const OptTensor& weight_hr,
                                const OptTensor& lengths, Str mode, bool reverse,
                                int64_t truncate) {
-    static auto op = op_handle<LayerFwdSig>("rnnkern::layer_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
     auto [output, h_n, c_n, gates, cell, proj_in] =
-        op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode,
-                reverse, truncate);
+        call_below(layer_fwd_op(), input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                   weight_hr, lengths, mode, reverse, truncate);
     ctx->save_for_backward({input, h0, or_undefined(c0), weight_ih, weight_hh,
                             or_undefined(weight_hr), output, gates, cell, proj_in,
                             or_undefined(lengths)});
@@ -341,15 +351,11 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
     const std::string mode = ctx->saved_data["mode"].toStringRef();
     const bool want_input = ctx->needs_input_grad(0);
     variable_list g(8);
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      auto r = op.call(or_zeros(grads[0], output), or_zeros(grads[1], h0),
-                       c0.defined() ? OptTensor(or_zeros(grads[2], c0)) : std::nullopt, input, h0,
-                       as_optional(c0), weight_ih, weight_hh, as_optional(weight_hr), output, s[7],
-                       s[8], s[9], as_optional(s[10]), mode, config[0] != 0, config[1],
-                       want_input, false);
-      std::tie(g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], std::ignore) = r;
-    }
+    std::tie(g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], std::ignore) = call_below(
+        op, or_zeros(grads[0], output), or_zeros(grads[1], h0),
+        c0.defined() ? OptTensor(or_zeros(grads[2], c0)) : std::nullopt, input, h0,
+        as_optional(c0), weight_ih, weight_hh, as_optional(weight_hr), output, s[7], s[8], s[9],
+        as_optional(s[10]), mode, config[0] != 0, config[1], want_input, false);
     if (!want_input) g[0] = Tensor();
     if (!c0.defined()) g[2] = Tensor();
     if (!weight_hr.defined()) g[7] = Tensor();
@@ -368,10 +374,8 @@ Tensors6 layer_fwd_autograd(const Tensor& input, const Tensor& h0, const OptTens
                             bool reverse, int64_t truncate) {
   if (!records_graph("rnnkern::layer_fwd", {&input, &h0, &weight_ih, &weight_hh},
                      {&c0, &bias_ih, &bias_hh, &weight_hr})) {
-    static auto op = op_handle<LayerFwdSig>("rnnkern::layer_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-                   mode, reverse, truncate);
+    return call_below(layer_fwd_op(), input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                      weight_hr, lengths, mode, reverse, truncate);
   }
   auto o = LayerFn::apply(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                           lengths, mode, reverse, truncate);
@@ -390,17 +394,21 @@ using HeadBwdSig = std::tuple<Tensor, Tensor, Tensor>(
     const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Str, Str,
     int64_t, double, int64_t);
 
+// Called by the Function and, with no graph to record, directly.
+const c10::TypedOperatorHandle<HeadFwdSig>& head_loss_fwd_op() {
+  static const auto op = op_handle<HeadFwdSig>("rnnkern::head_loss_fwd");
+  return op;
+}
+
 struct HeadLossFn : public torch::autograd::Function<HeadLossFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& h, const Tensor& target,
                                const Tensor& weight_out, const OptTensor& bias_out,
                                const OptTensor& lengths, const OptTensor& loss_mask, Str loss,
                                Str steps, Str reduction, int64_t ignore_index,
                                double label_smoothing, bool compute_grad, int64_t chunk_rows) {
-    static auto op = op_handle<HeadFwdSig>("rnnkern::head_loss_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
     auto [value, step_loss, weight, g_h, g_w_out, g_b_out] =
-        op.call(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps, reduction,
-                ignore_index, label_smoothing, compute_grad, chunk_rows);
+        call_below(head_loss_fwd_op(), h, target, weight_out, bias_out, lengths, loss_mask, loss,
+                   steps, reduction, ignore_index, label_smoothing, compute_grad, chunk_rows);
     ctx->save_for_backward({h, target, weight_out, or_undefined(bias_out), or_undefined(lengths),
                             weight, g_h, g_w_out, g_b_out});
     ctx->saved_data["config"] = c10::IValue(std::vector<int64_t>{ignore_index, chunk_rows});
@@ -420,13 +428,10 @@ struct HeadLossFn : public torch::autograd::Function<HeadLossFn> {
     const auto names = ctx->saved_data["names"].toListRef();
     const std::string loss = names[0].toStringRef(), reduction = names[1].toStringRef();
     variable_list g(3);
-    {
-      at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(g[0], g[1], g[2]) =
-          op.call(loss_grad(grads[0], weight, reduction), h, s[1], weight_out,
-                  as_optional(bias_out), as_optional(s[4]), weight, s[6], s[7], s[8], loss,
-                  reduction, config[0], ctx->saved_data["label_smoothing"].toDouble(), config[1]);
-    }
+    std::tie(g[0], g[1], g[2]) =
+        call_below(op, loss_grad(grads[0], weight, reduction), h, s[1], weight_out,
+                   as_optional(bias_out), as_optional(s[4]), weight, s[6], s[7], s[8], loss,
+                   reduction, config[0], ctx->saved_data["label_smoothing"].toDouble(), config[1]);
     if (!bias_out.defined()) g[2] = Tensor();
     first_order("rnnkern.functional.rnn_loss", g, {h, weight_out, bias_out});
     variable_list result(13);
@@ -443,10 +448,9 @@ Tensors6 head_loss_fwd_autograd(const Tensor& h, const Tensor& target, const Ten
                                 int64_t ignore_index, double label_smoothing, bool compute_grad,
                                 int64_t chunk_rows) {
   if (!records_graph("rnnkern::head_loss_fwd", {&h, &weight_out}, {&bias_out})) {
-    static auto op = op_handle<HeadFwdSig>("rnnkern::head_loss_fwd");
-    at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps, reduction,
-                   ignore_index, label_smoothing, compute_grad, chunk_rows);
+    return call_below(head_loss_fwd_op(), h, target, weight_out, bias_out, lengths, loss_mask,
+                      loss, steps, reduction, ignore_index, label_smoothing, compute_grad,
+                      chunk_rows);
   }
   auto o = HeadLossFn::apply(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
                              reduction, ignore_index, label_smoothing, compute_grad, chunk_rows);
