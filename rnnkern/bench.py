@@ -325,14 +325,22 @@ def gpu_name() -> str:
 _libc = None
 
 
-def _trim():
+def _glibc():
+    """glibc, for malloc_trim and mallopt; None where the C library is another."""
     global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL("libc.so.6")
+        except OSError:
+            lib = None
+        _libc = lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else False
+    return _libc or None
+
+
+def _trim():
     gc.collect()
-    try:
-        _libc = _libc or ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except OSError:
-        pass
+    if _glibc():
+        _glibc().malloc_trim(0)
 
 
 # glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD.
@@ -350,14 +358,9 @@ def steady_malloc() -> Optional[str]:
     0.45 ms in some processes and 2 ms in others, all of the difference page
     faults. Every implementation runs under the same setting. Returns what was
     set, for the header, or None where this is not glibc."""
-    global _libc
-    try:
-        _libc = _libc or ctypes.CDLL("libc.so.6")
-        ok = (_libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-              and _libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1)
-    except (OSError, AttributeError):
-        return None
-    if not ok:
+    libc = _glibc()
+    if not (libc and libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1):
         return None
     return (f"glibc malloc with fixed thresholds (mmap {_MMAP_THRESHOLD >> 20} MB, trim "
             f"{_TRIM_THRESHOLD >> 20} MB)")
