@@ -115,7 +115,7 @@ CUDA_DEPS   := $(CUDA_VENV)/.rnnkern-deps
 CUDA_DIR    := build/cuda
 CUDA_EXT    := $(CUDA_DIR)/.rnnkern-ext
 CUDA_OPS    := elman_fwd elman_bwd elman_loss_fwd elman_loss_bwd layer_fwd layer_bwd \
-               head_loss_fwd head_loss_bwd
+               head_loss_fwd head_loss_bwd head_loss_check
 CUDA_CHECK  := import os, torch, rnnkern, rnnkern._C as c; \
                assert c.__file__.startswith(os.environ["RNNKERN_EXPECT_C_IN"]), c.__file__; \
                ops = "$(CUDA_OPS)".split(); \

@@ -12,7 +12,7 @@
 
 namespace rnnkern {
 
-Activation parse_activation(c10::string_view nonlinearity);
+Activation parse_activation(const char* op, c10::string_view nonlinearity);
 
 // Checks the forward arguments and returns the sizes. `shape.lengths` is left
 // null: the caller points it at its own contiguous copy.

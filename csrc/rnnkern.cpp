@@ -119,6 +119,15 @@ TORCH_LIBRARY(rnnkern, m) {
       "(Tensor loss, Tensor step_loss, Tensor weight, Tensor grad_h, Tensor grad_weight_out, "
       "Tensor grad_bias_out)",
       {at::Tag::pt2_compliant_tag});
+  // head_loss_fwd's checks alone, on the layer's input [T,B,I] with P the
+  // features the head will read: rnn_loss calls it before the layer op of an
+  // LSTM or GRU runs, so a wrong target or head is refused before any kernel
+  // does work (head_loss_fwd checks again: it can be called directly).
+  m.def(
+      "head_loss_check(Tensor input, int P, Tensor target, Tensor weight_out, Tensor? bias_out, "
+      "Tensor? lengths, Tensor? loss_mask, str loss, str steps, str reduction, "
+      "int ignore_index, float label_smoothing) -> ()",
+      {at::Tag::pt2_compliant_tag});
   // Its backward: the forward's gradients scaled by grad_loss [], or the sweep
   // again ('none', or grad_h passed as [0]) -> grad_h, grad_weight_out, grad_bias_out.
   m.def(
@@ -165,14 +174,24 @@ std::string dtype_str(at::ScalarType t) {
   }
 }
 
+// A shape as Python prints a tuple: (5, 6), (5,), (). The API's Python side
+// (rnnkern/_checks.py, for the reference) writes the same words.
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
-  os << s;
+  os << '(';
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << (s.size() == 1 ? ",)" : ")");
   return os.str();
+}
+
+// A schema's non-optional Tensor receives None as an undefined tensor.
+void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": ", name, " must be a tensor, got None");
 }
 
 void check_float_like(const char* op, const char* name, const at::Tensor& t,
                       const at::Tensor& input) {
+  check_defined(op, name, t);
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name,
                    " must have the input's dtype ", dtype_str(input.scalar_type()), ", got ",
                    dtype_str(t.scalar_type()));
@@ -184,6 +203,15 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
                  std::initializer_list<int64_t> expected, const char* letters) {
   TORCH_CHECK_VALUE(t.sizes().equals(expected), op, ": ", name, " must have shape ", letters,
                     " = ", shape_str(expected), ", got ", shape_str(t.sizes()));
+}
+
+// weight_ih of the right rows but another width: the input is what is wrong,
+// said as nn.RNN says it.
+void check_input_size(const char* op, const at::Tensor& input, const at::Tensor& weight_ih,
+                      int64_t rows, int64_t I) {
+  TORCH_CHECK_VALUE(!(weight_ih.dim() == 2 && weight_ih.size(0) == rows && weight_ih.size(1) != I),
+                    op, ": input has inconsistent input_size: got I=", I, ", expected ",
+                    weight_ih.size(1), " (weight_ih is ", shape_str(weight_ih.sizes()), ")");
 }
 
 // BLAS takes 32-bit sizes.
@@ -204,7 +232,7 @@ void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int
   TORCH_CHECK(len.device().is_cpu() || len.device() == device, op,
               ": lengths must be on the CPU or on the input's device ", device, ", got ",
               len.device());
-  check_shape(op, "lengths", len, {B}, "[B]");
+  check_shape(op, "lengths", len, {B}, "(B,)");
   if (B > 0) {
     // A plain scan: two reductions through the dispatcher cost more than
     // a short layer's whole forward. Lengths on a GPU are copied here once
@@ -217,10 +245,10 @@ void check_lengths(const char* op, const c10::optional<at::Tensor>& lengths, int
   }
 }
 
-Activation parse_activation(c10::string_view nonlinearity) {
+Activation parse_activation(const char* op, c10::string_view nonlinearity) {
   if (nonlinearity == "tanh") return Activation::kTanh;
   if (nonlinearity == "relu") return Activation::kRelu;
-  TORCH_CHECK_VALUE(false, "nonlinearity must be 'tanh' or 'relu', got '",
+  TORCH_CHECK_VALUE(false, op, ": nonlinearity must be 'tanh' or 'relu', got '",
                     std::string(nonlinearity), "'");
   return Activation::kTanh;  // unreachable
 }
@@ -232,16 +260,18 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
                             const c10::optional<at::Tensor>& lengths,
                             c10::string_view nonlinearity, bool reverse, int64_t truncate) {
   ElmanShape s;
-  s.act = parse_activation(nonlinearity);
+  s.act = parse_activation(op, nonlinearity);
   s.reverse = reverse;
   TORCH_CHECK_VALUE(truncate >= 0, op, ": truncate must be >= 1 (or 0 for none), got ",
                     truncate);
   s.truncate = truncate;
+  check_defined(op, "input", input);
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
                    ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
-  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I], got shape ",
+  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ",
                     shape_str(input.sizes()));
-  TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D [H, H], got shape ",
+  check_defined(op, "weight_hh", weight_hh);
+  TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D (H, H), got shape ",
                     shape_str(weight_hh.sizes()));
   s.T = input.size(0);
   s.B = input.size(1);
@@ -251,18 +281,19 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
   TORCH_CHECK_VALUE(s.B <= INT32_MAX && s.H <= INT32_MAX && s.I <= INT32_MAX, op,
                     ": B, I and H must each be < 2^31, got B=", s.B, " I=", s.I, " H=", s.H);
   check_float_like(op, "weight_hh", weight_hh, input);
-  check_shape(op, "weight_hh", weight_hh, {s.H, s.H}, "[H, H]");
+  check_shape(op, "weight_hh", weight_hh, {s.H, s.H}, "(H, H)");
   check_float_like(op, "weight_ih", weight_ih, input);
-  check_shape(op, "weight_ih", weight_ih, {s.H, s.I}, "[H, I]");
+  check_input_size(op, input, weight_ih, s.H, s.I);
+  check_shape(op, "weight_ih", weight_ih, {s.H, s.I}, "(H, I)");
   check_float_like(op, "hx", hx, input);
-  check_shape(op, "hx", hx, {s.B, s.H}, "[B, H]");
+  check_shape(op, "hx", hx, {s.B, s.H}, "(B, H)");
   if (bias_ih.has_value()) {
     check_float_like(op, "bias_ih", *bias_ih, input);
-    check_shape(op, "bias_ih", *bias_ih, {s.H}, "[H]");
+    check_shape(op, "bias_ih", *bias_ih, {s.H}, "(H,)");
   }
   if (bias_hh.has_value()) {
     check_float_like(op, "bias_hh", *bias_hh, input);
-    check_shape(op, "bias_hh", *bias_hh, {s.H}, "[H]");
+    check_shape(op, "bias_hh", *bias_hh, {s.H}, "(H,)");
   }
   check_lengths(op, lengths, s.B, s.T, input.device());
   return s;
@@ -273,36 +304,36 @@ void check_elman_bwd_args(const ElmanShape& s, const at::Tensor& input,
                           const at::Tensor& output) {
   const char* op = "rnnkern.elman_bwd";
   check_float_like(op, "grad_output", grad_output, input);
-  check_shape(op, "grad_output", grad_output, {s.T, s.B, s.H}, "[T, B, H]");
+  check_shape(op, "grad_output", grad_output, {s.T, s.B, s.H}, "(T, B, H)");
   check_float_like(op, "output", output, input);
-  check_shape(op, "output", output, {s.T, s.B, s.H}, "[T, B, H]");
+  check_shape(op, "output", output, {s.T, s.B, s.H}, "(T, B, H)");
   check_float_like(op, "grad_h_n", grad_h_n, input);
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[B, H]");
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "(B, H)");
 }
 
-LossKind parse_loss(c10::string_view loss) {
+LossKind parse_loss(const char* op, c10::string_view loss) {
   if (loss == "cross_entropy") return LossKind::kCrossEntropy;
   if (loss == "mse") return LossKind::kMse;
-  TORCH_CHECK_VALUE(false, "loss must be 'cross_entropy' or 'mse', got '", std::string(loss), "'");
+  TORCH_CHECK_VALUE(false, op, ": loss must be 'cross_entropy' or 'mse', got '", std::string(loss), "'");
   return LossKind::kCrossEntropy;  // unreachable
 }
 
-Reduction parse_reduction(c10::string_view reduction) {
+Reduction parse_reduction(const char* op, c10::string_view reduction) {
   if (reduction == "sum") return Reduction::kSum;
   if (reduction == "mean") return Reduction::kMean;
   if (reduction == "seq_mean") return Reduction::kSeqMean;
   if (reduction == "seq_sum") return Reduction::kSeqSum;
   if (reduction == "none") return Reduction::kNone;
-  TORCH_CHECK_VALUE(false,
-                    "reduction must be one of 'mean', 'sum', 'seq_mean', 'seq_sum', 'none', got '",
+  TORCH_CHECK_VALUE(false, op,
+                    ": reduction must be one of 'mean', 'sum', 'seq_mean', 'seq_sum', 'none', got '",
                     std::string(reduction), "'");
   return Reduction::kMean;  // unreachable
 }
 
-Steps parse_steps(c10::string_view steps) {
+Steps parse_steps(const char* op, c10::string_view steps) {
   if (steps == "all") return Steps::kAll;
   if (steps == "last") return Steps::kLast;
-  TORCH_CHECK_VALUE(false, "steps must be 'all' or 'last', got '", std::string(steps), "'");
+  TORCH_CHECK_VALUE(false, op, ": steps must be 'all' or 'last', got '", std::string(steps), "'");
   return Steps::kAll;  // unreachable
 }
 
@@ -364,9 +395,9 @@ LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& 
                          c10::string_view steps, c10::string_view reduction,
                          int64_t ignore_index, double label_smoothing, int64_t chunk_rows) {
   LossSpec spec;
-  spec.kind = parse_loss(loss);
-  spec.reduction = parse_reduction(reduction);
-  spec.steps = parse_steps(steps);
+  spec.kind = parse_loss(op, loss);
+  spec.reduction = parse_reduction(op, reduction);
+  spec.steps = parse_steps(op, steps);
   spec.ignore_index = ignore_index;
   spec.label_smoothing = label_smoothing;
   spec.chunk_rows = chunk_rows;
@@ -377,30 +408,32 @@ LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& 
   TORCH_CHECK_VALUE(spec.kind == LossKind::kCrossEntropy || label_smoothing == 0.0, op,
                     ": label_smoothing applies to loss='cross_entropy' only, got ",
                     label_smoothing, " with loss='mse'");
-  TORCH_CHECK_VALUE(weight_out.dim() == 2, op, ": weight_out must be 2-D [O, H], got shape ",
+  check_defined(op, "weight_out", weight_out);
+  TORCH_CHECK_VALUE(weight_out.dim() == 2, op, ": weight_out must be 2-D (O, H), got shape ",
                     shape_str(weight_out.sizes()));
   spec.O = weight_out.size(0);
   TORCH_CHECK_VALUE(spec.O >= 1, op, ": the head needs O >= 1 outputs, got weight_out of shape ",
                     shape_str(weight_out.sizes()));
   check_float_like(op, "weight_out", weight_out, input);
-  check_shape(op, "weight_out", weight_out, {spec.O, s.H}, "[O, H]");
+  check_shape(op, "weight_out", weight_out, {spec.O, s.H}, "(O, H)");
   if (bias_out.has_value()) {
     check_float_like(op, "bias_out", *bias_out, input);
-    check_shape(op, "bias_out", *bias_out, {spec.O}, "[O]");
+    check_shape(op, "bias_out", *bias_out, {spec.O}, "(O,)");
   }
+  check_defined(op, "target", target);
   TORCH_CHECK(target.device() == input.device(), op, ": target must be on the input's device ",
               input.device(), ", got ", target.device());
   if (spec.kind == LossKind::kCrossEntropy) {
     TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
                      ": target must be int64 class indices for loss='cross_entropy', got ",
                      dtype_str(target.scalar_type()));
-    check_shape(op, "target", target, {s.T, s.B}, "[T, B]");
+    check_shape(op, "target", target, {s.T, s.B}, "(T, B)");
     check_target_values(op, target, spec.O, ignore_index);
   } else {
     TORCH_CHECK_TYPE(target.scalar_type() == input.scalar_type(), op,
                      ": target must have the input's dtype ", dtype_str(input.scalar_type()),
                      " for loss='mse', got ", dtype_str(target.scalar_type()));
-    check_shape(op, "target", target, {s.T, s.B, spec.O}, "[T, B, O]");
+    check_shape(op, "target", target, {s.T, s.B, spec.O}, "(T, B, O)");
   }
   if (loss_mask.has_value()) {
     const at::Tensor& m = *loss_mask;
@@ -408,7 +441,7 @@ LossSpec check_loss_args(const char* op, const ElmanShape& s, const at::Tensor& 
                      ": loss_mask must be bool or floating, got ", dtype_str(m.scalar_type()));
     TORCH_CHECK(m.device() == input.device(), op, ": loss_mask must be on the input's device ",
                 input.device(), ", got ", m.device());
-    check_shape(op, "loss_mask", m, {s.T, s.B}, "[T, B]");
+    check_shape(op, "loss_mask", m, {s.T, s.B}, "(T, B)");
     if (m.scalar_type() != at::kBool) check_mask_values(op, m);
   }
   if (spec.steps == Steps::kLast && s.B > 0) {
@@ -434,36 +467,37 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
                          bool has_bias_out) {
   check_float_like(op, "grad_loss", grad_loss, input);
   if (spec.reduction == Reduction::kNone) {
-    check_shape(op, "grad_loss", grad_loss, {s.T, s.B}, "[T, B] (reduction='none')");
+    check_shape(op, "grad_loss", grad_loss, {s.T, s.B}, "(T, B) (reduction='none')");
   } else if (grad_output.dim() == 1) {
     // The forward ran without compute_grad: the backward recomputes.
-    check_shape(op, "grad_loss", grad_loss, {}, "[] (a scalar reduction)");
-    check_shape(op, "grad_output", grad_output, {0}, "[0] (recompute) or [T, B, H]");
-    check_shape(op, "grad_weight_out", grad_weight_out, {0}, "[0] (with grad_output [0])");
-    check_shape(op, "grad_bias_out", grad_bias_out, {0}, "[0] (with grad_output [0])");
+    check_shape(op, "grad_loss", grad_loss, {}, "() (a scalar reduction)");
+    check_shape(op, "grad_output", grad_output, {0}, "(0,) (recompute) or (T, B, H)");
+    check_shape(op, "grad_weight_out", grad_weight_out, {0}, "(0,) (with grad_output (0,))");
+    check_shape(op, "grad_bias_out", grad_bias_out, {0}, "(0,) (with grad_output (0,))");
   } else {
-    check_shape(op, "grad_loss", grad_loss, {}, "[] (a scalar reduction)");
+    check_shape(op, "grad_loss", grad_loss, {}, "() (a scalar reduction)");
     check_float_like(op, "grad_output", grad_output, input);
-    check_shape(op, "grad_output", grad_output, {s.T, s.B, s.H}, "[T, B, H]");
+    check_shape(op, "grad_output", grad_output, {s.T, s.B, s.H}, "(T, B, H)");
     check_float_like(op, "grad_weight_out", grad_weight_out, input);
-    check_shape(op, "grad_weight_out", grad_weight_out, {spec.O, s.H}, "[O, H]");
+    check_shape(op, "grad_weight_out", grad_weight_out, {spec.O, s.H}, "(O, H)");
     check_float_like(op, "grad_bias_out", grad_bias_out, input);
-    if (has_bias_out) check_shape(op, "grad_bias_out", grad_bias_out, {spec.O}, "[O]");
-    else check_shape(op, "grad_bias_out", grad_bias_out, {0}, "[0] (no bias_out)");
+    if (has_bias_out) check_shape(op, "grad_bias_out", grad_bias_out, {spec.O}, "(O,)");
+    else check_shape(op, "grad_bias_out", grad_bias_out, {0}, "(0,) (no bias_out)");
   }
   check_float_like(op, "grad_h_n", grad_h_n, input);
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "[B, H]");
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.H}, "(B, H)");
   check_float_like(op, "output", output, input);
-  check_shape(op, "output", output, {s.T, s.B, s.H}, "[T, B, H]");
+  check_shape(op, "output", output, {s.T, s.B, s.H}, "(T, B, H)");
   check_float_like(op, "weight", weight, input);
-  check_shape(op, "weight", weight, {s.T, s.B}, "[T, B]");
+  check_shape(op, "weight", weight, {s.T, s.B}, "(T, B)");
 }
 
 ElmanShape check_head_args(const char* op, const at::Tensor& h,
                            const c10::optional<at::Tensor>& lengths) {
+  check_defined(op, "h", h);
   TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
                    ": h must be float32 or float64, got ", dtype_str(h.scalar_type()));
-  TORCH_CHECK_VALUE(h.dim() == 3, op, ": h must be 3-D [T, B, P], got shape ",
+  TORCH_CHECK_VALUE(h.dim() == 3, op, ": h must be 3-D (T, B, P), got shape ",
                     shape_str(h.sizes()));
   ElmanShape s;
   s.T = h.size(0);
@@ -473,6 +507,36 @@ ElmanShape check_head_args(const char* op, const at::Tensor& h,
   check_lengths(op, lengths, s.B, s.T, h.device());
   return s;
 }
+
+namespace {
+
+void head_loss_check(const at::Tensor& input, int64_t P, const at::Tensor& target,
+                     const at::Tensor& weight_out, const c10::optional<at::Tensor>& bias_out,
+                     const c10::optional<at::Tensor>& lengths,
+                     const c10::optional<at::Tensor>& loss_mask, c10::string_view loss,
+                     c10::string_view steps, c10::string_view reduction, int64_t ignore_index,
+                     double label_smoothing) {
+  const char* op = "rnnkern.head_loss_fwd";
+  check_defined(op, "input", input);
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+                   ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
+  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ",
+                    shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(P >= 1, op, ": P must be >= 1, got ", P);
+  ElmanShape s;
+  s.T = input.size(0);
+  s.B = input.size(1);
+  s.H = P;
+  check_lengths(op, lengths, s.B, s.T, input.device());
+  check_loss_args(op, s, input, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
+                  reduction, ignore_index, label_smoothing, 0);
+}
+
+}  // namespace
+
+// The checks read tensors through ATen only, so one function serves both backends.
+TORCH_LIBRARY_IMPL(rnnkern, CPU, m) { m.impl("head_loss_check", &head_loss_check); }
+TORCH_LIBRARY_IMPL(rnnkern, CUDA, m) { m.impl("head_loss_check", &head_loss_check); }
 
 CellKind parse_cell(const char* op, c10::string_view mode) {
   if (mode == "lstm") return CellKind::kLstm;
@@ -497,12 +561,14 @@ LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::T
   TORCH_CHECK_VALUE(truncate >= 0, op, ": truncate must be >= 1 (or 0 for none), got ",
                     truncate);
   s.truncate = truncate;
+  check_defined(op, "input", input);
   TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
                    ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
-  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D [T, B, I], got shape ",
+  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ",
                     shape_str(input.sizes()));
-  TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D [", G,
-                    ", P], got shape ", shape_str(weight_hh.sizes()));
+  check_defined(op, "weight_hh", weight_hh);
+  TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D (", G,
+                    ", P), got shape ", shape_str(weight_hh.sizes()));
   s.T = input.size(0);
   s.B = input.size(1);
   s.I = input.size(2);
@@ -516,32 +582,33 @@ LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::T
   TORCH_CHECK_VALUE(lstm || !s.proj, op, ": weight_hr (the projection) applies to mode='lstm' only");
   if (s.proj) {
     check_float_like(op, "weight_hr", *weight_hr, input);
-    check_shape(op, "weight_hr", *weight_hr, {s.P, s.H}, "[P, H]");
+    check_shape(op, "weight_hr", *weight_hr, {s.P, s.H}, "(P, H)");
   } else {
-    TORCH_CHECK_VALUE(s.P == s.H, op, ": weight_hh must have shape [", G, ", H] = ",
+    TORCH_CHECK_VALUE(s.P == s.H, op, ": weight_hh must have shape (", G, ", H) = ",
                       shape_str({s.G, s.H}), " without a projection, got ",
                       shape_str(weight_hh.sizes()));
   }
   check_blas_sizes(op, {{"B", s.B}, {"I", s.I}, {"G", s.G}, {"P", s.P}});
   check_float_like(op, "weight_hh", weight_hh, input);
   check_float_like(op, "weight_ih", weight_ih, input);
-  check_shape(op, "weight_ih", weight_ih, {s.G, s.I}, lstm ? "[4H, I]" : "[3H, I]");
+  check_input_size(op, input, weight_ih, s.G, s.I);
+  check_shape(op, "weight_ih", weight_ih, {s.G, s.I}, lstm ? "(4H, I)" : "(3H, I)");
   check_float_like(op, "h0", h0, input);
-  check_shape(op, "h0", h0, {s.B, s.P}, "[B, P]");
+  check_shape(op, "h0", h0, {s.B, s.P}, "(B, P)");
   if (lstm) {
-    TORCH_CHECK_VALUE(c0.has_value(), op, ": c0 [B, H] is required for mode='lstm'");
+    TORCH_CHECK_VALUE(c0.has_value(), op, ": c0 (B, H) is required for mode='lstm'");
     check_float_like(op, "c0", *c0, input);
-    check_shape(op, "c0", *c0, {s.B, s.H}, "[B, H]");
+    check_shape(op, "c0", *c0, {s.B, s.H}, "(B, H)");
   } else {
     TORCH_CHECK_VALUE(!c0.has_value(), op, ": c0 must be None for mode='gru'");
   }
   if (bias_ih.has_value()) {
     check_float_like(op, "bias_ih", *bias_ih, input);
-    check_shape(op, "bias_ih", *bias_ih, {s.G}, lstm ? "[4H]" : "[3H]");
+    check_shape(op, "bias_ih", *bias_ih, {s.G}, lstm ? "(4H,)" : "(3H,)");
   }
   if (bias_hh.has_value()) {
     check_float_like(op, "bias_hh", *bias_hh, input);
-    check_shape(op, "bias_hh", *bias_hh, {s.G}, lstm ? "[4H]" : "[3H]");
+    check_shape(op, "bias_hh", *bias_hh, {s.G}, lstm ? "(4H,)" : "(3H,)");
   }
   check_lengths(op, lengths, s.B, s.T, input.device());
   return s;
@@ -554,24 +621,24 @@ void check_layer_bwd_args(const char* op, const LayerShape& s, const at::Tensor&
                           const at::Tensor& proj_in) {
   const bool lstm = s.cell == CellKind::kLstm;
   check_float_like(op, "grad_output", grad_output, input);
-  check_shape(op, "grad_output", grad_output, {s.T, s.B, s.P}, "[T, B, P]");
+  check_shape(op, "grad_output", grad_output, {s.T, s.B, s.P}, "(T, B, P)");
   check_float_like(op, "output", output, input);
-  check_shape(op, "output", output, {s.T, s.B, s.P}, "[T, B, P]");
+  check_shape(op, "output", output, {s.T, s.B, s.P}, "(T, B, P)");
   check_float_like(op, "grad_h_n", grad_h_n, input);
-  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.P}, "[B, P]");
+  check_shape(op, "grad_h_n", grad_h_n, {s.B, s.P}, "(B, P)");
   if (lstm) {
-    TORCH_CHECK_VALUE(grad_c_n.has_value(), op, ": grad_c_n [B, H] is required for mode='lstm'");
+    TORCH_CHECK_VALUE(grad_c_n.has_value(), op, ": grad_c_n (B, H) is required for mode='lstm'");
     check_float_like(op, "grad_c_n", *grad_c_n, input);
-    check_shape(op, "grad_c_n", *grad_c_n, {s.B, s.H}, "[B, H]");
+    check_shape(op, "grad_c_n", *grad_c_n, {s.B, s.H}, "(B, H)");
   }
   check_float_like(op, "gates", gates, input);
-  check_shape(op, "gates", gates, {s.T, s.B, 4 * s.H}, "[T, B, 4H]");
+  check_shape(op, "gates", gates, {s.T, s.B, 4 * s.H}, "(T, B, 4H)");
   check_float_like(op, "cell", cell, input);
-  if (lstm) check_shape(op, "cell", cell, {s.T, s.B, s.H}, "[T, B, H]");
-  else check_shape(op, "cell", cell, {0}, "[0] (mode='gru')");
+  if (lstm) check_shape(op, "cell", cell, {s.T, s.B, s.H}, "(T, B, H)");
+  else check_shape(op, "cell", cell, {0}, "(0,) (mode='gru')");
   check_float_like(op, "proj_in", proj_in, input);
-  if (s.proj) check_shape(op, "proj_in", proj_in, {s.T, s.B, s.H}, "[T, B, H]");
-  else check_shape(op, "proj_in", proj_in, {0}, "[0] (no projection)");
+  if (s.proj) check_shape(op, "proj_in", proj_in, {s.T, s.B, s.H}, "(T, B, H)");
+  else check_shape(op, "proj_in", proj_in, {0}, "(0,) (no projection)");
 }
 
 }  // namespace rnnkern

@@ -1,13 +1,23 @@
-"""Argument checks of the public API, shared by the kernels' wrappers and the
-reference so both reject the same inputs with the same words.
+"""Argument handling of the public API, in two parts, so that each check is
+made once and every error has one wording.
 
-Each check raises before any kernel runs and names the argument, what was
-expected and what was given, in the API's layout (batch_first or not). Checks
-that read a tensor's values (the lengths' range, the targets' class range, the
-loss mask's values, steps='last' against the lengths) are made once, by the op
-(csrc/rnnkern.cpp), which direct op calls need too; the API leaves them to it.
-The reference, which calls no op, makes them with the same words through
-``check_length_values`` and ``check_loss_values``.
+1. **Conversions** (``check_bool``, ``check_truncate``, ``lengths_arg``,
+   ``time_major_input``, ``time_major_steps``, ``lstm_state``, ``resolve_mode``,
+   ``check_loss_options``): what the Python API does before it calls an op.
+   They refuse what an op's schema cannot express or would accept silently
+   (truncate=True, reverse=1, a list of floats as lengths, an LSTM state that
+   is not a pair) and turn the user's layout (batch_first) into the ops'
+   time-major one, so an error about a layout speaks that layout.
+
+2. **The ops' checks** (``op_elman_checks``, ``op_layer_checks``,
+   ``op_head_checks``, ``op_loss_checks``, ``op_length_checks``): shapes,
+   dtypes, devices and values are checked by the op itself (csrc/rnnkern.cpp),
+   which direct op calls need too; ``rnnkern.functional`` and the modules leave
+   them to it. These functions are the same checks in the same order with the
+   same words, for ``rnnkern.reference``, which calls no op. (The op prefixes
+   its name, e.g. "rnnkern.elman_fwd: "; the words after it are these.)
+   tests/test_*_bad_input.py hold the API, the reference and the ops to one
+   wording.
 """
 
 from __future__ import annotations
@@ -20,8 +30,12 @@ NONLINEARITIES = ("tanh", "relu")
 
 LengthsLike = Union[torch.Tensor, Sequence[int], None]
 
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+INT32_MAX = 2**31 - 1
 
-def _shape(t: torch.Tensor) -> tuple:
+
+def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
@@ -29,26 +43,13 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, letters: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {letters} = {shape}, got {type(t).__name__}")
-    if t.dtype != like.dtype:
-        raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
-    if t.device != like.device:
-        # RuntimeError, as torch (and nn.RNN) raise for a device mismatch.
-        raise RuntimeError(f"{name} must be on the input's device {like.device}, got {t.device}")
-    if _shape(t) != tuple(shape):
-        raise ValueError(f"{name} must have shape {letters} = {tuple(shape)}, got {_shape(t)}")
-
+# ---------------------------------------------------------------------------
+# 1. Conversions: the Python API's own arguments and the user's layout.
 
 def check_nonlinearity(nonlinearity) -> str:
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     return nonlinearity
-
-
-INT64_MAX = 2**63 - 1
-INT64_MIN = -(2**63)
 
 
 def check_bool(name: str, value) -> bool:
@@ -68,7 +69,8 @@ def check_int64(name: str, value, lo: int = INT64_MIN, hi: int = INT64_MAX) -> i
 
 
 def check_truncate(truncate) -> Optional[int]:
-    """None or an int >= 1 (bools are refused: truncate=True is a mistake)."""
+    """None or an int >= 1 (bools are refused: truncate=True is a mistake). The
+    ops take 0 for None, so the API refuses 0 itself."""
     if truncate is None:
         return None
     if isinstance(truncate, bool) or not isinstance(truncate, int):
@@ -78,139 +80,68 @@ def check_truncate(truncate) -> Optional[int]:
     return check_int64("truncate", truncate, 1)
 
 
-def check_lengths(lengths: LengthsLike, B: int, T: int) -> Optional[torch.Tensor]:
-    """lengths: (B,) int64, or a list of B ints. Returns an int64 CPU tensor
-    (nn.RNN's packing also keeps lengths on the CPU). Their range, 0 <= len <= T,
-    is the op's check (check_length_values for the reference)."""
+def lengths_arg(lengths: LengthsLike) -> Optional[torch.Tensor]:
+    """lengths as the ops take them: a list of ints becomes an int64 tensor; a
+    tensor on an accelerator is brought to the CPU once (nn.RNN's packing keeps
+    lengths there too, and each layer's op then reads them without a copy).
+    Everything else about them (dtype, shape, device, range) is the op's check."""
     if lengths is None:
         return None
     if isinstance(lengths, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
             raise TypeError(f"lengths given as a list must hold ints, got {lengths!r}")
-        lengths = torch.tensor(lengths, dtype=torch.int64)
-    if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"lengths must be an int64 tensor of shape (B,) = ({B},), got {type(lengths).__name__}")
-    if lengths.dtype != torch.int64:
-        raise TypeError(f"lengths must be an int64 tensor, got {lengths.dtype}")
-    if _shape(lengths) != (B,):
-        raise ValueError(f"lengths must have shape (B,) = ({B},), got {_shape(lengths)}")
-    if lengths.device.type == "meta":
-        raise RuntimeError("lengths must hold values, on the CPU (or the input's device), "
-                           "got a tensor on the meta device")
-    return lengths.cpu()
+        return torch.tensor(lengths, dtype=torch.int64)
+    if isinstance(lengths, torch.Tensor) and lengths.device.type not in ("cpu", "meta"):
+        return lengths.cpu()
+    return lengths
 
 
-def check_length_values(lengths: Optional[torch.Tensor], T: int) -> None:
-    """The op's lengths range check (csrc/rnnkern.cpp check_lengths), same words,
-    for the reference, which calls no op."""
-    if lengths is not None and lengths.numel() > 0 and not _compiling():
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0 or hi > T:
-            raise ValueError(f"lengths must be in [0, T={T}], got min {lo} and max {hi}")
-
-
-def check_rnn_args(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
-                   batch_first, lengths, truncate):
-    """Checks the arguments of rnnkern.functional.rnn / rnnkern.reference.rnn.
-
-    Returns (lengths as an int64 CPU tensor or None, truncate as an int or None)."""
-    check_nonlinearity(nonlinearity)
+def time_major_input(input, batch_first: bool):
+    """The input as the ops take it, [T,B,I]. With batch_first the input must be
+    3-D to be transposed, and the error says (B, T, I); time-major input goes to
+    the op as it is, and the op checks it."""
     check_bool("batch_first", batch_first)
-    truncate = check_truncate(truncate)
+    if not batch_first:
+        return input
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    layout = "(B, T, I)" if batch_first else "(T, B, I)"
     if input.dim() != 3:
-        raise ValueError(f"input must be 3-D {layout}, got shape {_shape(input)}")
-    if input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"input must be float32 or float64, got {input.dtype}")
-    if batch_first:
-        B, T, I = input.shape
+        raise ValueError(f"input must be 3-D (B, T, I), got shape {_shape(input)}")
+    return input.transpose(0, 1)
+
+
+def time_major_steps(name: str, t, x: torch.Tensor, *, batch_first: bool,
+                     third: Optional[int] = None, has_third: bool = False):
+    """A per-step tensor (target or loss_mask) laid out like the steps, made
+    time-major (x: the time-major input). With batch_first its shape is checked
+    here, in (B, T) terms, before the transpose (the op, which sees (T, B),
+    would report the transposed shape); time-major, the op checks it.
+    ``has_third``: it has a third axis (mse's target), of size ``third`` (O),
+    or of a size not known here (None: the op checks it)."""
+    if not batch_first or not isinstance(t, torch.Tensor):
+        return t
+    T, B = x.shape[0], x.shape[1]
+    if not has_third:
+        shape, letters = (B, T), "(B, T)"
+    elif third is not None:
+        shape, letters = (B, T, third), "(B, T, O)"
     else:
-        T, B, I = input.shape
-    if not isinstance(weight_hh, torch.Tensor) or weight_hh.dim() != 2:
-        got = _shape(weight_hh) if isinstance(weight_hh, torch.Tensor) else type(weight_hh).__name__
-        raise ValueError(f"weight_hh must be a 2-D tensor (H, H), got {got}")
-    H = weight_hh.shape[0]
-    check_tensor("weight_hh", weight_hh, shape=(H, H), like=input, letters="(H, H)")
-    if isinstance(weight_ih, torch.Tensor) and weight_ih.dim() == 2 and weight_ih.shape[0] == H \
-            and weight_ih.shape[1] != I:
-        raise ValueError(f"input has inconsistent input_size: got I={I}, expected {weight_ih.shape[1]} "
-                         f"(weight_ih is {_shape(weight_ih)})")
-    check_tensor("weight_ih", weight_ih, shape=(H, I), like=input, letters="(H, I)")
-    if hx is not None:
-        check_tensor("hx", hx, shape=(B, H), like=input, letters="(B, H)")
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        if b is not None:
-            check_tensor(name, b, shape=(H,), like=input, letters="(H,)")
-    return check_lengths(lengths, B, T), truncate
+        shape = None
+    if shape is not None and _shape(t) != shape:
+        raise ValueError(f"{name} must have shape {letters} = {shape}, got {_shape(t)}")
+    return t.transpose(0, 1) if t.dim() >= 2 else t
 
 
-def _any_shape(t) -> tuple:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def check_gated_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *,
-                      batch_first, lengths, truncate):
-    """check_rnn_args for the LSTM and the GRU. Returns (lengths, truncate, H, P)."""
-    lstm = mode == "lstm"
-    truncate = check_truncate(truncate)
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    layout = "(B, T, I)" if batch_first else "(T, B, I)"
-    if input.dim() != 3:
-        raise ValueError(f"input must be 3-D {layout}, got shape {_any_shape(input)}")
-    if input.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"input must be float32 or float64, got {input.dtype}")
-    B, T, I = input.shape if batch_first else (input.shape[1], input.shape[0], input.shape[2])
-
-    gates, G = (4, "4H") if lstm else (3, "3H")
-    hh_letters = f"({G}, P)" if lstm else f"({G}, H)"
-    if not isinstance(weight_hh, torch.Tensor) or weight_hh.dim() != 2:
-        raise ValueError(f"weight_hh must be a 2-D tensor {hh_letters}, got {_any_shape(weight_hh)}")
-    if weight_hr is not None:
-        if not lstm:
-            raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
-        if not isinstance(weight_hr, torch.Tensor) or weight_hr.dim() != 2:
-            raise ValueError(f"weight_hr must be a 2-D tensor (P, H), got {_any_shape(weight_hr)}")
-        P, H = weight_hr.shape
-        check_tensor("weight_hr", weight_hr, shape=(P, H), like=input, letters="(P, H)")
-    else:
-        H = P = weight_hh.shape[1]
-    check_tensor("weight_hh", weight_hh, shape=(gates * H, P), like=input, letters=hh_letters)
-    if isinstance(weight_ih, torch.Tensor) and weight_ih.dim() == 2 \
-            and weight_ih.shape[0] == gates * H and weight_ih.shape[1] != I:
-        raise ValueError(f"input has inconsistent input_size: got I={I}, expected {weight_ih.shape[1]} "
-                         f"(weight_ih is {_any_shape(weight_ih)})")
-    check_tensor("weight_ih", weight_ih, shape=(gates * H, I), like=input, letters=f"({G}, I)")
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        if b is not None:
-            check_tensor(name, b, shape=(gates * H,), like=input, letters=f"({G},)")
-    if hx is not None and lstm:
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError(f"hx must be a tuple (h_0, c_0) of shapes (B, P) = ({B}, {P}) and "
-                            f"(B, H) = ({B}, {H}), or None, got {type(hx).__name__}")
-        check_tensor("hx[0] (h_0)", hx[0], shape=(B, P), like=input, letters="(B, P)")
-        check_tensor("hx[1] (c_0)", hx[1], shape=(B, H), like=input, letters="(B, H)")
-    elif hx is not None:
-        check_tensor("hx", hx, shape=(B, H), like=input, letters="(B, H)")
-    return check_lengths(lengths, B, T), truncate, H, P
-
-
-def check_layer_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *,
-                      batch_first, lengths, truncate):
-    """Checks one layer's arguments for any cell. Returns (lengths, truncate, H, P)."""
-    if mode in ("lstm", "gru"):
-        return check_gated_args(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                 weight_hr, batch_first=batch_first, lengths=lengths,
-                                 truncate=truncate)
-    lengths, truncate = check_rnn_args(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=mode[len("rnn_"):],
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    if weight_hr is not None:
-        raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
-    H = weight_hh.shape[0]
-    return lengths, truncate, H, H
+def lstm_state(hx):
+    """The LSTM's hx: None or a pair (h_0, c_0) of tensors, nn.LSTM's form."""
+    if hx is None:
+        return None
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2 or \
+            not all(isinstance(h, torch.Tensor) for h in hx):
+        raise TypeError("hx must be a tuple (h_0, c_0) of two tensors, or None, got "
+                        f"{type(hx).__name__}"
+                        + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+    return tuple(hx)
 
 
 # The cells rnn_loss can put its head on (nn.RNNBase's mode names, lower case).
@@ -237,126 +168,263 @@ REDUCTIONS = ("mean", "sum", "seq_mean", "seq_sum", "none")
 STEPS = ("all", "last")
 
 
-def _names(options) -> str:
-    return ", ".join(repr(o) for o in options)
+def _check_option(name: str, value, options) -> None:
+    # csrc/rnnkern.cpp parse_loss / parse_reduction / parse_steps
+    if value not in options:
+        if len(options) == 2:
+            allowed = f"{options[0]!r} or {options[1]!r}"
+        else:
+            allowed = "one of " + ", ".join(repr(o) for o in options)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def check_loss_options(*, loss, reduction, steps, ignore_index, label_smoothing) -> float:
-    """The per-step loss's non-tensor options. Returns label_smoothing as a float."""
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {_names(LOSSES)}, got {loss!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_names(REDUCTIONS)}, got {reduction!r}")
-    if steps not in STEPS:
-        raise ValueError(f"steps must be one of {_names(STEPS)}, got {steps!r}")
+    """The per-step loss's options, checked where an op cannot be asked (the
+    RNNLoss constructor) and by the reference; the API passes them to the op.
+    ignore_index and label_smoothing are also a conversion (an int64 and a
+    float, not a bool). Returns label_smoothing as a float."""
+    _check_option("loss", loss, LOSSES)
+    _check_option("reduction", reduction, REDUCTIONS)
+    _check_option("steps", steps, STEPS)
+    label_smoothing = loss_scalars(ignore_index, label_smoothing)
+    _check_label_smoothing(loss, label_smoothing)
+    return label_smoothing
+
+
+def loss_scalars(ignore_index, label_smoothing) -> float:
+    """ignore_index an int64 and label_smoothing a number (not a bool): the
+    conversion the API makes before the op. Returns label_smoothing as a float."""
     check_int64("ignore_index", ignore_index)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r} "
                         f"({type(label_smoothing).__name__})")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing}")
-    if loss == "mse" and label_smoothing != 0.0:
-        raise ValueError(f"label_smoothing applies to loss='cross_entropy' only, got {label_smoothing} "
-                         "with loss='mse'")
     return float(label_smoothing)
 
 
-def _no_grad_wanted(name: str, t: torch.Tensor) -> None:
-    # The kernel treats targets and masks as data; a silent None gradient would be wrong.
-    if torch.is_grad_enabled() and t.requires_grad:
+def _check_label_smoothing(loss, label_smoothing: float) -> None:
+    # csrc/rnnkern.cpp check_loss_args
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing:g}")
+    if loss == "mse" and label_smoothing != 0.0:
+        raise ValueError(f"label_smoothing applies to loss='cross_entropy' only, got "
+                         f"{label_smoothing:g} with loss='mse'")
+
+
+def no_grad_wanted(name: str, t) -> None:
+    """target and loss_mask are data: a silent None gradient would be wrong."""
+    if isinstance(t, torch.Tensor) and torch.is_grad_enabled() and t.requires_grad:
         raise ValueError(f"{name} must not require grad: rnn_loss gives no gradient to {name} "
                          "(detach it)")
 
 
-def check_loss_args(input, target, weight_out, bias_out, *, H, lengths, batch_first, loss,
-                    loss_mask, steps, reduction, ignore_index, label_smoothing):
-    """Checks the loss arguments of rnnkern.functional.rnn_loss / rnnkern.reference.rnn_loss,
-    after check_rnn_args checked the layer's (so input is a 3-D float tensor and
-    lengths an int64 CPU tensor or None). The values of target, loss_mask and
-    lengths are the op's checks (check_loss_values for the reference).
+# ---------------------------------------------------------------------------
+# 2. The ops' checks (csrc/rnnkern.cpp), same order and words, for the reference.
 
-    Returns (O, target, loss_mask, label_smoothing) with target and loss_mask
-    time-major: target (T, B) or (T, B, O), loss_mask (T, B) or None."""
-    label_smoothing = check_loss_options(loss=loss, reduction=reduction, steps=steps,
-                                         ignore_index=ignore_index,
-                                         label_smoothing=label_smoothing)
-    if batch_first:
-        B, T, _ = input.shape
-    else:
-        T, B, _ = input.shape
-    steps_layout = ("(B, T)", (B, T)) if batch_first else ("(T, B)", (T, B))
+def _tensor(name: str, t, optional: bool = False) -> None:
+    # The dispatcher's words for an argument of the wrong type.
+    if t is None and not optional:
+        raise TypeError(f"{name} must be a tensor, got None")
+    if t is not None and not isinstance(t, torch.Tensor):
+        kind = "Optional[Tensor]" if optional else "Tensor"
+        raise RuntimeError(f"Expected a value of type '{kind}' for argument '{name}' but instead "
+                           f"found type '{type(t).__name__}'.")
 
-    if not isinstance(weight_out, torch.Tensor) or weight_out.dim() != 2:
-        got = _shape(weight_out) if isinstance(weight_out, torch.Tensor) else type(weight_out).__name__
-        raise ValueError(f"weight_out must be a 2-D tensor (O, H) with H={H}, got {got}")
+
+def _float_like(name: str, t, like: torch.Tensor) -> None:
+    _tensor(name, t)
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have the input's dtype {like.dtype}, got {t.dtype}")
+    if t.device != like.device:
+        raise RuntimeError(f"{name} must be on the input's device {like.device}, got {t.device}")
+
+
+def _shape_is(name: str, t: torch.Tensor, shape: tuple, letters: str) -> None:
+    if _shape(t) != tuple(shape):
+        raise ValueError(f"{name} must have shape {letters} = {tuple(shape)}, got {_shape(t)}")
+
+
+def _input(x) -> None:
+    _tensor("input", x)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"input must be float32 or float64, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"input must be 3-D (T, B, I), got shape {_shape(x)}")
+
+
+def _input_size(x: torch.Tensor, weight_ih: torch.Tensor, rows: int) -> None:
+    I = x.shape[2]
+    if weight_ih.dim() == 2 and weight_ih.shape[0] == rows and weight_ih.shape[1] != I:
+        raise ValueError(f"input has inconsistent input_size: got I={I}, expected "
+                         f"{weight_ih.shape[1]} (weight_ih is {_shape(weight_ih)})")
+
+
+def _sizes_fit(pairs) -> None:
+    for name, v in pairs:
+        if v > INT32_MAX:
+            raise ValueError(f"{name} must be < 2^31 (BLAS takes 32-bit sizes), got {v}")
+
+
+def op_length_checks(lengths, B: int, T: int, device) -> None:
+    """check_lengths: int64 (B,) on the CPU or the input's device, 0 <= len <= T."""
+    if lengths is None:
+        return
+    _tensor("lengths", lengths, optional=True)
+    if lengths.dtype != torch.int64:
+        raise TypeError(f"lengths must be an int64 tensor, got {lengths.dtype}")
+    if lengths.device.type != "cpu" and lengths.device != device:
+        raise RuntimeError(f"lengths must be on the CPU or on the input's device {device}, "
+                           f"got {lengths.device}")
+    _shape_is("lengths", lengths, (B,), "(B,)")
+    if B > 0 and not _compiling() and lengths.device.type != "meta":
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 0 or hi > T:
+            raise ValueError(f"lengths must be in [0, T={T}], got min {lo} and max {hi}")
+
+
+def op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
+                    truncate: int) -> int:
+    """check_elman_args on the time-major input (hx None: zeros). Returns H."""
+    check_nonlinearity(nonlinearity)
+    if truncate < 0:
+        raise ValueError(f"truncate must be >= 1 (or 0 for none), got {truncate}")
+    _input(x)
+    _tensor("weight_hh", weight_hh)
+    if weight_hh.dim() != 2:
+        raise ValueError(f"weight_hh must be 2-D (H, H), got shape {_shape(weight_hh)}")
+    T, B, I = x.shape
+    H = weight_hh.shape[0]
+    if H < 1:
+        raise ValueError(f"hidden size H must be >= 1, got {H}")
+    if max(B, H, I) > INT32_MAX:
+        raise ValueError(f"B, I and H must each be < 2^31, got B={B} I={I} H={H}")
+    _float_like("weight_hh", weight_hh, x)
+    _shape_is("weight_hh", weight_hh, (H, H), "(H, H)")
+    _float_like("weight_ih", weight_ih, x)
+    _input_size(x, weight_ih, H)
+    _shape_is("weight_ih", weight_ih, (H, I), "(H, I)")
+    if hx is not None:
+        _float_like("hx", hx, x)
+        _shape_is("hx", hx, (B, H), "(B, H)")
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        _tensor(name, b, optional=True)
+        if b is not None:
+            _float_like(name, b, x)
+            _shape_is(name, b, (H,), "(H,)")
+    op_length_checks(lengths, B, T, x.device)
+    return H
+
+
+def op_layer_checks(mode: str, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                    lengths, truncate: int) -> tuple:
+    """check_layer_args for 'lstm' and 'gru' on the time-major input (h0, c0
+    None: zeros). Returns (H, P)."""
+    if mode not in ("lstm", "gru"):
+        raise ValueError(f"mode must be 'lstm' or 'gru', got {mode!r}")
+    lstm = mode == "lstm"
+    gates, G = (4, "4H") if lstm else (3, "3H")
+    if truncate < 0:
+        raise ValueError(f"truncate must be >= 1 (or 0 for none), got {truncate}")
+    _input(x)
+    _tensor("weight_hh", weight_hh)
+    if weight_hh.dim() != 2:
+        raise ValueError(f"weight_hh must be 2-D ({G}, P), got shape {_shape(weight_hh)}")
+    T, B, I = x.shape
+    P = weight_hh.shape[1]
+    if weight_hh.shape[0] % gates != 0 or weight_hh.shape[0] == 0:
+        raise ValueError(f"weight_hh must have {G} rows ({gates} gates of H >= 1), got shape "
+                         f"{_shape(weight_hh)}")
+    H = weight_hh.shape[0] // gates
+    _tensor("weight_hr", weight_hr, optional=True)
+    if weight_hr is not None:
+        if not lstm:
+            raise ValueError("weight_hr (the projection) applies to mode='lstm' only")
+        _float_like("weight_hr", weight_hr, x)
+        _shape_is("weight_hr", weight_hr, (P, H), "(P, H)")
+    elif P != H:
+        raise ValueError(f"weight_hh must have shape ({G}, H) = {(gates * H, H)} without a "
+                         f"projection, got {_shape(weight_hh)}")
+    _sizes_fit((("B", B), ("I", I), ("G", gates * H), ("P", P)))
+    _float_like("weight_hh", weight_hh, x)
+    _float_like("weight_ih", weight_ih, x)
+    _input_size(x, weight_ih, gates * H)
+    _shape_is("weight_ih", weight_ih, (gates * H, I), f"({G}, I)")
+    if h0 is not None:
+        _float_like("h0", h0, x)
+        _shape_is("h0", h0, (B, P), "(B, P)")
+    if c0 is not None:
+        if not lstm:
+            raise ValueError("c0 must be None for mode='gru'")
+        _float_like("c0", c0, x)
+        _shape_is("c0", c0, (B, H), "(B, H)")
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        _tensor(name, b, optional=True)
+        if b is not None:
+            _float_like(name, b, x)
+            _shape_is(name, b, (gates * H,), f"({G},)")
+    op_length_checks(lengths, B, T, x.device)
+    return H, P
+
+
+def op_loss_checks(x, P: int, target, weight_out, bias_out, lengths, loss_mask, *, loss, steps,
+                   reduction, ignore_index, label_smoothing: float) -> int:
+    """check_loss_args (the fused Elman loss and the head op alike) on the
+    time-major input x [T,B,*] whose states have P features, target and
+    loss_mask time-major; the layer's checks (lengths included) ran first.
+    Returns O."""
+    _check_option("loss", loss, LOSSES)
+    _check_option("reduction", reduction, REDUCTIONS)
+    _check_option("steps", steps, STEPS)
+    _check_label_smoothing(loss, label_smoothing)
+    T, B = x.shape[0], x.shape[1]
+    _tensor("weight_out", weight_out)
+    if weight_out.dim() != 2:
+        raise ValueError(f"weight_out must be 2-D (O, H), got shape {_shape(weight_out)}")
     O = weight_out.shape[0]
     if O < 1:
-        raise ValueError(f"weight_out must have O >= 1 rows (outputs or classes), got {_shape(weight_out)}")
-    check_tensor("weight_out", weight_out, shape=(O, H), like=input, letters="(O, H)")
+        raise ValueError(f"the head needs O >= 1 outputs, got weight_out of shape "
+                         f"{_shape(weight_out)}")
+    _float_like("weight_out", weight_out, x)
+    _shape_is("weight_out", weight_out, (O, P), "(O, H)")
+    _tensor("bias_out", bias_out, optional=True)
     if bias_out is not None:
-        check_tensor("bias_out", bias_out, shape=(O,), like=input, letters="(O,)")
-
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.device != input.device:
-        raise RuntimeError(f"target must be on the input's device {input.device}, got {target.device}")
+        _float_like("bias_out", bias_out, x)
+        _shape_is("bias_out", bias_out, (O,), "(O,)")
+    _tensor("target", target)
+    if target.device != x.device:
+        raise RuntimeError(f"target must be on the input's device {x.device}, got {target.device}")
     if loss == "cross_entropy":
-        letters, shape = steps_layout
         if target.dtype != torch.int64:
-            raise TypeError(f"target must be int64 class indices for loss='cross_entropy', got {target.dtype}")
-        if _shape(target) != shape:
-            raise ValueError(f"target must have shape {letters} = {shape} for loss='cross_entropy', "
-                             f"got {_shape(target)}")
-    else:
-        letters = "(B, T, O)" if batch_first else "(T, B, O)"
-        shape = (B, T, O) if batch_first else (T, B, O)
-        if target.dtype != input.dtype:
-            raise TypeError(f"target must have the input's dtype {input.dtype} for loss='mse', "
+            raise TypeError(f"target must be int64 class indices for loss='cross_entropy', "
                             f"got {target.dtype}")
-        if _shape(target) != shape:
-            raise ValueError(f"target must have shape {letters} = {shape} for loss='mse', "
-                             f"got {_shape(target)}")
-        _no_grad_wanted("target", target)
-
+        _shape_is("target", target, (T, B), "(T, B)")
+        if target.numel() > 0 and not _compiling():
+            bad = (target != ignore_index) & ((target < 0) | (target >= O))
+            if bool(bad.any()):
+                t, b = (int(i) for i in bad.nonzero()[0])
+                raise ValueError(f"target must hold class indices in [0, O={O}) or "
+                                 f"ignore_index={ignore_index}, got {int(target[t, b])} "
+                                 f"at [t={t}, b={b}]")
+    else:
+        if target.dtype != x.dtype:
+            raise TypeError(f"target must have the input's dtype {x.dtype} for loss='mse', "
+                            f"got {target.dtype}")
+        _shape_is("target", target, (T, B, O), "(T, B, O)")
+    _tensor("loss_mask", loss_mask, optional=True)
     if loss_mask is not None:
-        letters, shape = steps_layout
-        if not isinstance(loss_mask, torch.Tensor):
-            raise TypeError(f"loss_mask must be a bool or floating tensor of shape {letters} = {shape}, "
-                            f"got {type(loss_mask).__name__}")
         if loss_mask.dtype != torch.bool and not loss_mask.dtype.is_floating_point:
             raise TypeError(f"loss_mask must be bool or floating, got {loss_mask.dtype}")
-        if loss_mask.device != input.device:
-            raise RuntimeError(f"loss_mask must be on the input's device {input.device}, "
+        if loss_mask.device != x.device:
+            raise RuntimeError(f"loss_mask must be on the input's device {x.device}, "
                                f"got {loss_mask.device}")
-        if _shape(loss_mask) != shape:
-            raise ValueError(f"loss_mask must have shape {letters} = {shape}, got {_shape(loss_mask)}")
-        _no_grad_wanted("loss_mask", loss_mask)
-
-    def tm(t):
-        return t.transpose(0, 1) if (batch_first and t is not None) else t
-
-    return O, tm(target), tm(loss_mask), label_smoothing
-
-
-def check_loss_values(target, loss_mask, lengths, *, O, loss, steps, ignore_index) -> None:
-    """The op's data checks of the loss (csrc/rnnkern.cpp), same words, for the
-    reference, which calls no op. target and loss_mask time-major: (T, B)."""
-    if _compiling():
-        return
-    T, B = target.shape[:2]
-    if loss == "cross_entropy" and target.numel() > 0:
-        bad = (target != ignore_index) & ((target < 0) | (target >= O))
-        if bool(bad.any()):
-            t, b = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"target must hold class indices in [0, O={O}) or "
-                             f"ignore_index={ignore_index}, got {int(target[t, b])} at [t={t}, b={b}]")
-    if loss_mask is not None and loss_mask.dtype != torch.bool and loss_mask.numel() > 0:
-        ok = (loss_mask >= 0) & loss_mask.isfinite()  # NaN or inf makes the loss NaN
-        if not bool(ok.all()):
-            raise ValueError(f"loss_mask must be finite and >= 0, got {float(loss_mask[~ok][0]):g}")
-    if steps == "last" and B > 0:
-        if lengths is None and T < 1:
-            raise ValueError(f"steps='last' needs every sequence to have a last step: T must be >= 1, got {T}")
-        if lengths is not None and int(lengths.min()) < 1:
-            raise ValueError("steps='last' needs every sequence to have a last step: lengths must be "
-                             f">= 1, got min {int(lengths.min())}")
+        _shape_is("loss_mask", loss_mask, (T, B), "(T, B)")
+        if loss_mask.dtype != torch.bool and loss_mask.numel() > 0 and not _compiling():
+            ok = (loss_mask >= 0) & loss_mask.isfinite()  # NaN or inf makes the loss NaN
+            if not bool(ok.all()):
+                raise ValueError(f"loss_mask must be finite and >= 0, got "
+                                 f"{float(loss_mask[~ok][0]):g}")
+    if steps == "last" and B > 0 and not _compiling():
+        lo = T if lengths is None else int(lengths.min())
+        if lo < 1:
+            which = "lengths must be >= 1, got min " if lengths is not None else "T must be >= 1, got "
+            raise ValueError(f"steps='last' needs every sequence to have a last step: {which}{lo}")
+    return O

@@ -127,19 +127,36 @@ def elman_loss_bwd(
     )
 
 
+def _same_device(op: str, input, lengths=None, **tensors) -> None:
+    """The ops' device checks (csrc/rnnkern.cpp), same words, in the fakes: a
+    meta tensor among CPU ones sends the call to the fake, which must refuse
+    it as the real kernel would."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{op}: {name} must be on the input's device {input.device}, "
+                               f"got {t.device}")
+    if lengths is not None and lengths.device.type != "cpu" and lengths.device != input.device:
+        raise RuntimeError(f"{op}: lengths must be on the CPU or on the input's device "
+                           f"{input.device}, got {lengths.device}")
+
+
 @torch.library.register_fake("rnnkern::elman_fwd")
 def _elman_fwd_fake(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
                     truncate=0):
-    torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {tuple(input.shape)}")
+    _same_device("rnnkern.elman_fwd", input, lengths, hx=hx, weight_ih=weight_ih,
+                 weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh)
+    torch._check(input.dim() == 3, lambda: f"input must be 3-D (T, B, I), got shape {tuple(input.shape)}")
     T, B, _ = input.shape
     H = weight_hh.shape[0]
-    torch._check(hx.shape == (B, H), lambda: f"hx must be [B, H] = {(B, H)}, got {tuple(hx.shape)}")
+    torch._check(hx.shape == (B, H), lambda: f"hx must have shape (B, H) = {(B, H)}, got {tuple(hx.shape)}")
     return input.new_empty((T, B, H)), input.new_empty((B, H))
 
 
 @torch.library.register_fake("rnnkern::elman_bwd")
 def _elman_bwd_fake(grad_output, grad_h_n, input, hx, weight_ih, weight_hh, output, lengths,
                     nonlinearity, reverse, truncate, grad_input=True):
+    _same_device("rnnkern.elman_bwd", input, lengths, grad_output=grad_output, grad_h_n=grad_h_n,
+                 hx=hx, weight_ih=weight_ih, weight_hh=weight_hh, output=output)
     torch._check(grad_output.shape == output.shape, lambda: "grad_output must match output")
     return _layer_grads_fake(input, hx, weight_ih, weight_hh, grad_input)
 
@@ -161,11 +178,14 @@ def _layer_grads_fake(input, hx, weight_ih, weight_hh, grad_input):
 def _elman_loss_fwd_fake(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                          bias_out, lengths, loss_mask, nonlinearity, loss, steps, reduction,
                          ignore_index, label_smoothing, compute_grad, chunk_rows, truncate=0):
-    torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {tuple(input.shape)}")
+    _same_device("rnnkern.elman_loss_fwd", input, lengths, target=target, hx=hx,
+                 weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh,
+                 weight_out=weight_out, bias_out=bias_out, loss_mask=loss_mask)
+    torch._check(input.dim() == 3, lambda: f"input must be 3-D (T, B, I), got shape {tuple(input.shape)}")
     T, B, _ = input.shape
     H = weight_hh.shape[0]
     O = weight_out.shape[0]
-    torch._check(weight_out.shape == (O, H), lambda: f"weight_out must be [O, H], got {tuple(weight_out.shape)}")
+    torch._check(weight_out.shape == (O, H), lambda: f"weight_out must have shape (O, H) = {(O, H)}, got {tuple(weight_out.shape)}")
     scalar = reduction != "none"
     grads = compute_grad and scalar
     return (
@@ -185,7 +205,10 @@ def _elman_loss_bwd_fake(grad_loss, grad_h_n, input, target, hx, weight_ih, weig
                          bias_out, lengths, output, weight, grad_output, grad_weight_out,
                          grad_bias_out, nonlinearity, loss, reduction, ignore_index,
                          label_smoothing, truncate, want_grad_norm, chunk_rows, grad_input=True):
-    torch._check(output.dim() == 3, lambda: f"output must be 3-D [T, B, H], got {tuple(output.shape)}")
+    _same_device("rnnkern.elman_loss_bwd", input, lengths, grad_loss=grad_loss, grad_h_n=grad_h_n,
+                 target=target, hx=hx, weight_ih=weight_ih, weight_hh=weight_hh,
+                 weight_out=weight_out, output=output)
+    torch._check(output.dim() == 3, lambda: f"output must be 3-D (T, B, H), got shape {tuple(output.shape)}")
     T, B, H = output.shape
     O = weight_out.shape[0]
     return (
@@ -366,12 +389,14 @@ def layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_
 @torch.library.register_fake("rnnkern::layer_fwd")
 def _layer_fwd_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
                     mode, reverse, truncate=0):
-    torch._check(input.dim() == 3, lambda: f"input must be 3-D [T, B, I], got {tuple(input.shape)}")
+    _same_device("rnnkern.layer_fwd", input, lengths, h0=h0, c0=c0, weight_ih=weight_ih,
+                 weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr)
+    torch._check(input.dim() == 3, lambda: f"input must be 3-D (T, B, I), got shape {tuple(input.shape)}")
     T, B, _ = input.shape
     lstm = mode == "lstm"
     H = weight_hh.shape[0] // (4 if lstm else 3)
     P = weight_hh.shape[1]
-    torch._check(h0.shape == (B, P), lambda: f"h0 must be [B, P] = {(B, P)}, got {tuple(h0.shape)}")
+    torch._check(h0.shape == (B, P), lambda: f"h0 must have shape (B, P) = {(B, P)}, got {tuple(h0.shape)}")
     proj = weight_hr is not None
     return (input.new_empty((T, B, P)), input.new_empty((B, P)),
             input.new_empty((B, H) if lstm else (0,)), input.new_empty((T, B, 4 * H)),
@@ -383,6 +408,9 @@ def _layer_fwd_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weigh
 def _layer_bwd_fake(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                     weight_hr, output, gates, cell, proj_in, lengths, mode, reverse, truncate,
                     grad_input=True, want_grad_norm=False):
+    _same_device("rnnkern.layer_bwd", input, lengths, grad_output=grad_output, grad_h_n=grad_h_n,
+                 grad_c_n=grad_c_n, h0=h0, c0=c0, weight_ih=weight_ih, weight_hh=weight_hh,
+                 weight_hr=weight_hr, output=output)
     torch._check(grad_output.shape == output.shape, lambda: "grad_output must match output")
     G = weight_hh.shape[0]
     return (torch.empty_like(input, memory_format=torch.contiguous_format) if grad_input
@@ -460,7 +488,9 @@ def head_loss_bwd(grad_loss, h, target, weight_out, bias_out, lengths, weight, g
 @torch.library.register_fake("rnnkern::head_loss_fwd")
 def _head_loss_fwd_fake(h, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
                         reduction, ignore_index, label_smoothing, compute_grad, chunk_rows):
-    torch._check(h.dim() == 3, lambda: f"h must be 3-D [T, B, P], got {tuple(h.shape)}")
+    _same_device("rnnkern.head_loss_fwd", h, lengths, target=target, weight_out=weight_out,
+                 bias_out=bias_out, loss_mask=loss_mask)
+    torch._check(h.dim() == 3, lambda: f"h must be 3-D (T, B, P), got shape {tuple(h.shape)}")
     T, B, P = h.shape
     O = weight_out.shape[0]
     scalar = reduction != "none"
@@ -468,6 +498,14 @@ def _head_loss_fwd_fake(h, target, weight_out, bias_out, lengths, loss_mask, los
     return (h.new_empty(() if scalar else (T, B)), h.new_empty((T, B)), h.new_empty((T, B)),
             h.new_empty((T, B, P) if grads else (0,)), h.new_empty((O, P) if grads else (0,)),
             h.new_empty((O,) if grads and bias_out is not None else (0,)))
+
+
+@torch.library.register_fake("rnnkern::head_loss_check")
+def _head_loss_check_fake(input, P, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
+                          reduction, ignore_index, label_smoothing):
+    _same_device("rnnkern.head_loss_fwd", input, lengths, target=target, weight_out=weight_out,
+                 bias_out=bias_out, loss_mask=loss_mask)
+    return None  # the checks read values; traced programs have the fakes' shape checks
 
 
 @torch.library.register_fake("rnnkern::head_loss_bwd")

@@ -2,7 +2,11 @@
 
 Each forward op carries its own autograd (C++, csrc/autograd.cpp), so these
 functions only convert layouts and call it: eager, torch.compile and
-torch.export programs differentiate alike.
+torch.export programs differentiate alike. The op checks every argument
+(shapes, dtypes, devices, values) before its kernel runs; these functions
+check only what the op cannot see: the Python types its schema would accept
+(truncate=True, reverse=1), and the user's layout (batch_first), which they
+convert (rnnkern/_checks.py).
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from ._checks import (LengthsLike, check_bool, check_gated_args, check_loss_args, check_rnn_args,
-                      resolve_mode)
+from ._checks import (LengthsLike, check_bool, check_truncate, lengths_arg, loss_scalars,
+                      lstm_state, no_grad_wanted, resolve_mode, time_major_input,
+                      time_major_steps)
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -64,14 +69,12 @@ def rnn(
 
     Double backward is not supported and raises.
     """
-    lengths, truncate = check_rnn_args(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
+    truncate = check_truncate(truncate)
     check_bool("reverse", reverse)
-    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
+    x = time_major_input(input, batch_first)  # [T,B,I]
     output, h_n = _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                               nonlinearity=nonlinearity, lengths=lengths, truncate=truncate,
-                               reverse=reverse)
+                               nonlinearity=nonlinearity, lengths=lengths_arg(lengths),
+                               truncate=truncate, reverse=reverse)
     if batch_first:
         output = output.transpose(0, 1)
     return output, h_n
@@ -82,11 +85,16 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
     """One Elman layer, time-major, x [T,B,I] -> output [T,B,H], h_n [B,H]. The
     arguments are the op's to check (the modules call this directly: their
     parameters have the right shapes, and the op checks every call anyway)."""
-    if hx is None:
-        hx = x.new_zeros(x.shape[1], weight_hh.shape[0])
+    if hx is None and _dims(x, 3) and _dims(weight_hh, 2):
+        hx = x.new_zeros(x.shape[1], weight_hh.shape[0])  # [B,H]
+    # (hx left None: the op reports what is wrong with x or weight_hh first)
     inputs = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
               truncate or 0)
     return _apply_elman(*inputs)
+
+
+def _dims(t, n: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == n
 
 
 class _Elman(torch.autograd.Function):
@@ -201,28 +209,42 @@ _apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss",
 
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
            lengths, truncate, reverse):
-    lengths, truncate, H, P = check_gated_args(
-        mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
+    truncate = check_truncate(truncate)
     check_bool("reverse", reverse)
-    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    if mode == "lstm":
+        hx = lstm_state(hx)
+    H, P = _gated_sizes(mode, weight_hh, weight_hr)
     output, h_n, c_n = _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                    weight_hr, H=H, P=P, lengths=lengths, truncate=truncate,
-                                    reverse=reverse)
+                                    weight_hr, H=H, P=P, lengths=lengths_arg(lengths),
+                                    truncate=truncate, reverse=reverse)
     if batch_first:
         output = output.transpose(0, 1)
     return output, ((h_n, c_n) if mode == "lstm" else h_n)
 
 
+def _gated_sizes(mode, weight_hh, weight_hr) -> tuple:
+    """(H, P) as the weights give them, for the zero state; (None, None) where
+    they cannot (the op then reports what is wrong with them)."""
+    gates = 4 if mode == "lstm" else 3
+    if not _dims(weight_hh, 2) or weight_hh.shape[0] % gates or not weight_hh.shape[0]:
+        return None, None
+    return weight_hh.shape[0] // gates, weight_hh.shape[1]  # (weight_hr, if any: (P, H))
+
+
 def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, H, P, lengths,
                  truncate, reverse, grad_norm=None):
-    """One gated layer, time-major: x [T,B,I] -> output [T,B,P], h_n, c_n; the
-    op checks the arguments (the modules call this directly, as _elman_layer)."""
-    B = x.shape[1]
+    """One gated layer, time-major: x [T,B,I] -> output [T,B,P], h_n, c_n; hx
+    the cell's state ((h_0, c_0) for the LSTM) or None for zeros (H or P None:
+    left to the op to refuse). The op checks the arguments (the modules call
+    this directly, as _elman_layer)."""
+    zeros = _dims(x, 3) and H is not None
+    B = x.shape[1] if zeros else 0
     if mode == "lstm":
-        h0, c0 = hx if hx is not None else (x.new_zeros(B, P), x.new_zeros(B, H))  # [B,P], [B,H]
+        h0, c0 = hx if hx is not None else \
+            ((x.new_zeros(B, P), x.new_zeros(B, H)) if zeros else (None, None))  # [B,P], [B,H]
     else:
-        h0, c0 = (hx if hx is not None else x.new_zeros(B, H)), None  # [B,H]
+        h0, c0 = (hx if hx is not None else (x.new_zeros(B, H) if zeros else None)), None  # [B,H]
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
               truncate or 0)
     output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
@@ -393,8 +415,20 @@ def rnn_loss(
     Double backward is not supported and raises.
     """
     mode = resolve_mode(mode, nonlinearity)
+    truncate = check_truncate(truncate)
+    check_bool("return_details", return_details)
+    label_smoothing = loss_scalars(ignore_index, label_smoothing)
+    no_grad_wanted("target", target)
+    no_grad_wanted("loss_mask", loss_mask)
+    lengths = lengths_arg(lengths)
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    if batch_first:  # x is 3-D: target and loss_mask to (T, B, ...)
+        O = weight_out.shape[0] if _dims(weight_out, 2) else None
+        target = time_major_steps("target", target, x, batch_first=True, third=O,
+                                  has_third=loss == "mse")
+        loss_mask = time_major_steps("loss_mask", loss_mask, x, batch_first=True)
     if mode in ("lstm", "gru"):
-        return _gated_loss(mode, input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+        return _gated_loss(mode, x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                            weight_out, bias_out, weight_hr, loss=loss, batch_first=batch_first,
                            lengths=lengths, loss_mask=loss_mask, steps=steps,
                            reduction=reduction, ignore_index=ignore_index,
@@ -403,18 +437,8 @@ def rnn_loss(
     if weight_hr is not None:
         raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
     nonlinearity = mode[len("rnn_"):]
-    lengths, truncate = check_rnn_args(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    H = weight_hh.shape[0]
-    O, target, loss_mask, label_smoothing = check_loss_args(
-        input, target, weight_out, bias_out, H=H, lengths=lengths, batch_first=batch_first,
-        loss=loss, loss_mask=loss_mask, steps=steps, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
-    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
-    T, B, _ = x.shape
-    if hx is None:
-        hx = x.new_zeros(B, H)
+    if hx is None and _dims(x, 3) and _dims(weight_hh, 2):
+        hx = x.new_zeros(x.shape[1], weight_hh.shape[0])  # [B,H]; None: the op says what is wrong
     args = (x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
             lengths, loss_mask)
     # With a gradient ahead, the forward sweep computes the head's gradients
@@ -424,7 +448,7 @@ def rnn_loss(
     check_bool("return_details", return_details)
     inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
               needs_grad, int(_chunk_rows), truncate or 0)
-    grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
+    grad_norm = _nan_norms(x) if return_details else None  # [T,B]
     value, _, h_n, step_loss, *_ = _apply_elman_loss(grad_norm, *inputs)
     if reduction == "none" and batch_first:
         value = value.transpose(0, 1)
@@ -435,23 +459,30 @@ def rnn_loss(
     return RNNLossDetails(value, h_n, step_loss, grad_norm)
 
 
-def _gated_loss(mode, input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
+def _nan_norms(x):
+    """grad_norm's tensor [T,B], NaN until backward fills it in (None where x is
+    not a 3-D tensor: the op refuses it)."""
+    return x.new_full((x.shape[0], x.shape[1]), float("nan")) if _dims(x, 3) else None
+
+
+def _gated_loss(mode, x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                 bias_out, weight_hr, *, loss, batch_first, lengths, loss_mask, steps, reduction,
                 ignore_index, label_smoothing, truncate, return_details, chunk_rows):
-    """rnn_loss for the LSTM and the GRU: the layer op, then the head op on its
+    """rnn_loss for the LSTM and the GRU, after rnn_loss's conversions (x,
+    target and loss_mask time-major): the layer op, then the head op on its
     states (the [T,B,O] logits never exist: the head runs a chunk of rows at a
     time); autograd chains the two backward ops."""
-    lengths, truncate, H, P = check_gated_args(
-        mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    O, target, loss_mask, label_smoothing = check_loss_args(
-        input, target, weight_out, bias_out, H=P, lengths=lengths, batch_first=batch_first,
-        loss=loss, loss_mask=loss_mask, steps=steps, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
-    check_bool("return_details", return_details)
-    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
-    T, B, _ = x.shape
-    grad_norm = x.new_full((T, B), float("nan")) if return_details else None  # [T,B]
+    if mode == "lstm":
+        hx = lstm_state(hx)
+    H, P = _gated_sizes(mode, weight_hh, weight_hr)
+    if P is not None and _dims(x, 3) and not torch.compiler.is_compiling() \
+            and torch._C._functorch.peek_interpreter_stack() is None:
+        # The head op's checks before the layer op runs (else a wrong target
+        # would be refused only after the layer's kernel); with P unknown the
+        # layer op refuses weight_hh first.
+        torch.ops.rnnkern.head_loss_check(x, P, target, weight_out, bias_out, lengths, loss_mask,
+                                          loss, steps, reduction, ignore_index, label_smoothing)
+    grad_norm = _nan_norms(x) if return_details else None  # [T,B]
     output, h_n, c_n = _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                     weight_hr, H=H, P=P, lengths=lengths, truncate=truncate,
                                     reverse=False, grad_norm=grad_norm)  # output [T,B,P]

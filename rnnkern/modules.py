@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-from ._checks import (LengthsLike, check_bool, check_lengths, check_nonlinearity,
-                      check_truncate)
+from ._checks import (LengthsLike, check_bool, check_nonlinearity, check_truncate, lengths_arg,
+                      lstm_state)
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -127,9 +127,10 @@ class _RecurrentBase(nn.RNNBase):
             state = None if state is None else tuple(h.unsqueeze(1) for h in state)  # [L*D,1,*]
         else:
             x = input.transpose(0, 1) if self.batch_first else input  # [T,B,I]
-        T, B = x.shape[0], x.shape[1]
+        B = x.shape[1]
         self._check_hx(state, B, x, batched)
-        lengths = check_lengths(lengths, B, T)
+        # Their dtype, shape and range are checked by each layer's op.
+        lengths = lengths_arg(lengths)
         output, state = self._layers(x, state, lengths, truncate, None)
         if not batched:
             return output.squeeze(1), self._hx_out(tuple(h.squeeze(1) for h in state))
@@ -331,14 +332,7 @@ class LSTM(_RecurrentBase):
         return (self.proj_size or self.hidden_size, self.hidden_size)
 
     def _hx_in(self, hx) -> Optional[State]:
-        if hx is None:
-            return None
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or \
-                not all(isinstance(h, torch.Tensor) for h in hx):
-            raise TypeError("hx must be a tuple (h_0, c_0) of two tensors, or None, got "
-                            f"{type(hx).__name__}"
-                            + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
-        return tuple(hx)
+        return lstm_state(hx)
 
     def _hx_out(self, state: State):
         return state

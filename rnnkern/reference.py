@@ -25,10 +25,9 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import (MODES, LengthsLike, check_gated_args, check_layer_args, check_length_values,
-                      check_lengths, check_loss_args, check_loss_values,
-                      check_nonlinearity, check_rnn_args, check_tensor, check_truncate,
-                      resolve_mode)
+from ._checks import (MODES, LengthsLike, check_bool, check_truncate, lengths_arg, loss_scalars,
+                      lstm_state, no_grad_wanted, op_elman_checks, op_layer_checks,
+                      op_loss_checks, resolve_mode, time_major_input, time_major_steps)
 from ._details import RNNLossDetails
 
 __all__ = ["MODES", "elman_cell", "lstm_cell", "gru_cell", "scan", "rnn", "lstm", "gru",
@@ -277,11 +276,13 @@ def rnn(
 
     See ``scan`` for lengths, truncate and reverse in full.
     """
-    lengths, truncate = check_rnn_args(
-        input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    check_length_values(lengths, input.shape[1] if batch_first else input.shape[0])
-    H = weight_hh.shape[0]
+    # The API's conversions, then the op's checks (rnnkern/_checks.py: same words).
+    truncate = check_truncate(truncate)
+    check_bool("reverse", reverse)
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    lengths = lengths_arg(lengths)
+    H = op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
+                        truncate or 0)
     return _layer("rnn_" + nonlinearity, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
                   H=H, P=H, batch_first=batch_first, lengths=lengths, truncate=truncate,
                   reverse=reverse, _cut=_cut, _step=_step)
@@ -321,10 +322,13 @@ def lstm(
         (h_n (B, P), c_n (B, H)): the state after each sequence's last step
             (hx when len_b = 0).
     """
-    lengths, truncate, H, P = check_gated_args(
-        "lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    check_length_values(lengths, input.shape[1] if batch_first else input.shape[0])
+    truncate = check_truncate(truncate)
+    check_bool("reverse", reverse)
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    lengths = lengths_arg(lengths)
+    hx = lstm_state(hx)
+    H, P = op_layer_checks("lstm", x, *(hx or (None, None)), weight_ih, weight_hh, bias_ih,
+                           bias_hh, weight_hr, lengths, truncate or 0)
     return _layer("lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
@@ -359,10 +363,12 @@ def gru(
         output: (T, B, H) or (B, T, H), zero at padded steps.
         h_n: (B, H), the state after each sequence's last step (hx when len_b = 0).
     """
-    lengths, truncate, H, P = check_gated_args(
-        "gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    check_length_values(lengths, input.shape[1] if batch_first else input.shape[0])
+    truncate = check_truncate(truncate)
+    check_bool("reverse", reverse)
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    lengths = lengths_arg(lengths)
+    H, P = op_layer_checks("gru", x, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, None,
+                           lengths, truncate or 0)
     return _layer("gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
@@ -453,18 +459,38 @@ def rnn_loss(
     c_n) for 'lstm'); grad_norm (T, B) is ||dL/dh_t|| of the emitted state h_t
     (not c_t), filled in by backward. ``_cut`` is for tests, as in the layer.
     """
+    # The API's conversions (functional.rnn_loss's), then the ops' checks.
     mode = resolve_mode(mode, nonlinearity)
-    lengths, truncate, H, P = check_layer_args(
-        mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-        batch_first=batch_first, lengths=lengths, truncate=truncate)
-    O, target, loss_mask, label_smoothing = check_loss_args(
-        input, target, weight_out, bias_out, H=P, lengths=lengths, batch_first=batch_first,
-        loss=loss, loss_mask=loss_mask, steps=steps, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing)  # target, loss_mask time-major
-    T, B = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
-    check_length_values(lengths, T)
-    check_loss_values(target, loss_mask, lengths, O=O, loss=loss, steps=steps,
-                      ignore_index=ignore_index)
+    truncate = check_truncate(truncate)
+    check_bool("return_details", return_details)
+    label_smoothing = loss_scalars(ignore_index, label_smoothing)
+    no_grad_wanted("target", target)
+    no_grad_wanted("loss_mask", loss_mask)
+    lengths = lengths_arg(lengths)
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    if batch_first:  # target and loss_mask to (T, B, ...)
+        O = weight_out.shape[0] if isinstance(weight_out, torch.Tensor) and weight_out.dim() == 2 \
+            else None
+        target = time_major_steps("target", target, x, batch_first=True, third=O,
+                                  has_third=loss == "mse")
+        loss_mask = time_major_steps("loss_mask", loss_mask, x, batch_first=True)
+    if mode == "lstm":
+        hx = lstm_state(hx)
+        H, P = op_layer_checks(mode, x, *(hx or (None, None)), weight_ih, weight_hh, bias_ih,
+                               bias_hh, weight_hr, lengths, truncate or 0)
+    elif mode == "gru":
+        H, P = op_layer_checks(mode, x, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
+                               weight_hr, lengths, truncate or 0)
+    else:
+        if weight_hr is not None:
+            raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, "
+                             f"got mode={mode!r}")
+        H = P = op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                                mode[len("rnn_"):], truncate or 0)
+    O = op_loss_checks(x, P, target, weight_out, bias_out, lengths, loss_mask, loss=loss,
+                       steps=steps, reduction=reduction, ignore_index=ignore_index,
+                       label_smoothing=label_smoothing)  # target, loss_mask time-major
+    T, B = x.shape[0], x.shape[1]
 
     norms = input.new_full((T, B), float("nan"))  # [T,B], filled by backward
 

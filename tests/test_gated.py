@@ -496,9 +496,9 @@ def test_functional_lstm_refuses(kw, exc, match):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(mode="rnn"), r"mode must be 'lstm' or 'gru', got 'rnn'"),
-    (dict(c0=None), r"c0 \[B, H\] is required for mode='lstm'"),
+    (dict(c0=None), r"c0 \(B, H\) is required for mode='lstm'"),
     (dict(weight_hh=torch.randn(23, 6)), r"weight_hh must have 4H rows"),
-    (dict(h0=torch.randn(3, 6)), r"h0 must have shape \[B, P\] = \[2, 6\], got \[3, 6\]"),
+    (dict(h0=torch.randn(3, 6)), r"h0 must have shape \(B, P\) = \(2, 6\), got \(3, 6\)"),
 ])
 def test_op_refuses(kw, match):
     args = dict(input=torch.randn(5, 2, 3), h0=torch.randn(2, 6), c0=torch.randn(2, 6),

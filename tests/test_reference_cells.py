@@ -430,7 +430,7 @@ def test_rnn_loss_mode_defaults_to_the_nonlinearity():
         loss_of(mode="lstm", nonlinearity="relu")
     with pytest.raises(ValueError, match="mode must be one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru'"):
         loss_of(mode="LSTM")
-    with pytest.raises(ValueError, match="weight_hr .* applies to mode='lstm' only, got mode='gru'"):
+    with pytest.raises(ValueError, match="weight_hr .* applies to mode='lstm' only"):
         loss_of(mode="gru", weight_hr=torch.randn(3, H, dtype=DT))
 
 
@@ -443,8 +443,8 @@ def test_bad_arguments_name_the_argument(mode):
     def call(**over):
         return run_ref(mode, {**p, **over})
 
-    with pytest.raises(ValueError, match=rf"weight_hh must have shape \({G}H, [PH]\) = "
-                                         rf"\({G * H}, {H}\), got \({G * H - 1}, {H}\)"):
+    with pytest.raises(ValueError, match=rf"weight_hh must have {G}H rows \({G} gates of H >= 1\), "
+                                         rf"got shape \({G * H - 1}, {H}\)"):
         call(weight_hh=torch.randn(G * H - 1, H, dtype=DT))
     with pytest.raises(ValueError, match=rf"input has inconsistent input_size: got I=5, expected {I}"):
         call(input=torch.randn(T, B, 5, dtype=DT))
@@ -453,9 +453,11 @@ def test_bad_arguments_name_the_argument(mode):
     with pytest.raises(ValueError, match=r"lengths must be in \[0, T=4\], got min 0 and max 5"):
         run_ref(mode, p, lengths=torch.tensor([0, 5, 1]))
     if mode == "lstm":
-        with pytest.raises(ValueError, match=rf"hx\[1\] \(c_0\) must have shape \(B, H\) = \({B}, {H}\)"):
+        with pytest.raises(ValueError, match=rf"c0 must have shape \(B, H\) = \({B}, {H}\)"):
+
             call(c0=torch.randn(B, H + 1, dtype=DT))
         with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
             reference.lstm(p["input"], p["h0"], p["weight_ih"], p["weight_hh"])
-        with pytest.raises(ValueError, match=rf"weight_hh must have shape \(4H, P\) = \({4 * H}, 3\)"):
+        with pytest.raises(ValueError, match=rf"weight_hr must have shape \(P, H\) = \({H}, {H}\), got \(3, {H}\)"):
+
             call(weight_hr=torch.randn(3, H, dtype=DT))
