@@ -416,12 +416,39 @@ def sgemm_gflops(cfg: Config, repeats: int = 5, device: str = "cpu") -> float:
     return 2 * cfg.T * cfg.B * cfg.H * cfg.H / t / 1e9
 
 
+def forward_flops(cfg: Config) -> float:
+    """Multiply-add work of the layer's forward: the input projection and the
+    recurrence (G = H, 4H or 3H gate rows)."""
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell] * cfg.H
+    return 2 * cfg.T * cfg.B * (cfg.I * G + cfg.H * G)
+
+
 def train_flops(cfg: Config) -> float:
     """Multiply-add work of a training step: forward GEMMs (input projection,
-    recurrence, head) and twice that in backward (inputs' and weights' gradients)."""
-    G = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.cell] * cfg.H
-    fwd = 2 * cfg.T * cfg.B * (cfg.I * G + cfg.H * G + cfg.H * cfg.I)
-    return 3 * fwd
+    recurrence, head of O = I outputs) and twice that in backward (inputs' and
+    weights' gradients)."""
+    return 3 * (forward_flops(cfg) + 2 * cfg.T * cfg.B * cfg.H * cfg.I)
+
+
+def peak_sgemm_gflops(repeats: int = 15) -> float:
+    """This run's float32 GEMM rate at a size where BLAS runs at its best
+    (1024^3): no kernel does a step's multiply-adds faster than this."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    out = torch.empty(1024, 1024)
+    torch.mm(a, b, out=out)
+    time_once = timer("cpu")
+    t = min(time_once(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
+    return 2 * 1024**3 / t / 1e9
+
+
+def ceiling(cfg: Config, base: "Row", gflops: float) -> dict:
+    """The most any implementation could be faster than the baseline row if it
+    did the configuration's GEMM work (forward_flops, train_flops) at `gflops`
+    and nothing else: the bound a speed target must stay under to be reachable
+    on this machine."""
+    fwd_s, train_s = forward_flops(cfg) / gflops / 1e9, train_flops(cfg) / gflops / 1e9
+    return {"sgemm_gflops": gflops, "forward_x": base.forward_ms * 1e-3 / fwd_s,
+            "train_x": base.train_ms * 1e-3 / train_s}
 
 
 @dataclasses.dataclass
@@ -526,6 +553,9 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
     rows = [row(name) for name, _, _ in impls]
     result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
               "rows": [dict(dataclasses.asdict(r), noisy=r.noisy) for r in rows]}
+    if device == "cpu" and cfg.name != "tiny" and not (cfg.stacked or cfg.lengths or cfg.truncate):
+        base = next(r for r in rows if r.impl == result["baseline"])
+        result["ceiling"] = ceiling(cfg, base, peak_sgemm_gflops())
     if cfg.name == "large":
         gf = sgemm_gflops(cfg, device=device)
         ours = next(r for r in rows if r.impl == "rnnkern")
@@ -551,6 +581,11 @@ def format_table(result: dict) -> str:
         eff = result["rnnkern_train_gflops"] / result["sgemm_gflops"]
         lines.append(f"  rnnkern training step: {result['rnnkern_train_gflops']:.1f} GFLOP/s = "
                      f"{100 * eff:.0f}% of this run's sgemm ({result['sgemm_gflops']:.1f} GFLOP/s)")
+    if "ceiling" in result:
+        c = result["ceiling"]
+        lines.append(f"  ceiling: the step's GEMM work alone, at this run's best sgemm rate "
+                     f"({c['sgemm_gflops']:.0f} GFLOP/s), is {c['forward_x']:.2f}x (forward) and "
+                     f"{c['train_x']:.2f}x (training) faster than {result['baseline']}")
     return "\n".join(lines)
 
 

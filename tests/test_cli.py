@@ -90,6 +90,12 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
                                     > bench.NOISY_SPREAD)
         s = bench.speedups(r)
         assert s["forward"] > 0 and s["train"] > 0
+        plain = r["config"]["name"] == "seed"
+        assert ("ceiling" in r) == plain  # only where the FLOP count is the config's own
+        if plain:
+            c = r["ceiling"]
+            assert c["sgemm_gflops"] > 0 and c["forward_x"] > 0 and c["train_x"] > 0
+    assert text.count("ceiling: the step's GEMM work alone") == 2
 
 
 def test_bench_training_steps_compute_the_same_loss_gradients():
@@ -151,6 +157,25 @@ def test_bench_spread_flags_noisy_repeats():
     quiet = bench.Row("rnnkern", 1.0, 2.0, None, forward_spread=0.05, train_spread=0.1)
     loud = bench.Row("nn.RNN", 1.0, 2.0, None, forward_spread=0.05, train_spread=0.9)
     assert not quiet.noisy and loud.noisy
+
+
+@pytest.mark.parametrize("cell, gates", [("rnn", 1), ("lstm", 4), ("gru", 3)])
+def test_bench_ceiling_is_the_gemm_work_at_the_sgemm_rate(cell, gates):
+    """The ceiling line: the baseline's time over the time the configuration's
+    multiply-adds take at the given GFLOP/s, counted here by hand for one
+    layer: x W_ih^T and h W_hh^T each step (G = gates * H rows), the head
+    (O = I outputs), and backward twice the forward."""
+    B, T, I, H = 3, 7, 5, 11
+    cfg = bench.Config("small", B, T, I, H, cell=cell)
+    G = gates * H
+    fwd = T * (2 * B * I * G + 2 * B * H * G)
+    train = 3 * (fwd + T * 2 * B * H * I)
+    base = bench.Row("nn", forward_ms=2.0, train_ms=5.0, peak_mb=None)
+    c = bench.ceiling(cfg, base, gflops=40.0)
+    assert c["sgemm_gflops"] == 40.0
+    assert abs(c["forward_x"] - 2.0e-3 / (fwd / 40e9)) < 1e-9 * c["forward_x"]
+    assert abs(c["train_x"] - 5.0e-3 / (train / 40e9)) < 1e-9 * c["train_x"]
+    assert bench.peak_sgemm_gflops(repeats=2) > 0
 
 
 def test_bench_machine_load_reports_a_verdict():
