@@ -144,6 +144,9 @@ class Problem:
 # ---------------------------------------------------------------------------
 
 
+MODES = {"rnn": "rnn_tanh", "lstm": "lstm", "gru": "gru"}  # rnn_loss's mode of each cell
+
+
 def _layer(p: Problem, impl, **kw):
     """One layer of the problem's cell through impl (functional or reference);
     rnnkern's module for a stacked configuration."""
@@ -155,10 +158,10 @@ def _layer(p: Problem, impl, **kw):
 
 def _rnnkern_loss(p: Problem, impl):
     lengths = p.lengths if p.cfg.lengths else None
-    if p.cfg.cell == "rnn" and not p.cfg.stacked:  # the fused per-step loss (the Elman cell's, for now)
+    if not p.cfg.stacked:  # the fused per-step loss, on any cell
         return impl.rnn_loss(p.x, p.target, None, *p.weights(), p.head.weight, p.head.bias,
-                             loss="mse", lengths=lengths, reduction="seq_sum",
-                             truncate=p.cfg.truncate)
+                             loss="mse", mode=MODES[p.cfg.cell], lengths=lengths,
+                             reduction="seq_sum", truncate=p.cfg.truncate)
     return p.masked_loss(_layer(p, impl, lengths=lengths, truncate=p.cfg.truncate))
 
 
