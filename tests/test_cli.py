@@ -175,7 +175,8 @@ def test_bench_ceiling_is_the_gemm_work_at_the_sgemm_rate(cell, gates):
     assert c["sgemm_gflops"] == 40.0
     assert abs(c["forward_x"] - 2.0e-3 / (fwd / 40e9)) < 1e-9 * c["forward_x"]
     assert abs(c["train_x"] - 5.0e-3 / (train / 40e9)) < 1e-9 * c["train_x"]
-    assert bench.peak_sgemm_gflops(repeats=2) > 0
+    first = bench.peak_sgemm_gflops(repeats=2)
+    assert first > 0 and bench.peak_sgemm_gflops(repeats=1) >= first  # the run's best so far
 
 
 def test_bench_machine_load_reports_a_verdict():
