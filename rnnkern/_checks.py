@@ -132,6 +132,37 @@ def time_major_steps(name: str, t, x: torch.Tensor, *, batch_first: bool,
     return t.transpose(0, 1) if t.dim() >= 2 else t
 
 
+def layer_api_args(input, *, batch_first, lengths, truncate, reverse) -> tuple:
+    """The conversions of a layer function (functional.rnn / lstm / gru and the
+    reference's): -> (x [T,B,I], lengths, truncate as an int or None)."""
+    truncate = check_truncate(truncate)
+    check_bool("reverse", reverse)
+    return time_major_input(input, batch_first), lengths_arg(lengths), truncate
+
+
+def loss_api_args(input, target, weight_out, loss_mask, *, mode, nonlinearity, batch_first,
+                  lengths, truncate, return_details, loss, ignore_index,
+                  label_smoothing) -> tuple:
+    """The conversions of rnn_loss (functional's and the reference's) ->
+    (mode, x [T,B,I], target and loss_mask time-major, lengths, truncate,
+    label_smoothing as a float)."""
+    mode = resolve_mode(mode, nonlinearity)
+    truncate = check_truncate(truncate)
+    check_bool("return_details", return_details)
+    label_smoothing = loss_scalars(ignore_index, label_smoothing)
+    no_grad_wanted("target", target)
+    no_grad_wanted("loss_mask", loss_mask)
+    lengths = lengths_arg(lengths)
+    x = time_major_input(input, batch_first)  # [T,B,I]
+    if batch_first:  # x is 3-D: target and loss_mask to (T, B, ...)
+        O = weight_out.shape[0] if isinstance(weight_out, torch.Tensor) and \
+            weight_out.dim() == 2 else None
+        target = time_major_steps("target", target, x, batch_first=True, third=O,
+                                  has_third=loss == "mse")
+        loss_mask = time_major_steps("loss_mask", loss_mask, x, batch_first=True)
+    return mode, x, target, loss_mask, lengths, truncate, label_smoothing
+
+
 def lstm_state(hx):
     """The LSTM's hx: None or a pair (h_0, c_0) of tensors, nn.LSTM's form."""
     if hx is None:
@@ -281,16 +312,31 @@ def op_length_checks(lengths, B: int, T: int, device) -> None:
             raise ValueError(f"lengths must be in [0, T={T}], got min {lo} and max {hi}")
 
 
-def op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
-                    truncate: int) -> int:
-    """check_elman_args on the time-major input (hx None: zeros). Returns H."""
-    check_nonlinearity(nonlinearity)
+def _layer_start(x, weight_hh, truncate: int, hh_letters: str) -> None:
+    # What check_elman_args and check_layer_args check first, in this order.
     if truncate < 0:
         raise ValueError(f"truncate must be >= 1 (or 0 for none), got {truncate}")
     _input(x)
     _tensor("weight_hh", weight_hh)
     if weight_hh.dim() != 2:
-        raise ValueError(f"weight_hh must be 2-D (H, H), got shape {_shape(weight_hh)}")
+        raise ValueError(f"weight_hh must be 2-D {hh_letters}, got shape {_shape(weight_hh)}")
+
+
+def _layer_end(x, bias_ih, bias_hh, rows: int, letters: str, lengths) -> None:
+    # ... and last: the biases, then the lengths.
+    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        _tensor(name, b, optional=True)
+        if b is not None:
+            _float_like(name, b, x)
+            _shape_is(name, b, (rows,), letters)
+    op_length_checks(lengths, x.shape[1], x.shape[0], x.device)
+
+
+def op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
+                    truncate: int) -> int:
+    """check_elman_args on the time-major input (hx None: zeros). Returns H."""
+    check_nonlinearity(nonlinearity)
+    _layer_start(x, weight_hh, truncate, "(H, H)")
     T, B, I = x.shape
     H = weight_hh.shape[0]
     if H < 1:
@@ -305,12 +351,7 @@ def op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonl
     if hx is not None:
         _float_like("hx", hx, x)
         _shape_is("hx", hx, (B, H), "(B, H)")
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        _tensor(name, b, optional=True)
-        if b is not None:
-            _float_like(name, b, x)
-            _shape_is(name, b, (H,), "(H,)")
-    op_length_checks(lengths, B, T, x.device)
+    _layer_end(x, bias_ih, bias_hh, H, "(H,)", lengths)
     return H
 
 
@@ -322,12 +363,7 @@ def op_layer_checks(mode: str, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh
         raise ValueError(f"mode must be 'lstm' or 'gru', got {mode!r}")
     lstm = mode == "lstm"
     gates, G = (4, "4H") if lstm else (3, "3H")
-    if truncate < 0:
-        raise ValueError(f"truncate must be >= 1 (or 0 for none), got {truncate}")
-    _input(x)
-    _tensor("weight_hh", weight_hh)
-    if weight_hh.dim() != 2:
-        raise ValueError(f"weight_hh must be 2-D ({G}, P), got shape {_shape(weight_hh)}")
+    _layer_start(x, weight_hh, truncate, f"({G}, P)")
     T, B, I = x.shape
     P = weight_hh.shape[1]
     if weight_hh.shape[0] % gates != 0 or weight_hh.shape[0] == 0:
@@ -356,12 +392,7 @@ def op_layer_checks(mode: str, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh
             raise ValueError("c0 must be None for mode='gru'")
         _float_like("c0", c0, x)
         _shape_is("c0", c0, (B, H), "(B, H)")
-    for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
-        _tensor(name, b, optional=True)
-        if b is not None:
-            _float_like(name, b, x)
-            _shape_is(name, b, (gates * H,), f"({G},)")
-    op_length_checks(lengths, B, T, x.device)
+    _layer_end(x, bias_ih, bias_hh, gates * H, f"({G},)", lengths)
     return H, P
 
 

@@ -16,9 +16,7 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from ._checks import (LengthsLike, check_bool, check_truncate, lengths_arg, loss_scalars,
-                      lstm_state, no_grad_wanted, resolve_mode, time_major_input,
-                      time_major_steps)
+from ._checks import LengthsLike, layer_api_args, loss_api_args, lstm_state
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -69,12 +67,11 @@ def rnn(
 
     Double backward is not supported and raises.
     """
-    truncate = check_truncate(truncate)
-    check_bool("reverse", reverse)
-    x = time_major_input(input, batch_first)  # [T,B,I]
+    x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
+                                          truncate=truncate, reverse=reverse)  # x [T,B,I]
     output, h_n = _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                               nonlinearity=nonlinearity, lengths=lengths_arg(lengths),
-                               truncate=truncate, reverse=reverse)
+                               nonlinearity=nonlinearity, lengths=lengths, truncate=truncate,
+                               reverse=reverse)
     if batch_first:
         output = output.transpose(0, 1)
     return output, h_n
@@ -85,16 +82,21 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
     """One Elman layer, time-major, x [T,B,I] -> output [T,B,H], h_n [B,H]. The
     arguments are the op's to check (the modules call this directly: their
     parameters have the right shapes, and the op checks every call anyway)."""
-    if hx is None and _dims(x, 3) and _dims(weight_hh, 2):
-        hx = x.new_zeros(x.shape[1], weight_hh.shape[0])  # [B,H]
-    # (hx left None: the op reports what is wrong with x or weight_hh first)
-    inputs = (x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
+    inputs = (x, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
               truncate or 0)
     return _apply_elman(*inputs)
 
 
 def _dims(t, n: int) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() == n
+
+
+def _elman_state(x, hx, weight_hh):
+    """hx, or zeros [B,H] for None; left None where x or weight_hh is not what
+    the op takes, for the op to report that first."""
+    if hx is None and _dims(x, 3) and _dims(weight_hh, 2):
+        return x.new_zeros(x.shape[1], weight_hh.shape[0])
+    return hx
 
 
 class _Elman(torch.autograd.Function):
@@ -209,15 +211,14 @@ _apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss",
 
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
            lengths, truncate, reverse):
-    truncate = check_truncate(truncate)
-    check_bool("reverse", reverse)
-    x = time_major_input(input, batch_first)  # [T,B,I]
+    x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
+                                          truncate=truncate, reverse=reverse)  # x [T,B,I]
     if mode == "lstm":
         hx = lstm_state(hx)
     H, P = _gated_sizes(mode, weight_hh, weight_hr)
     output, h_n, c_n = _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                    weight_hr, H=H, P=P, lengths=lengths_arg(lengths),
-                                    truncate=truncate, reverse=reverse)
+                                    weight_hr, H=H, P=P, lengths=lengths, truncate=truncate,
+                                    reverse=reverse)
     if batch_first:
         output = output.transpose(0, 1)
     return output, ((h_n, c_n) if mode == "lstm" else h_n)
@@ -414,19 +415,11 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
-    mode = resolve_mode(mode, nonlinearity)
-    truncate = check_truncate(truncate)
-    check_bool("return_details", return_details)
-    label_smoothing = loss_scalars(ignore_index, label_smoothing)
-    no_grad_wanted("target", target)
-    no_grad_wanted("loss_mask", loss_mask)
-    lengths = lengths_arg(lengths)
-    x = time_major_input(input, batch_first)  # [T,B,I]
-    if batch_first:  # x is 3-D: target and loss_mask to (T, B, ...)
-        O = weight_out.shape[0] if _dims(weight_out, 2) else None
-        target = time_major_steps("target", target, x, batch_first=True, third=O,
-                                  has_third=loss == "mse")
-        loss_mask = time_major_steps("loss_mask", loss_mask, x, batch_first=True)
+    mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
+        input, target, weight_out, loss_mask, mode=mode, nonlinearity=nonlinearity,
+        batch_first=batch_first, lengths=lengths, truncate=truncate,
+        return_details=return_details, loss=loss, ignore_index=ignore_index,
+        label_smoothing=label_smoothing)  # x, target, loss_mask time-major
     if mode in ("lstm", "gru"):
         return _gated_loss(mode, x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                            weight_out, bias_out, weight_hr, loss=loss, batch_first=batch_first,
@@ -437,15 +430,12 @@ def rnn_loss(
     if weight_hr is not None:
         raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
     nonlinearity = mode[len("rnn_"):]
-    if hx is None and _dims(x, 3) and _dims(weight_hh, 2):
-        hx = x.new_zeros(x.shape[1], weight_hh.shape[0])  # [B,H]; None: the op says what is wrong
-    args = (x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
+    args = (x, target, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
             lengths, loss_mask)
     # With a gradient ahead, the forward sweep computes the head's gradients
     # too (a scalar reduction's are known then); in inference it runs once.
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    check_bool("return_details", return_details)
     inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
               needs_grad, int(_chunk_rows), truncate or 0)
     grad_norm = _nan_norms(x) if return_details else None  # [T,B]

@@ -25,9 +25,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import (MODES, LengthsLike, check_bool, check_truncate, lengths_arg, loss_scalars,
-                      lstm_state, no_grad_wanted, op_elman_checks, op_layer_checks,
-                      op_loss_checks, resolve_mode, time_major_input, time_major_steps)
+from ._checks import (MODES, LengthsLike, layer_api_args, loss_api_args, lstm_state,
+                      op_elman_checks, op_layer_checks, op_loss_checks)
 from ._details import RNNLossDetails
 
 __all__ = ["MODES", "elman_cell", "lstm_cell", "gru_cell", "scan", "rnn", "lstm", "gru",
@@ -277,10 +276,8 @@ def rnn(
     See ``scan`` for lengths, truncate and reverse in full.
     """
     # The API's conversions, then the op's checks (rnnkern/_checks.py: same words).
-    truncate = check_truncate(truncate)
-    check_bool("reverse", reverse)
-    x = time_major_input(input, batch_first)  # [T,B,I]
-    lengths = lengths_arg(lengths)
+    x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
+                                          truncate=truncate, reverse=reverse)  # x [T,B,I]
     H = op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
                         truncate or 0)
     return _layer("rnn_" + nonlinearity, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
@@ -322,10 +319,8 @@ def lstm(
         (h_n (B, P), c_n (B, H)): the state after each sequence's last step
             (hx when len_b = 0).
     """
-    truncate = check_truncate(truncate)
-    check_bool("reverse", reverse)
-    x = time_major_input(input, batch_first)  # [T,B,I]
-    lengths = lengths_arg(lengths)
+    x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
+                                          truncate=truncate, reverse=reverse)  # x [T,B,I]
     hx = lstm_state(hx)
     H, P = op_layer_checks("lstm", x, *(hx or (None, None)), weight_ih, weight_hh, bias_ih,
                            bias_hh, weight_hr, lengths, truncate or 0)
@@ -363,10 +358,8 @@ def gru(
         output: (T, B, H) or (B, T, H), zero at padded steps.
         h_n: (B, H), the state after each sequence's last step (hx when len_b = 0).
     """
-    truncate = check_truncate(truncate)
-    check_bool("reverse", reverse)
-    x = time_major_input(input, batch_first)  # [T,B,I]
-    lengths = lengths_arg(lengths)
+    x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
+                                          truncate=truncate, reverse=reverse)  # x [T,B,I]
     H, P = op_layer_checks("gru", x, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, None,
                            lengths, truncate or 0)
     return _layer("gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
@@ -460,20 +453,11 @@ def rnn_loss(
     (not c_t), filled in by backward. ``_cut`` is for tests, as in the layer.
     """
     # The API's conversions (functional.rnn_loss's), then the ops' checks.
-    mode = resolve_mode(mode, nonlinearity)
-    truncate = check_truncate(truncate)
-    check_bool("return_details", return_details)
-    label_smoothing = loss_scalars(ignore_index, label_smoothing)
-    no_grad_wanted("target", target)
-    no_grad_wanted("loss_mask", loss_mask)
-    lengths = lengths_arg(lengths)
-    x = time_major_input(input, batch_first)  # [T,B,I]
-    if batch_first:  # target and loss_mask to (T, B, ...)
-        O = weight_out.shape[0] if isinstance(weight_out, torch.Tensor) and weight_out.dim() == 2 \
-            else None
-        target = time_major_steps("target", target, x, batch_first=True, third=O,
-                                  has_third=loss == "mse")
-        loss_mask = time_major_steps("loss_mask", loss_mask, x, batch_first=True)
+    mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
+        input, target, weight_out, loss_mask, mode=mode, nonlinearity=nonlinearity,
+        batch_first=batch_first, lengths=lengths, truncate=truncate,
+        return_details=return_details, loss=loss, ignore_index=ignore_index,
+        label_smoothing=label_smoothing)  # x, target, loss_mask time-major
     if mode == "lstm":
         hx = lstm_state(hx)
         H, P = op_layer_checks(mode, x, *(hx or (None, None)), weight_ih, weight_hh, bias_ih,
