@@ -27,7 +27,6 @@ import time
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import functional, reference

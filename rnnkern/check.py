@@ -113,10 +113,10 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, cell: str = "r
             tensors.get("bias_ih"), tensors.get("bias_hh")]
 
     if loss is None:
-        w_out, w_hn = None, None
+        w_out = None
 
         def run(impl):
-            nonlocal w_out, w_hn
+            nonlocal w_out
             out, state = getattr(impl, cell)(*args, reverse=reverse, **opts)
             outs = {"output": out, **({"h_n": state[0], "c_n": state[1]} if cell == "lstm"
                                       else {"h_n": state})}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import TruncatedProbe, make_layer, product
-from rnnkern import functional, reference
+from rnnkern import functional
 
 CASES = product(nonlinearity=["tanh", "relu"], bias=[True, False], lengths=[False, True],
                 truncate=[None, 2], batch_first=[False, True], reverse=[False, True])
@@ -48,10 +48,8 @@ def test_truncate_probe_can_fail():
     """The probe is not vacuous: the full-BPTT gradient fails it."""
     T, B, I, H = 5, 3, 2, 4
     layer = make_layer(T, B, I, H)
-    names = list(layer)
 
     def call(impl, tensors, cut):
-        kw = dict(zip(names, tensors))
         if impl is functional:  # full BPTT in backward, truncated function in forward
             return impl.rnn(*tensors)
         return impl.rnn(*tensors, truncate=2, _cut=cut)
