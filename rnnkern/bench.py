@@ -406,16 +406,21 @@ def peak_cuda_growth_mb(fn: Callable[[], None]) -> float:
     return max(0.0, (torch.cuda.max_memory_allocated() - base) / 2**20)
 
 
+def _mm_gflops(M: int, K: int, N: int, repeats: int, pick, device: str = "cpu") -> float:
+    """The float32 rate of an [M,K] x [K,N] torch.mm in this run, from the
+    `pick` (statistics.median, min) of `repeats` timings after one warm-up."""
+    a, w = torch.randn(M, K, device=device), torch.randn(K, N, device=device)
+    out = torch.empty(M, N, device=device)
+    torch.mm(a, w, out=out)
+    time_once = timer(device)
+    t = pick([time_once(lambda: torch.mm(a, w, out=out)) for _ in range(repeats)])
+    return 2 * M * K * N / t / 1e9
+
+
 def sgemm_gflops(cfg: Config, repeats: int = 5, device: str = "cpu") -> float:
     """Throughput of one large float32 GEMM of the problem's size in this run:
     the ceiling for work that is all GEMM."""
-    a = torch.randn(cfg.T * cfg.B, cfg.H, device=device)
-    w = torch.randn(cfg.H, cfg.H, device=device)
-    out = torch.empty(cfg.T * cfg.B, cfg.H, device=device)
-    torch.mm(a, w, out=out)
-    time_once = timer(device)
-    t = statistics.median(time_once(lambda: torch.mm(a, w, out=out)) for _ in range(repeats))
-    return 2 * cfg.T * cfg.B * cfg.H * cfg.H / t / 1e9
+    return _mm_gflops(cfg.T * cfg.B, cfg.H, cfg.H, repeats, statistics.median, device)
 
 
 def forward_flops(cfg: Config) -> float:
@@ -441,12 +446,7 @@ def peak_sgemm_gflops(repeats: int = 15) -> float:
     rate seen so far in the run: a neighbour's load can only slow a
     measurement, never speed it up, and a ceiling must not be too low."""
     global _best_sgemm
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    out = torch.empty(1024, 1024)
-    torch.mm(a, b, out=out)
-    time_once = timer("cpu")
-    t = min(time_once(lambda: torch.mm(a, b, out=out)) for _ in range(repeats))
-    _best_sgemm = max(_best_sgemm, 2 * 1024**3 / t / 1e9)
+    _best_sgemm = max(_best_sgemm, _mm_gflops(1024, 1024, 1024, repeats, min))
     return _best_sgemm
 
 
