@@ -205,6 +205,17 @@ void check_shape(const char* op, const char* name, const at::Tensor& t,
                     " = ", shape_str(expected), ", got ", shape_str(t.sizes()));
 }
 
+// The sequence tensor an op runs over (a layer's input, the head's h): float32
+// or float64, 3-D.
+void check_steps_tensor(const char* op, const char* name, const at::Tensor& t,
+                        const char* letters) {
+  check_defined(op, name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ",
+                   name, " must be float32 or float64, got ", dtype_str(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must be 3-D ", letters, ", got shape ",
+                    shape_str(t.sizes()));
+}
+
 // weight_ih of the right rows but another width: the input is what is wrong,
 // said as nn.RNN says it.
 void check_input_size(const char* op, const at::Tensor& input, const at::Tensor& weight_ih,
@@ -265,11 +276,7 @@ ElmanShape check_elman_args(const char* op, const at::Tensor& input, const at::T
   TORCH_CHECK_VALUE(truncate >= 0, op, ": truncate must be >= 1 (or 0 for none), got ",
                     truncate);
   s.truncate = truncate;
-  check_defined(op, "input", input);
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                   ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
-  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ",
-                    shape_str(input.sizes()));
+  check_steps_tensor(op, "input", input, "(T, B, I)");
   check_defined(op, "weight_hh", weight_hh);
   TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D (H, H), got shape ",
                     shape_str(weight_hh.sizes()));
@@ -494,11 +501,7 @@ void check_loss_bwd_args(const char* op, const ElmanShape& s, const LossSpec& sp
 
 ElmanShape check_head_args(const char* op, const at::Tensor& h,
                            const c10::optional<at::Tensor>& lengths) {
-  check_defined(op, "h", h);
-  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble, op,
-                   ": h must be float32 or float64, got ", dtype_str(h.scalar_type()));
-  TORCH_CHECK_VALUE(h.dim() == 3, op, ": h must be 3-D (T, B, P), got shape ",
-                    shape_str(h.sizes()));
+  check_steps_tensor(op, "h", h, "(T, B, P)");
   ElmanShape s;
   s.T = h.size(0);
   s.B = h.size(1);
@@ -517,11 +520,7 @@ void head_loss_check(const at::Tensor& input, int64_t P, const at::Tensor& targe
                      c10::string_view steps, c10::string_view reduction, int64_t ignore_index,
                      double label_smoothing) {
   const char* op = "rnnkern.head_loss_fwd";
-  check_defined(op, "input", input);
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                   ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
-  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ",
-                    shape_str(input.sizes()));
+  check_steps_tensor(op, "input", input, "(T, B, I)");
   TORCH_CHECK_VALUE(P >= 1, op, ": P must be >= 1, got ", P);
   ElmanShape s;
   s.T = input.size(0);
@@ -561,11 +560,7 @@ LayerShape check_layer_args(const char* op, const at::Tensor& input, const at::T
   TORCH_CHECK_VALUE(truncate >= 0, op, ": truncate must be >= 1 (or 0 for none), got ",
                     truncate);
   s.truncate = truncate;
-  check_defined(op, "input", input);
-  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
-                   ": input must be float32 or float64, got ", dtype_str(input.scalar_type()));
-  TORCH_CHECK_VALUE(input.dim() == 3, op, ": input must be 3-D (T, B, I), got shape ",
-                    shape_str(input.sizes()));
+  check_steps_tensor(op, "input", input, "(T, B, I)");
   check_defined(op, "weight_hh", weight_hh);
   TORCH_CHECK_VALUE(weight_hh.dim() == 2, op, ": weight_hh must be 2-D (", G,
                     ", P), got shape ", shape_str(weight_hh.sizes()));
