@@ -1,8 +1,9 @@
 """Argument handling of the public API, in two parts, so that each check is
 made once and every error has one wording.
 
-1. **Conversions** (``check_bool``, ``check_truncate``, ``lengths_arg``,
-   ``time_major_input``, ``time_major_steps``, ``lstm_state``, ``resolve_mode``,
+1. **Conversions** (``layer_api_args`` and ``loss_api_args``, made of
+   ``check_bool``, ``check_truncate``, ``lengths_arg``, ``time_major_input``,
+   ``steps_to_time_major``, ``lstm_state``, ``resolve_mode``; and
    ``check_loss_options``): what the Python API does before it calls an op.
    They refuse what an op's schema cannot express or would accept silently
    (truncate=True, reverse=1, a list of floats as lengths, an LSTM state that
@@ -10,7 +11,7 @@ made once and every error has one wording.
    time-major one, so an error about a layout speaks that layout.
 
 2. **The ops' checks** (``op_elman_checks``, ``op_layer_checks``,
-   ``op_head_checks``, ``op_loss_checks``, ``op_length_checks``): shapes,
+   ``op_loss_checks``, ``op_length_checks``): shapes,
    dtypes, devices and values are checked by the op itself (csrc/rnnkern.cpp),
    which direct op calls need too; ``rnnkern.functional`` and the modules leave
    them to it. These functions are the same checks in the same order with the
@@ -110,23 +111,13 @@ def time_major_input(input, batch_first: bool):
     return input.transpose(0, 1)
 
 
-def time_major_steps(name: str, t, x: torch.Tensor, *, batch_first: bool,
-                     third: Optional[int] = None, has_third: bool = False):
-    """A per-step tensor (target or loss_mask) laid out like the steps, made
-    time-major (x: the time-major input). With batch_first its shape is checked
-    here, in (B, T) terms, before the transpose (the op, which sees (T, B),
-    would report the transposed shape); time-major, the op checks it.
-    ``has_third``: it has a third axis (mse's target), of size ``third`` (O),
-    or of a size not known here (None: the op checks it)."""
-    if not batch_first or not isinstance(t, torch.Tensor):
+def steps_to_time_major(name: str, t, shape: Optional[tuple], letters: str):
+    """A batch-first per-step tensor (target or loss_mask) made time-major. Its
+    shape is checked first, in the user's (B, T, ...) terms (the op, which sees
+    (T, B, ...), would report the transposed shape); shape None: not known
+    here, left to the op."""
+    if not isinstance(t, torch.Tensor):
         return t
-    T, B = x.shape[0], x.shape[1]
-    if not has_third:
-        shape, letters = (B, T), "(B, T)"
-    elif third is not None:
-        shape, letters = (B, T, third), "(B, T, O)"
-    else:
-        shape = None
     if shape is not None and _shape(t) != shape:
         raise ValueError(f"{name} must have shape {letters} = {shape}, got {_shape(t)}")
     return t.transpose(0, 1) if t.dim() >= 2 else t
@@ -140,13 +131,16 @@ def layer_api_args(input, *, batch_first, lengths, truncate, reverse) -> tuple:
     return time_major_input(input, batch_first), lengths_arg(lengths), truncate
 
 
-def loss_api_args(input, target, weight_out, loss_mask, *, mode, nonlinearity, batch_first,
-                  lengths, truncate, return_details, loss, ignore_index,
+def loss_api_args(input, target, weight_out, weight_hr, loss_mask, *, mode, nonlinearity,
+                  batch_first, lengths, truncate, return_details, loss, ignore_index,
                   label_smoothing) -> tuple:
     """The conversions of rnn_loss (functional's and the reference's) ->
     (mode, x [T,B,I], target and loss_mask time-major, lengths, truncate,
     label_smoothing as a float)."""
     mode = resolve_mode(mode, nonlinearity)
+    if weight_hr is not None and mode.startswith("rnn_"):  # the Elman op has no such argument
+        raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, "
+                         f"got mode={mode!r}")
     truncate = check_truncate(truncate)
     check_bool("return_details", return_details)
     label_smoothing = loss_scalars(ignore_index, label_smoothing)
@@ -155,11 +149,15 @@ def loss_api_args(input, target, weight_out, loss_mask, *, mode, nonlinearity, b
     lengths = lengths_arg(lengths)
     x = time_major_input(input, batch_first)  # [T,B,I]
     if batch_first:  # x is 3-D: target and loss_mask to (T, B, ...)
-        O = weight_out.shape[0] if isinstance(weight_out, torch.Tensor) and \
-            weight_out.dim() == 2 else None
-        target = time_major_steps("target", target, x, batch_first=True, third=O,
-                                  has_third=loss == "mse")
-        loss_mask = time_major_steps("loss_mask", loss_mask, x, batch_first=True)
+        T, B = x.shape[0], x.shape[1]
+        if loss == "mse":  # O from the head, where it can be read
+            O = weight_out.shape[0] if isinstance(weight_out, torch.Tensor) and \
+                weight_out.dim() == 2 else None
+            target = steps_to_time_major("target", target, None if O is None else (B, T, O),
+                                         "(B, T, O)")
+        else:
+            target = steps_to_time_major("target", target, (B, T), "(B, T)")
+        loss_mask = steps_to_time_major("loss_mask", loss_mask, (B, T), "(B, T)")
     return mode, x, target, loss_mask, lengths, truncate, label_smoothing
 
 

@@ -82,8 +82,8 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
     """One Elman layer, time-major, x [T,B,I] -> output [T,B,H], h_n [B,H]. The
     arguments are the op's to check (the modules call this directly: their
     parameters have the right shapes, and the op checks every call anyway)."""
-    inputs = (x, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse,
-              truncate or 0)
+    inputs = (x, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+              nonlinearity, reverse, truncate or 0)
     return _apply_elman(*inputs)
 
 
@@ -233,19 +233,25 @@ def _gated_sizes(mode, weight_hh, weight_hr) -> tuple:
     return weight_hh.shape[0] // gates, weight_hh.shape[1]  # (weight_hr, if any: (P, H))
 
 
+def _gated_state(mode, x, hx, H, P) -> tuple:
+    """(h0, c0) as layer_fwd takes them: hx's, or zeros [B,P] and [B,H] (the
+    LSTM's c0; None for the GRU); left None where x or the sizes are not what
+    the op takes, for the op to report that first."""
+    if hx is not None:
+        return tuple(hx) if mode == "lstm" else (hx, None)
+    if not _dims(x, 3) or H is None:
+        return None, None
+    B = x.shape[1]
+    return (x.new_zeros(B, P), x.new_zeros(B, H)) if mode == "lstm" else (x.new_zeros(B, H), None)
+
+
 def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, H, P, lengths,
                  truncate, reverse, grad_norm=None):
     """One gated layer, time-major: x [T,B,I] -> output [T,B,P], h_n, c_n; hx
     the cell's state ((h_0, c_0) for the LSTM) or None for zeros (H or P None:
     left to the op to refuse). The op checks the arguments (the modules call
     this directly, as _elman_layer)."""
-    zeros = _dims(x, 3) and H is not None
-    B = x.shape[1] if zeros else 0
-    if mode == "lstm":
-        h0, c0 = hx if hx is not None else \
-            ((x.new_zeros(B, P), x.new_zeros(B, H)) if zeros else (None, None))  # [B,P], [B,H]
-    else:
-        h0, c0 = (hx if hx is not None else (x.new_zeros(B, H) if zeros else None)), None  # [B,H]
+    h0, c0 = _gated_state(mode, x, hx, H, P)
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
               truncate or 0)
     output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
@@ -416,7 +422,7 @@ def rnn_loss(
     Double backward is not supported and raises.
     """
     mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
-        input, target, weight_out, loss_mask, mode=mode, nonlinearity=nonlinearity,
+        input, target, weight_out, weight_hr, loss_mask, mode=mode, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate,
         return_details=return_details, loss=loss, ignore_index=ignore_index,
         label_smoothing=label_smoothing)  # x, target, loss_mask time-major
@@ -427,11 +433,9 @@ def rnn_loss(
                            reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, truncate=truncate,
                            return_details=return_details, chunk_rows=_chunk_rows)
-    if weight_hr is not None:
-        raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, got mode={mode!r}")
     nonlinearity = mode[len("rnn_"):]
-    args = (x, target, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
-            lengths, loss_mask)
+    args = (x, target, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh,
+            weight_out, bias_out, lengths, loss_mask)
     # With a gradient ahead, the forward sweep computes the head's gradients
     # too (a scalar reduction's are known then); in inference it runs once.
     needs_grad = torch.is_grad_enabled() and any(

@@ -206,11 +206,12 @@ def _cell_of(mode, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) -> Cell:
                                           nonlinearity),)
 
 
-def _layer(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, H, P,
+def _layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, H, P,
            batch_first, lengths, truncate, reverse, _cut, _step):
-    """One layer of any cell on checked arguments. hx, the returned final state
-    and the hooks' states take the form of the cell's hx: h, or (h, c) for LSTM;
-    scan sees tuples."""
+    """One layer of any cell on checked arguments, x time-major [T,B,I]; the
+    output is laid out batch-first if ``batch_first``. hx, the returned final
+    state and the hooks' states take the form of the cell's hx: h, or (h, c)
+    for LSTM; scan sees tuples."""
     lstm = mode == "lstm"
 
     def as_state(hx_form):
@@ -222,7 +223,6 @@ def _layer(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *
     def hook(f):
         return None if f is None else (lambda s, state: as_state(f(s, as_hx(state))))
 
-    x = input.transpose(0, 1) if batch_first else input  # [T,B,I]
     B = x.shape[1]
     if hx is None:
         hx = (x.new_zeros(B, P), x.new_zeros(B, H)) if lstm else x.new_zeros(B, H)
@@ -280,7 +280,7 @@ def rnn(
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     H = op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity,
                         truncate or 0)
-    return _layer("rnn_" + nonlinearity, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
+    return _layer("rnn_" + nonlinearity, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, None,
                   H=H, P=H, batch_first=batch_first, lengths=lengths, truncate=truncate,
                   reverse=reverse, _cut=_cut, _step=_step)
 
@@ -324,7 +324,7 @@ def lstm(
     hx = lstm_state(hx)
     H, P = op_layer_checks("lstm", x, *(hx or (None, None)), weight_ih, weight_hh, bias_ih,
                            bias_hh, weight_hr, lengths, truncate or 0)
-    return _layer("lstm", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, H=H, P=P,
+    return _layer("lstm", x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
 
@@ -362,7 +362,7 @@ def gru(
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     H, P = op_layer_checks("gru", x, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, None,
                            lengths, truncate or 0)
-    return _layer("gru", input, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
+    return _layer("gru", x, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
 
@@ -454,7 +454,7 @@ def rnn_loss(
     """
     # The API's conversions (functional.rnn_loss's), then the ops' checks.
     mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
-        input, target, weight_out, loss_mask, mode=mode, nonlinearity=nonlinearity,
+        input, target, weight_out, weight_hr, loss_mask, mode=mode, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate,
         return_details=return_details, loss=loss, ignore_index=ignore_index,
         label_smoothing=label_smoothing)  # x, target, loss_mask time-major
@@ -466,9 +466,6 @@ def rnn_loss(
         H, P = op_layer_checks(mode, x, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
                                weight_hr, lengths, truncate or 0)
     else:
-        if weight_hr is not None:
-            raise ValueError(f"weight_hr (the projection) applies to mode='lstm' only, "
-                             f"got mode={mode!r}")
         H = P = op_elman_checks(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                                 mode[len("rnn_"):], truncate or 0)
     O = op_loss_checks(x, P, target, weight_out, bias_out, lengths, loss_mask, loss=loss,
@@ -488,10 +485,9 @@ def rnn_loss(
             h.register_hook(record)
         return state
 
-    output, h_n = _layer(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                         H=H, P=P, batch_first=batch_first, lengths=lengths, truncate=truncate,
-                         reverse=False, _cut=_cut, _step=on_step)
-    h = output.transpose(0, 1) if batch_first else output  # [T,B,P]
+    h, h_n = _layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, H=H, P=P,
+                    batch_first=False, lengths=lengths, truncate=truncate, reverse=False,
+                    _cut=_cut, _step=on_step)  # h [T,B,P]
     y = h @ weight_out.T  # [T,B,O]
     if bias_out is not None:
         y = y + bias_out
