@@ -80,11 +80,11 @@ def test_kernel_equals_reference(case):
             truncate=case["truncate"])
 
 
-@pytest.mark.parametrize("case", product(cell=CELLS, H=[256, 257], lengths=[False, True],
+@pytest.mark.parametrize("case", product(cell=CELLS, H=[512, 513], lengths=[False, True],
                                          reverse=[False, True]), ids=str)
 def test_fused_and_blas_steps_both_equal_the_reference(case):
-    """H = 256 runs the fused register-tiled steps (reverse with lengths on the
-    sequences reordered within their lengths), H = 257 the BLAS loop; both
+    """H = 512 runs the fused register-tiled steps (reverse with lengths on the
+    sequences reordered within their lengths), H = 513 the BLAS loop; both
     against the reference in float64, B = 5 for a partial row tile."""
     T, B, I, H = 4, 5, 3, case["H"]
     d = make_gated(case["cell"], T, B, I, H, seed=11)
@@ -92,11 +92,11 @@ def test_fused_and_blas_steps_both_equal_the_reference(case):
     compare(case["cell"], d, 1e-10, lengths=lengths, reverse=case["reverse"], truncate=3)
 
 
-@pytest.mark.parametrize("case", product(cell=CELLS, H=[7, 257], truncate=[0, 2]), ids=str)
+@pytest.mark.parametrize("case", product(cell=CELLS, H=[7, 513], truncate=[0, 2]), ids=str)
 def test_op_grad_norm_reverse_with_lengths(case):
     """layer_bwd's ||dL/dh_t|| (want_grad_norm, reachable by a direct op call)
     on reverse with lengths: the fused steps' reordered run (H = 7) and the
-    BLAS loop (H = 257) against retain_grad on each step's state in the
+    BLAS loop (H = 513) against retain_grad on each step's state in the
     reference, with dL/dx and dL/dW_hh alongside."""
     cell, H, K = case["cell"], case["H"], case["truncate"]
     T, B, I = 6, 4, 3
@@ -154,10 +154,14 @@ def test_kernel_options_equal_reference(case):
             lengths=torch.tensor([5, 0, 2]), truncate=3)
 
 
-@pytest.mark.parametrize("case", product(cell=["lstm"], proj=[False, True])
-                         + product(cell=["gru"], proj=[False]), ids=str)
+@pytest.mark.parametrize("case", product(cell=["lstm"], proj=[False, True], H=[64])
+                         + product(cell=["gru"], proj=[False], H=[64])
+                         + product(cell=["lstm", "gru"], proj=[False], H=[300]), ids=str)
 def test_float32_at_a_realistic_size(case):
-    d64 = make_gated(case["cell"], 40, 16, 32, 64, P=24 if case["proj"] else None, seed=1)
+    """float32 against the float64 reference, with lengths and truncation. H =
+    300 runs the fused steps over a k-loop of 300 and a partial vector block,
+    past L2 for the LSTM's packed W_hh."""
+    d64 = make_gated(case["cell"], 40, 16, 32, case["H"], P=24 if case["proj"] else None, seed=1)
     d32 = {k: (tuple(t.detach().float().requires_grad_() for t in v) if isinstance(v, tuple)
                else (v.detach().float().requires_grad_() if v is not None else None))
            for k, v in d64.items()}
