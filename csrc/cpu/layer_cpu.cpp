@@ -236,8 +236,9 @@ struct LayerGradPtrs {
   const T* grad_out;  // [T,B,P]
   T* dh;              // [B,P] dL/dh_n in, dL/dh0 out
   T* dc;              // [B,H] dL/dc_n in, dL/dc0 out (LSTM)
-  T* dax;             // [T,B,G] zero on entry; zero where t >= len_b on exit
-  T* dah;             // [T,B,G] GRU (zero on entry), else == dax
+  T* dax;             // [T,B,G] written at every step a sequence reaches; zero
+                      // on entry with lengths (the others stay 0)
+  T* dah;             // [T,B,G] GRU (as dax), else == dax
   T* dh_all;          // [T,B,P] dL/dh_t in total, for dW_hr (projection; zero on entry)
   T* grad_norm;       // [T,B] ||dL/dh_t|| (zero on entry), or nullptr
 };
@@ -524,8 +525,14 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 
   auto dh = grad_h_n.contiguous().clone();                                  // [B,P] -> dL/dh0
   auto dc = lstm ? grad_c_n->contiguous().clone() : empty0(input);          // [B,H] -> dL/dc0
-  auto dax = at::zeros({T, B, G}, opts);                                    // [T,B,G]
-  auto dah = lstm ? dax : at::zeros({T, B, G}, opts);                       // [T,B,G]
+  // dax and dah must be zero where no step writes them: the steps a sequence
+  // does not reach. Without lengths every step writes every row, so they are
+  // left unfilled (a [T,B,G] fill was a tenth of a small training step).
+  const auto grads_of_steps = [&] {
+    return s.lengths ? at::zeros({T, B, G}, opts) : at::empty({T, B, G}, opts);
+  };
+  auto dax = grads_of_steps();                                              // [T,B,G]
+  auto dah = lstm ? dax : grads_of_steps();                                 // [T,B,G]
   auto dh_all = s.proj ? at::zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
   auto grad_norm = want_grad_norm ? at::zeros({T, B}, opts) : empty0(input);  // [T,B]
   if (T * B > 0) {
