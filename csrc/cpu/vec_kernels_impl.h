@@ -509,6 +509,22 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
     for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
   const T* a = p.a + b * H;
   const T* m = p.mp + jb * NG * VL;
+  {
+    // What the epilogue reads and writes, in flight during the k-loop: the
+    // input projection's rows were written a whole pass earlier and are out
+    // of cache; perf put a fifth of the tile's samples on those loads.
+    const int64_t j = jb * VL;
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = b + r;
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) __builtin_prefetch(p.ax + row * NG * H + g * H + j, 0, 3);
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) __builtin_prefetch(p.gates + row * 4 * H + g * H + j, 1, 3);
+      __builtin_prefetch(p.out + row * H + j, 1, 3);
+      if constexpr (NG == 4) __builtin_prefetch(p.cell + row * H + j, 1, 3);
+    }
+  }
   for (int64_t k = 0; k < H; ++k, m += ld) {
     V mv[NG];
 #pragma GCC unroll 4
