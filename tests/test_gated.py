@@ -159,8 +159,8 @@ def test_kernel_options_equal_reference(case):
                          + product(cell=["lstm", "gru"], proj=[False], H=[300]), ids=str)
 def test_float32_at_a_realistic_size(case):
     """float32 against the float64 reference, with lengths and truncation. H =
-    300 runs the fused steps over a k-loop of 300 and a partial vector block,
-    past L2 for the LSTM's packed W_hh."""
+    300 runs the fused steps over a k-loop of 300 and a partial vector block
+    (1.4 MB of packed W_hh for the LSTM)."""
     d64 = make_gated(case["cell"], 40, 16, 32, case["H"], P=24 if case["proj"] else None, seed=1)
     d32 = {k: (tuple(t.detach().float().requires_grad_() for t in v) if isinstance(v, tuple)
                else (v.detach().float().requires_grad_() if v is not None else None))

@@ -526,8 +526,8 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   auto dh = grad_h_n.contiguous().clone();                                  // [B,P] -> dL/dh0
   auto dc = lstm ? grad_c_n->contiguous().clone() : empty0(input);          // [B,H] -> dL/dc0
   // dax and dah must be zero where no step writes them: the steps a sequence
-  // does not reach. Without lengths every step writes every row, so they are
-  // left unfilled (a [T,B,G] fill was a tenth of a small training step).
+  // does not reach. Without lengths every step writes every row, so a [T,B,G]
+  // fill would be dead work (tests/test_uninitialized.py holds both cases).
   const auto grads_of_steps = [&] {
     return s.lengths ? at::zeros({T, B, G}, opts) : at::empty({T, B, G}, opts);
   };
