@@ -92,6 +92,23 @@ def test_fused_and_blas_steps_both_equal_the_reference(case):
     compare(case["cell"], d, 1e-10, lengths=lengths, reverse=case["reverse"], truncate=3)
 
 
+@pytest.mark.parametrize("case", product(BI=[(5, 3), (5, 256), (25, 256), (5, 0)],
+                                         lengths=[False, True], reverse=[False, True]), ids=str)
+def test_lstm_input_projection_in_the_tile_and_as_a_gemm_both_equal_the_reference(case):
+    """The fused LSTM step computes x W_ih^T in its register tile when W_ih is
+    small (I = 3) or B >= 24 (B = 25: four tiles of 6 and one row), and as one
+    GEMM before the loop otherwise (B = 5, I = 256: 320 KB of float64 W_ih;
+    I = 0, which only a direct call reaches: the bias alone); each against the
+    reference in float64, with reverse with lengths on the sequences reordered
+    within their lengths."""
+    B, I = case["BI"]
+    T, H = 4, 40
+    d = make_gated("lstm", T, B, I, H, seed=13)
+    lengths = torch.randint(0, T + 1, (B,), generator=torch.Generator().manual_seed(B))
+    compare("lstm", d, 1e-10, lengths=lengths if case["lengths"] else None,
+            reverse=case["reverse"], truncate=3)
+
+
 @pytest.mark.parametrize("case", product(cell=CELLS, H=[7, 513], truncate=[0, 2]), ids=str)
 def test_op_grad_norm_reverse_with_lengths(case):
     """layer_bwd's ||dL/dh_t|| (want_grad_norm, reachable by a direct op call)

@@ -63,6 +63,11 @@ struct StepArgs {
 //   ax   [B,NG*H] the step's input projection (LSTM: + b_ih + b_hh; GRU: + b_ih)
 //   b_hh [3H] GRU (added to ah) or null
 //   out  [B,H] h_t;  gates [B,4H];  cell [B,H] (LSTM c_t);  c [B,H] running c (LSTM)
+// The LSTM's input projection can instead run in the same register tile
+// (fused_x, ax unused): the tile's sums then run over the I inputs of the
+// step's x rows first, then over h_prev, and the epilogue adds bias.
+//   x    [B,I] the step's input rows;  mx W_ih packed as mp: [I, NB*NG*VL]
+//   bias [NG*H] b_ih + b_hh, or null
 template <typename T>
 struct GatedStepArgs {
   int ng = 4;
@@ -72,6 +77,11 @@ struct GatedStepArgs {
   const int64_t* lens = nullptr;
   int64_t step = 0;
   const T* ax = nullptr;
+  bool fused_x = false;
+  int64_t I = 0;
+  const T* x = nullptr;
+  const T* mx = nullptr;
+  const T* bias = nullptr;
   const T* b_hh = nullptr;
   T* out = nullptr;
   T* gates = nullptr;

@@ -531,6 +531,24 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
+  // The LSTM's input projection in the tile (GatedStepArgs::fused_x): the
+  // same k-loop over the step's x rows and packed W_ih, before the one over h_prev.
+  const bool fused_x = NG == 4 && p.fused_x;
+  if (fused_x) {
+    const T* x = p.x + b * p.I;
+    const T* m = p.mx + jb * NG * VL;
+    for (int64_t k = 0; k < p.I; ++k, m += ld) {
+      V mv[NG];
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V xr(x[r * p.I + k]);
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(xr, mv[g], acc[r][g]);
+      }
+    }
+  }
   const T* a = p.a + b * H;
   const T* m = p.mp + jb * NG * VL;
   {
@@ -541,8 +559,9 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int64_t row = b + r;
+      if (!fused_x)
 #pragma GCC unroll 4
-      for (int g = 0; g < NG; ++g) __builtin_prefetch(p.ax + row * NG * H + g * H + j, 0, 3);
+        for (int g = 0; g < NG; ++g) __builtin_prefetch(p.ax + row * NG * H + g * H + j, 0, 3);
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) __builtin_prefetch(p.gates + row * 4 * H + g * H + j, 1, 3);
       __builtin_prefetch(p.out + row * H + j, 1, 3);
@@ -574,12 +593,16 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       if constexpr (NG == 4) zero.store(p.cell + row * H + j, n);
       continue;
     }
-    const T* axr = p.ax + row * NG * H + j;
     if constexpr (NG == 4) {
+      // What the h_prev sums still lack: the input projection with its bias
+      // (ax), or with the projection in the tile, the bias.
+      V pre[4] = {acc[r][0], acc[r][1], acc[r][2], acc[r][3]};
+      const T* add = fused_x ? p.bias : p.ax + row * NG * H;
+      if (add)
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) pre[g] = pre[g] + V::loadu(add + g * H + j, n);
       V i, f, g, o, cn, mn;
-      cells::lstm::forward<V>(acc[r][0] + V::loadu(axr, n), acc[r][1] + V::loadu(axr + H, n),
-                              acc[r][2] + V::loadu(axr + 2 * H, n),
-                              acc[r][3] + V::loadu(axr + 3 * H, n), V::loadu(p.c + row * H + j, n),
+      cells::lstm::forward<V>(pre[0], pre[1], pre[2], pre[3], V::loadu(p.c + row * H + j, n),
                               i, f, g, o, cn, mn);
       i.store(gr, n);
       f.store(gr + H, n);
@@ -592,6 +615,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       V ah[3] = {acc[r][0], acc[r][1], acc[r][2]};
       if (p.b_hh)
         for (int g = 0; g < 3; ++g) ah[g] = ah[g] + V::loadu(p.b_hh + g * H + j, n);
+      const T* axr = p.ax + row * NG * H + j;
       V rr, z, nn, hn;
       cells::gru::forward<V>(V::loadu(axr, n), V::loadu(axr + H, n), V::loadu(axr + 2 * H, n),
                              ah[0], ah[1], ah[2], V::loadu(p.a + row * H + j, n), rr, z, nn, hn);
