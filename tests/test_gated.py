@@ -92,20 +92,21 @@ def test_fused_and_blas_steps_both_equal_the_reference(case):
     compare(case["cell"], d, 1e-10, lengths=lengths, reverse=case["reverse"], truncate=3)
 
 
-@pytest.mark.parametrize("case", product(BI=[(5, 3), (5, 256), (25, 256), (5, 0)],
+@pytest.mark.parametrize("case", product(cell=CELLS, BI=[(9, 3), (5, 3), (9, 300), (25, 300), (9, 0)],
                                          lengths=[False, True], reverse=[False, True]), ids=str)
-def test_lstm_input_projection_in_the_tile_and_as_a_gemm_both_equal_the_reference(case):
-    """The fused LSTM step computes x W_ih^T in its register tile when W_ih is
-    small (I = 3) or B >= 24 (B = 25: four tiles of 6 and one row), and as one
-    GEMM before the loop otherwise (B = 5, I = 256: 320 KB of float64 W_ih;
-    I = 0, which only a direct call reaches: the bias alone); each against the
-    reference in float64, with reverse with lengths on the sequences reordered
-    within their lengths."""
+def test_input_projection_in_the_tile_and_as_a_gemm_both_equal_the_reference(case):
+    """The fused step computes x W_ih^T in its register tile for B >= 8 when
+    W_ih is small (I = 3) or for B >= 24 (B = 25: tiles of 6 or 8 rows and
+    one more), and as one GEMM before the loop otherwise: B = 5; B = 9 with
+    I = 300 (384 KB of float64 W_ih for the LSTM, 288 KB for the GRU); I = 0,
+    which only a direct call reaches (the bias alone). Each against the
+    reference in float64, with reverse with lengths on the sequences
+    reordered within their lengths."""
     B, I = case["BI"]
     T, H = 4, 40
-    d = make_gated("lstm", T, B, I, H, seed=13)
+    d = make_gated(case["cell"], T, B, I, H, seed=13)
     lengths = torch.randint(0, T + 1, (B,), generator=torch.Generator().manual_seed(B))
-    compare("lstm", d, 1e-10, lengths=lengths if case["lengths"] else None,
+    compare(case["cell"], d, 1e-10, lengths=lengths if case["lengths"] else None,
             reverse=case["reverse"], truncate=3)
 
 
@@ -299,7 +300,9 @@ def test_each_row_has_the_same_bits_whatever_its_tile(cell, threads):
     """The fused forward splits the rows evenly over the threads, then into
     register tiles of 6 (LSTM) or 8 (GRU) rows with AVX-512, the rest in tiles
     of 4, 2 and 1: every B from 1 to 17 lands rows in each kind of tile. A row
-    computed in any of them must equal the same row computed alone."""
+    computed in any of them must equal the same row computed on the same path:
+    alone for B < 8, where the input projection is one GEMM before the loop,
+    and in the whole batch of 17 from B = 8, where it runs in the tile."""
     T_, I_, H_ = 9, 5, 40
     g = torch.Generator().manual_seed(3)
     G = (4 if cell == "lstm" else 3) * H_
@@ -318,12 +321,14 @@ def test_each_row_has_the_same_bits_whatever_its_tile(cell, threads):
     try:
         torch.set_num_threads(threads)
         alone = [fwd(slice(b, b + 1)) for b in range(17)]
+        whole = fwd(slice(0, 17))
         for B_ in range(1, 18):
             out = fwd(slice(0, B_))
             for b in range(B_):
+                ref, rb = (alone[b], 0) if B_ < 8 else (whole, b)
                 for k in (0, 1, 3):  # output [T,B,P], h_n [B,P], gates [T,B,4H]
                     got = out[k][:, b] if out[k].dim() == 3 else out[k][b]
-                    want = alone[b][k][:, 0] if alone[b][k].dim() == 3 else alone[b][k][0]
+                    want = ref[k][:, rb] if ref[k].dim() == 3 else ref[k][rb]
                     assert torch.equal(got, want), (B_, b, k)
     finally:
         torch.set_num_threads(old)

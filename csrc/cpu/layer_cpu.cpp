@@ -9,8 +9,8 @@
 //           per step: ah = h_prev W_hh^T (one GEMM), the cell's row pass, and
 //           with a projection h = m W_hr^T (one GEMM). Up to H = 512 without
 //           a projection, each step is one fused register-tiled kernel
-//           (VecKernels::gated_fwd_step), which for the LSTM can also take
-//           the input projection in place of ax (fused_input).
+//           (VecKernels::gated_fwd_step), which can also take the input
+//           projection in place of ax (fused_input).
 // Backward: per step, last to first: the cell's row pass gives the
 //           pre-activation gradients (and the carry of c), then
 //           dh_prev = dah W_hh (one GEMM); after the loop dW_ih, dW_hh, db,
@@ -38,11 +38,11 @@ namespace {
 template <typename T>
 struct LayerPtrs {
   const T* ax;       // [T,B,G] x W_ih^T + b (LSTM: b_ih + b_hh; GRU: b_ih)
-  // Instead of ax, where fused_x (fused_input(): the LSTM's fused path):
+  // Instead of ax, where fused_x (fused_input(), on the fused path):
   bool fused_x;
   const T* x;        // [T,B,I]
   const T* w_ih;     // [G,I]
-  const T* b_x;      // [G] b_ih + b_hh, or nullptr without biases
+  const T* b_x;      // [G] LSTM b_ih + b_hh, GRU b_ih, or nullptr without biases
   const T* b_hh;     // [G] GRU only, else nullptr (added to ah each step)
   const T* w_hh;     // [G,P]
   const T* w_hr;     // [P,H] or nullptr
@@ -96,22 +96,26 @@ constexpr int64_t kGatedLoopGrainFma = int64_t(1) << 18;
 // (time_order.h), since a fused step reads one time block.
 bool gated_fused_path(const LayerShape& s) { return !s.proj && s.H <= kGatedFusedMaxH; }
 
-// The LSTM's input projection inside the fused step's register tile
-// (GatedStepArgs::mx) rather than one GEMM over all T*B rows before the loop.
-// It saves writing and reading back the [T,B,4H] projection, but each step
-// streams the packed W_ih once per pass over a thread's row tiles: that pays
-// when the rows make a few tiles to share the pass, or when W_ih is small
-// enough to stay in L2. Measured interleaved on 2 cores of an AMD EPYC (Zen
-// 4), forward / training step: seed 29% / 13% faster, small 14% / 5%, large
-// (I = 256, H = 512, B = 64) 21% / 6%, (I = 1024, H = 128, B = 32) 10% / 3%;
-// but with B = 8, (I = 256, H = 256) 11% slower, and with B = 2, (I = 512,
-// H = 512) 65% slower. The choice looks at B, not at the rows per thread, so
-// that the bits do not depend on the thread count.
-constexpr int64_t kFusedInputMinRows = 24;
+// The input projection inside the fused step's register tile
+// (GatedStepArgs::fused_x) rather than one GEMM over all T*B rows before the
+// loop. It saves writing and reading back the [T,B,G] projection, but each
+// step streams the packed W_ih once per pass over a thread's row tiles: that
+// pays when the rows make a few tiles to share the pass, or when W_ih is small
+// enough to stay in L2, and not in tiles of one or two rows, where the k-loop
+// waits on loads. Measured interleaved (in random order) on 2 cores of an AMD
+// EPYC (Zen 4), medians of the forward / training step against the GEMM:
+//   LSTM: seed -10% / -5%, small -17% / -7%, long -51% / -15%, large -11% / 0-4%;
+//   GRU: seed -10% / -3-17%, small -15% / -8%, long -12% / -20%, large -26% / -7-10%;
+//   B = 8, I = 64, H = 256: GRU -7%, LSTM even; but
+//   B = 8, I = H = 256 (LSTM): +11%; B = 2, I = H = 512 (LSTM): +65%;
+//   B = 4, I = H = 128 (GRU): +8%; B = 2, I = H = 64: +12% (GRU), +14% (LSTM).
+// The choice looks at B, not at the rows per thread, so that the bits do not
+// depend on the thread count.
+constexpr int64_t kFusedInputMinB = 8, kFusedInputAnySizeB = 24;
 constexpr int64_t kFusedInputMaxBytes = int64_t(256) << 10;
 bool fused_input(const LayerShape& s, int64_t elem_bytes) {
-  if (s.cell != CellKind::kLstm || !gated_fused_path(s) || s.I == 0) return false;
-  return s.B >= kFusedInputMinRows || s.I * s.G * elem_bytes <= kFusedInputMaxBytes;
+  if (!gated_fused_path(s) || s.I == 0 || s.B < kFusedInputMinB) return false;
+  return s.B >= kFusedInputAnySizeB || s.I * s.G * elem_bytes <= kFusedInputMaxBytes;
 }
 
 // W [NG*H, K] (W_hh: K = H; W_ih: K = I; gate g's rows g*H..) -> M [K,

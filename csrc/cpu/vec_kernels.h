@@ -63,11 +63,11 @@ struct StepArgs {
 //   ax   [B,NG*H] the step's input projection (LSTM: + b_ih + b_hh; GRU: + b_ih)
 //   b_hh [3H] GRU (added to ah) or null
 //   out  [B,H] h_t;  gates [B,4H];  cell [B,H] (LSTM c_t);  c [B,H] running c (LSTM)
-// The LSTM's input projection can instead run in the same register tile
-// (fused_x, ax unused): the tile's sums then run over the I inputs of the
-// step's x rows first, then over h_prev, and the epilogue adds bias.
+// The input projection can instead run in the same register tile (fused_x,
+// ax unused): the tile's sums then run over h_prev, then over the I inputs
+// of the step's x rows, and the epilogue adds bias.
 //   x    [B,I] the step's input rows;  mx W_ih packed as mp: [I, NB*NG*VL]
-//   bias [NG*H] b_ih + b_hh, or null
+//   bias [NG*H] LSTM b_ih + b_hh, GRU b_ih; or null
 template <typename T>
 struct GatedStepArgs {
   int ng = 4;

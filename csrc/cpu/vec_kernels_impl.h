@@ -521,34 +521,23 @@ struct GatedTiling {
   static constexpr int rows = kWide ? (NG == 4 ? 6 : 8) : (NG == 4 ? 2 : 3);
 };
 
-template <typename T, int NG, int R>
+// One tile. FX: the input projection in the tile (GatedStepArgs::fused_x),
+// the same k-loop over the step's x rows and packed W_ih after the one over
+// h_prev; the LSTM adds it to its gates' sums, the GRU to r's and z's. The
+// GRU's n needs W_in x apart from W_hn h (n = tanh(W_in x + b_in + r * (W_hn h
+// + b_hn))): its h sums are set aside (to the stack: the tile fills the
+// register file) and its accumulators restart for W_in x.
+template <typename T, int NG, int R, bool FX>
 inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
+  constexpr bool kGruX = FX && NG == 3;
   const int64_t H = p.H, ld = p.NB * NG * VL;
   V acc[R][NG];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
-  // The LSTM's input projection in the tile (GatedStepArgs::fused_x): the
-  // same k-loop over the step's x rows and packed W_ih, before the one over h_prev.
-  const bool fused_x = NG == 4 && p.fused_x;
-  if (fused_x) {
-    const T* x = p.x + b * p.I;
-    const T* m = p.mx + jb * NG * VL;
-    for (int64_t k = 0; k < p.I; ++k, m += ld) {
-      V mv[NG];
-#pragma GCC unroll 4
-      for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const V xr(x[r * p.I + k]);
-#pragma GCC unroll 4
-        for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(xr, mv[g], acc[r][g]);
-      }
-    }
-  }
   const T* a = p.a + b * H;
   const T* m = p.mp + jb * NG * VL;
   {
@@ -559,7 +548,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int64_t row = b + r;
-      if (!fused_x)
+      if constexpr (!FX)
 #pragma GCC unroll 4
         for (int g = 0; g < NG; ++g) __builtin_prefetch(p.ax + row * NG * H + g * H + j, 0, 3);
 #pragma GCC unroll 4
@@ -579,6 +568,25 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(ar, mv[g], acc[r][g]);
     }
   }
+  V ahn[kGruX ? R : 1];  // the GRU's W_hn h, set aside
+  if constexpr (FX) {
+    if constexpr (kGruX)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) ahn[r] = acc[r][2], acc[r][2] = V(T(0));
+    const T* x = p.x + b * p.I;
+    m = p.mx + jb * NG * VL;
+    for (int64_t k = 0; k < p.I; ++k, m += ld) {
+      V mv[NG];
+#pragma GCC unroll 4
+      for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V xr(x[r * p.I + k]);
+#pragma GCC unroll 4
+        for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(xr, mv[g], acc[r][g]);
+      }
+    }
+  }
   const int64_t j = jb * VL;
   const int n = int(std::min<int64_t>(VL, H - j));
   const int64_t S = 4 * H;  // the gates' row width, both cells
@@ -593,11 +601,11 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       if constexpr (NG == 4) zero.store(p.cell + row * H + j, n);
       continue;
     }
+    // What the sums still lack: the input projection with its bias (ax), or
+    // with the projection in the tile, the bias (LSTM: b_ih + b_hh; GRU: b_ih).
+    const T* add = FX ? p.bias : p.ax + row * NG * H;
     if constexpr (NG == 4) {
-      // What the h_prev sums still lack: the input projection with its bias
-      // (ax), or with the projection in the tile, the bias.
       V pre[4] = {acc[r][0], acc[r][1], acc[r][2], acc[r][3]};
-      const T* add = fused_x ? p.bias : p.ax + row * NG * H;
       if (add)
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) pre[g] = pre[g] + V::loadu(add + g * H + j, n);
@@ -612,13 +620,22 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       cn.store(p.c + row * H + j, n);
       mn.store(p.out + row * H + j, n);
     } else {
-      V ah[3] = {acc[r][0], acc[r][1], acc[r][2]};
+      // ax: the input parts (r, z with FX also their h parts); ah: the h
+      // parts with b_hh (r, z with FX: b_hh alone).
+      V ax[3], ah[3];
+      if constexpr (FX) {
+        ax[0] = acc[r][0], ax[1] = acc[r][1], ax[2] = acc[r][2];
+        ah[0] = ah[1] = V(T(0)), ah[2] = ahn[kGruX ? r : 0];
+        if (add)
+          for (int g = 0; g < 3; ++g) ax[g] = ax[g] + V::loadu(add + g * H + j, n);
+      } else {
+        for (int g = 0; g < 3; ++g) ax[g] = V::loadu(add + g * H + j, n), ah[g] = acc[r][g];
+      }
       if (p.b_hh)
         for (int g = 0; g < 3; ++g) ah[g] = ah[g] + V::loadu(p.b_hh + g * H + j, n);
-      const T* axr = p.ax + row * NG * H + j;
       V rr, z, nn, hn;
-      cells::gru::forward<V>(V::loadu(axr, n), V::loadu(axr + H, n), V::loadu(axr + 2 * H, n),
-                             ah[0], ah[1], ah[2], V::loadu(p.a + row * H + j, n), rr, z, nn, hn);
+      cells::gru::forward<V>(ax[0], ax[1], ax[2], ah[0], ah[1], ah[2],
+                             V::loadu(p.a + row * H + j, n), rr, z, nn, hn);
       rr.store(gr, n);
       z.store(gr + H, n);
       nn.store(gr + 2 * H, n);
@@ -631,24 +648,26 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 // Rows [b0, b1) in tiles of R rows, then what is left in tiles of 4, 2 and 1
 // (each row's sums run over k in the same order whatever its tile: the bits
 // do not depend on how the rows are split).
-template <typename T, int NG>
+template <typename T, int NG, bool FX>
 void gated_fwd_step_ng(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
   constexpr int R = GatedTiling<T>::template rows<NG>;
   for (int64_t jb = 0; jb < p.NB; ++jb) {
     int64_t b = b0;
-    for (; b + R <= b1; b += R) gated_tile<T, NG, R>(p, b, jb);
+    for (; b + R <= b1; b += R) gated_tile<T, NG, R, FX>(p, b, jb);
     if constexpr (R > 4)
-      for (; b + 4 <= b1; b += 4) gated_tile<T, NG, 4>(p, b, jb);
+      for (; b + 4 <= b1; b += 4) gated_tile<T, NG, 4, FX>(p, b, jb);
     if constexpr (R > 2)
-      for (; b + 2 <= b1; b += 2) gated_tile<T, NG, 2>(p, b, jb);
-    for (; b < b1; ++b) gated_tile<T, NG, 1>(p, b, jb);
+      for (; b + 2 <= b1; b += 2) gated_tile<T, NG, 2, FX>(p, b, jb);
+    for (; b < b1; ++b) gated_tile<T, NG, 1, FX>(p, b, jb);
   }
 }
 
 template <typename T>
 void gated_fwd_step(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
-  if (p.ng == 4) gated_fwd_step_ng<T, 4>(p, b0, b1);
-  else gated_fwd_step_ng<T, 3>(p, b0, b1);
+  if (p.ng == 4 && p.fused_x) gated_fwd_step_ng<T, 4, true>(p, b0, b1);
+  else if (p.ng == 4) gated_fwd_step_ng<T, 4, false>(p, b0, b1);
+  else if (p.fused_x) gated_fwd_step_ng<T, 3, true>(p, b0, b1);
+  else gated_fwd_step_ng<T, 3, false>(p, b0, b1);
 }
 
 template <typename T, int NG, int R, int C>
