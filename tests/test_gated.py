@@ -533,3 +533,27 @@ def test_op_refuses(kw, match):
     args.update(kw)
     with pytest.raises((ValueError, RuntimeError), match=match):
         torch.ops.rnnkern.layer_fwd(*args.values())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 3, 4, 5])
+def test_few_rows_split_the_units_over_the_threads_with_the_same_bits(cell, B):
+    """With B <= 4 and more than one thread the fused forward splits the unit
+    blocks over the threads (a barrier per step) rather than the rows: against
+    the float64 reference with lengths, reverse and truncation, and bitwise
+    equal to one thread's run, which splits nothing (B = 5: the row split)."""
+    T_, I_, H_ = 10, 6, 100  # enough work for two threads; 13 float64 unit blocks
+    d = make_gated(cell, T_, B, I_, H_, seed=B)
+    lengths = torch.tensor([T_, 0, 7, 3, 9][:B])
+    old = torch.get_num_threads()
+    try:
+        res = []
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            for reverse in (False, True):
+                res.append(compare(cell, d, 1e-10, lengths=lengths, reverse=reverse, truncate=4))
+    finally:
+        torch.set_num_threads(old)
+    for two, one in zip(res[:2], res[2:]):
+        for a, b in zip(two[0] + two[1], one[0] + one[1]):
+            assert a is None and b is None or torch.equal(a, b)

@@ -72,6 +72,7 @@ template <typename T>
 struct GatedStepArgs {
   int ng = 4;
   int64_t H = 0, NB = 0;
+  int64_t jb0 = 0, jb1 = 0;  // the unit blocks to compute, [jb0, jb1) of NB
   const T* a = nullptr;
   const T* mp = nullptr;
   const int64_t* lens = nullptr;

@@ -651,7 +651,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 template <typename T, int NG, bool FX>
 void gated_fwd_step_ng(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
   constexpr int R = GatedTiling<T>::template rows<NG>;
-  for (int64_t jb = 0; jb < p.NB; ++jb) {
+  for (int64_t jb = p.jb0; jb < p.jb1; ++jb) {
     int64_t b = b0;
     for (; b + R <= b1; b += R) gated_tile<T, NG, R, FX>(p, b, jb);
     if constexpr (R > 4)
