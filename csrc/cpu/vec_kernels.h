@@ -56,8 +56,9 @@ struct StepArgs {
 // all NG gates (4 LSTM, 3 GRU) of one vector of hidden units, then the cell's
 // pointwise forward (cells/lstm.h, gru.h) on the accumulators, in registers.
 //   a    [B,H] h_prev (row stride H)
-//   mp   W_hh packed gate-interleaved (pack_gates): [H, NB*NG*VL], column
-//        (jb*NG + g)*VL + l holding unit jb*VL + l of gate g, zero padded
+//   mp   W_hh packed gate-interleaved and unit-block-major (pack_gates):
+//        [NB, H, NG*VL], mp[jb][k][g*VL + l] holding W_hh[g*H + jb*VL + l][k],
+//        zero padded
 //   lens [B] or null; a row is active at `step` if step < lens[b]; inactive
 //        rows get 0 in out, gates and cell and leave c alone
 //   ax   [B,NG*H] the step's input projection (LSTM: + b_ih + b_hh; GRU: + b_ih)
@@ -66,13 +67,16 @@ struct StepArgs {
 // The input projection can instead run in the same register tile (fused_x,
 // ax unused): the tile's sums then run over h_prev, then over the I inputs
 // of the step's x rows, and the epilogue adds bias.
-//   x    [B,I] the step's input rows;  mx W_ih packed as mp: [I, NB*NG*VL]
+//   x    [B,I] the step's input rows;  mx W_ih packed as mp: [NB, I, NG*VL]
 //   bias [NG*H] LSTM b_ih + b_hh, GRU b_ih; or null
 template <typename T>
 struct GatedStepArgs {
   int ng = 4;
   int64_t H = 0, NB = 0;
   int64_t jb0 = 0, jb1 = 0;  // the unit blocks to compute, [jb0, jb1) of NB
+  // Unit block jb's NG*VL columns at row k of mp (mx): mp + jb * jb_stride_h
+  // + k * k_stride (mx + jb * jb_stride_x + k * k_stride); see pack_gates.
+  int64_t jb_stride_h = 0, jb_stride_x = 0, k_stride = 0;
   const T* a = nullptr;
   const T* mp = nullptr;
   const int64_t* lens = nullptr;

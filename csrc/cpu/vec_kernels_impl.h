@@ -532,14 +532,14 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   constexpr bool kGruX = FX && NG == 3;
-  const int64_t H = p.H, ld = p.NB * NG * VL;
+  const int64_t H = p.H, ld = p.k_stride;
   V acc[R][NG];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
   const T* a = p.a + b * H;
-  const T* m = p.mp + jb * NG * VL;
+  const T* m = p.mp + jb * p.jb_stride_h;
   {
     // What the epilogue reads and writes, in flight during the k-loop: the
     // input projection's rows were written a whole pass earlier and are out
@@ -574,7 +574,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) ahn[r] = acc[r][2], acc[r][2] = V(T(0));
     const T* x = p.x + b * p.I;
-    m = p.mx + jb * NG * VL;
+    m = p.mx + jb * p.jb_stride_x;
     for (int64_t k = 0; k < p.I; ++k, m += ld) {
       V mv[NG];
 #pragma GCC unroll 4
