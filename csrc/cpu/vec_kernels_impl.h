@@ -203,28 +203,35 @@ inline bool active(const int64_t* lens, int64_t b, int64_t step) {
   return lens == nullptr || step < lens[b];
 }
 
-// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]  (Args: StepArgs or GatedBwdArgs)
-template <typename T, int R, int C, typename Args>
-inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
+// The k-loop of a register tile: acc[r][c] += sum_{k < K} a[r*lda + k] *
+// m[k*ldm + c*VL ...], C vectors of M loaded per k, shared by R rows.
+template <typename T, int R, int C>
+inline void tile_fma(Vectorized<T> (&acc)[R][C], const T* a, int64_t lda, const T* m,
+                     int64_t ldm, int64_t K) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
-  const T* a = p.a + b * p.lda;
-  const T* m = p.mp + j0;
-  for (int64_t k = 0; k < p.K; ++k, m += p.NP) {
+  for (int64_t k = 0; k < K; ++k, m += ldm) {
     V mv[C];
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) mv[c] = V::loadu(m + c * VL);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V ar(a[r * p.lda + k]);
+      const V ar(a[r * lda + k]);
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(ar, mv[c], acc[r][c]);
     }
   }
+}
+
+// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]  (Args: StepArgs or GatedBwdArgs)
+template <typename T, int R, int C, typename Args>
+inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
+  using V = Vectorized<T>;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
+  tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + j0, p.NP, p.K);
 }
 
 template <typename T, bool kForward, int R, int C>
@@ -557,35 +564,13 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       if constexpr (NG == 4) __builtin_prefetch(p.cell + row * H + j, 1, 3);
     }
   }
-  for (int64_t k = 0; k < H; ++k, m += ld) {
-    V mv[NG];
-#pragma GCC unroll 4
-    for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const V ar(a[r * H + k]);
-#pragma GCC unroll 4
-      for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(ar, mv[g], acc[r][g]);
-    }
-  }
+  tile_fma<T, R, NG>(acc, a, H, m, ld, H);
   V ahn[kGruX ? R : 1];  // the GRU's W_hn h, set aside
   if constexpr (FX) {
     if constexpr (kGruX)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) ahn[r] = acc[r][2], acc[r][2] = V(T(0));
-    const T* x = p.x + b * p.I;
-    m = p.mx + jb * p.jb_stride_x;
-    for (int64_t k = 0; k < p.I; ++k, m += ld) {
-      V mv[NG];
-#pragma GCC unroll 4
-      for (int g = 0; g < NG; ++g) mv[g] = V::loadu(m + g * VL);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const V xr(x[r * p.I + k]);
-#pragma GCC unroll 4
-        for (int g = 0; g < NG; ++g) acc[r][g] = at::vec::fmadd(xr, mv[g], acc[r][g]);
-      }
-    }
+    tile_fma<T, R, NG>(acc, p.x + b * p.I, p.I, p.mx + jb * p.jb_stride_x, ld, p.I);
   }
   const int64_t j = jb * VL;
   const int n = int(std::min<int64_t>(VL, H - j));
