@@ -126,18 +126,15 @@ bool fused_input(const LayerShape& s, int64_t elem_bytes) {
 // [NB, K, NG*VL], gate-interleaved so that a register tile loads all NG gates
 // of VL units from one contiguous run, and unit-block-major so that a tile
 // streams its block's panel in order: M[jb][k][g*VL + l] = W[g*H + jb*VL +
-// l][k], zero past unit H. *jb_stride: the distance between unit blocks;
-// *k_stride: between rows k of one. Against [K, NB*NG*VL] (each k a run of
+// l][k], zero past unit H. Against [K, NB*NG*VL] (each k a run of
 // the whole width), measured interleaved on 2 cores of an AMD EPYC (Zen 4),
 // LSTM forward: B = 1, H = 512 -15%, H = 256 -13%; large -13%; B = 16, H = 256
 // -5%; GRU B = 8, H = 512 -9%; seed and small even.
 template <typename T>
 AlignedVector<T> pack_gates(const T* w, int64_t H, int64_t K, int64_t NG, int64_t VL,
-                            int64_t* NB, int64_t* jb_stride, int64_t* k_stride) {
+                            int64_t* NB) {
   *NB = (H + VL - 1) / VL;
   const int64_t ld = NG * VL;
-  *jb_stride = K * ld;
-  *k_stride = ld;
   AlignedVector<T> m(size_t(*NB * K * ld), T(0));
   // A transpose, a VL x kKb block at a time through a buffer in L1 (whole
   // cache lines read and written), the (gate, unit block) pairs split over
@@ -190,21 +187,17 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
   const Steps st{s};
   const int64_t t_max = st.max_len();
   int64_t NB = 0;
-  int64_t jb_stride_h = 0, jb_stride_x = 0, k_stride = 0;
-  const AlignedVector<T> mp =
-      pack_gates(p.w_hh, H, H, ng, vk.pack_width, &NB, &jb_stride_h, &k_stride);
+  const AlignedVector<T> mp = pack_gates(p.w_hh, H, H, ng, vk.pack_width, &NB);
   const AlignedVector<T> mx =
-      p.fused_x ? pack_gates(p.w_ih, H, s.I, ng, vk.pack_width, &NB, &jb_stride_x, &k_stride)
-                : AlignedVector<T>();
+      p.fused_x ? pack_gates(p.w_ih, H, s.I, ng, vk.pack_width, &NB) : AlignedVector<T>();
   if (lstm) std::memcpy(c_n, p.c0, sizeof(T) * B * H);
   // The time loop over rows [b0, b1) and unit blocks [jb0, jb1); sync() after
   // each step; zero: this caller zeroes rows [b0, b1) at steps past every end.
   auto run = [&](int64_t b0, int64_t b1, int64_t jb0, int64_t jb1, bool zero, auto&& sync) {
     GatedStepArgs<T> a;
     a.ng = int(ng);
-    a.H = H, a.NB = NB;
+    a.H = H;
     a.jb0 = jb0, a.jb1 = jb1;
-    a.jb_stride_h = jb_stride_h, a.jb_stride_x = jb_stride_x, a.k_stride = k_stride;
     a.mp = mp.data();
     a.lens = s.lengths;
     a.b_hh = p.b_hh;

@@ -72,11 +72,8 @@ struct StepArgs {
 template <typename T>
 struct GatedStepArgs {
   int ng = 4;
-  int64_t H = 0, NB = 0;
+  int64_t H = 0;
   int64_t jb0 = 0, jb1 = 0;  // the unit blocks to compute, [jb0, jb1) of NB
-  // Unit block jb's NG*VL columns at row k of mp (mx): mp + jb * jb_stride_h
-  // + k * k_stride (mx + jb * jb_stride_x + k * k_stride); see pack_gates.
-  int64_t jb_stride_h = 0, jb_stride_x = 0, k_stride = 0;
   const T* a = nullptr;
   const T* mp = nullptr;
   const int64_t* lens = nullptr;

@@ -539,14 +539,15 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   constexpr bool kGruX = FX && NG == 3;
-  const int64_t H = p.H, ld = p.k_stride;
+  constexpr int64_t ld = NG * VL;  // a packed row of one unit block (pack_gates)
+  const int64_t H = p.H;
   V acc[R][NG];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
   const T* a = p.a + b * H;
-  const T* m = p.mp + jb * p.jb_stride_h;
+  const T* m = p.mp + jb * H * ld;
   {
     // What the epilogue reads and writes, in flight during the k-loop: the
     // input projection's rows were written a whole pass earlier and are out
@@ -570,7 +571,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
     if constexpr (kGruX)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) ahn[r] = acc[r][2], acc[r][2] = V(T(0));
-    tile_fma<T, R, NG>(acc, p.x + b * p.I, p.I, p.mx + jb * p.jb_stride_x, ld, p.I);
+    tile_fma<T, R, NG>(acc, p.x + b * p.I, p.I, p.mx + jb * p.I * ld, ld, p.I);
   }
   const int64_t j = jb * VL;
   const int n = int(std::min<int64_t>(VL, H - j));
