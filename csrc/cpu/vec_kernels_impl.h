@@ -809,31 +809,57 @@ void atb_block(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int6
 #undef RNNKERN_ATB_CASE
 }
 
-// NV vectors of output columns [n0, n0 + nl) for rows [r0, r1).
-template <typename T, int NV>
-void row_gemm_t(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const T* wt,
-                int64_t NP, int64_t n0, int64_t nl, const T* bias, T* out, int64_t ldo) {
+// NV vectors of output columns [n0, n0 + nl) for RB rows from r. The rows'
+// sums are independent FMA chains: one row alone waits out the FMA latency on
+// every k when NV is 1 or 2 (a head with a few classes, a narrow x).
+template <typename T, int NV, int RB>
+inline void row_gemm_rows(const T* x, int64_t ldx, int64_t r, int64_t K, const T* wt,
+                          int64_t NP, int64_t n0, int64_t nl, const T* bias, T* out,
+                          int64_t ldo) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
-  for (int64_t r = r0; r < r1; ++r) {
-    V acc[NV];
+  V acc[RB][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[v] = bias ? V::loadu(bias + n0 + v * VL) : V(T(0));
-    const T* xr = x + r * ldx;
-    for (int64_t k = 0; k < K; ++k) {
-      const V xk(xr[k]);
-      const T* w = wt + k * NP + n0;
+    for (int v = 0; v < NV; ++v) acc[i][v] = bias ? V::loadu(bias + n0 + v * VL) : V(T(0));
+  const T* xr = x + r * ldx;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* w = wt + k * NP + n0;
+    V wv[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[v] = xk * V::loadu(w + v * VL) + acc[v];
+    for (int v = 0; v < NV; ++v) wv[v] = V::loadu(w + v * VL);
+#pragma GCC unroll 8
+    for (int i = 0; i < RB; ++i) {
+      const V xk(xr[i * ldx + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = xk * wv[v] + acc[i][v];
     }
-    T* o = out + r * ldo + n0;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RB; ++i) {
+    T* o = out + (r + i) * ldo + n0;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const int64_t cnt = std::min<int64_t>(VL, nl - v * VL);
-      if (cnt == VL) acc[v].store(o + v * VL);
-      else acc[v].store(o + v * VL, int(cnt));
+      if (cnt == VL) acc[i][v].store(o + v * VL);
+      else acc[i][v].store(o + v * VL, int(cnt));
     }
   }
+}
+
+// Rows [r0, r1) in blocks of RB (RB * NV accumulators and NV loads in the
+// register file), then one at a time. Each row's sum runs over k in the same
+// order whatever its block: the bits do not depend on how the rows are split.
+template <typename T, int NV>
+void row_gemm_t(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const T* wt,
+                int64_t NP, int64_t n0, int64_t nl, const T* bias, T* out, int64_t ldo) {
+  constexpr int kAcc = Vectorized<T>::size() * sizeof(T) >= 64 ? 16 : 8;
+  constexpr int RB = std::min(8, std::max(1, kAcc / NV));
+  int64_t r = r0;
+  for (; r + RB <= r1; r += RB)
+    row_gemm_rows<T, NV, RB>(x, ldx, r, K, wt, NP, n0, nl, bias, out, ldo);
+  for (; r < r1; ++r) row_gemm_rows<T, NV, 1>(x, ldx, r, K, wt, NP, n0, nl, bias, out, ldo);
 }
 
 template <typename T>
