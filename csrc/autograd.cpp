@@ -307,7 +307,7 @@ Tensors8 elman_loss_fwd_autograd(const Tensor& input, const Tensor& target, cons
 using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using LayerFwdSig = Tensors6(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                              const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                             const OptTensor&, Str, bool, int64_t);
+                             const OptTensor&, Str, bool, int64_t, bool);
 using Tensors9 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using LayerBwdSig = Tensors9(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                              const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
@@ -327,9 +327,10 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
                                const OptTensor& bias_hh, const OptTensor& weight_hr,
                                const OptTensor& lengths, Str mode, bool reverse,
                                int64_t truncate) {
+    // train: backward needs the state, whatever the call asked for
     auto [output, h_n, c_n, gates, cell, proj_in] =
         call_below(layer_fwd_op(), input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                   weight_hr, lengths, mode, reverse, truncate);
+                   weight_hr, lengths, mode, reverse, truncate, true);
     ctx->save_for_backward({input, h0, or_undefined(c0), weight_ih, weight_hh,
                             or_undefined(weight_hr), output, gates, cell, proj_in,
                             or_undefined(lengths)});
@@ -371,11 +372,11 @@ Tensors6 layer_fwd_autograd(const Tensor& input, const Tensor& h0, const OptTens
                             const Tensor& weight_ih, const Tensor& weight_hh,
                             const OptTensor& bias_ih, const OptTensor& bias_hh,
                             const OptTensor& weight_hr, const OptTensor& lengths, Str mode,
-                            bool reverse, int64_t truncate) {
+                            bool reverse, int64_t truncate, bool train) {
   if (!records_graph("rnnkern::layer_fwd", {&input, &h0, &weight_ih, &weight_hh},
                      {&c0, &bias_ih, &bias_hh, &weight_hr})) {
     return call_below(layer_fwd_op(), input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                      weight_hr, lengths, mode, reverse, truncate);
+                      weight_hr, lengths, mode, reverse, truncate, train);
   }
   auto o = LayerFn::apply(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                           lengths, mode, reverse, truncate);

@@ -99,11 +99,14 @@ TORCH_LIBRARY(rnnkern, m) {
   //      and what backward reads: gates [T,B,4H] (LSTM i,f,g,o; GRU r,z,n and
   //      W_hn h + b_hn), cell [T,B,H] (LSTM c_t, else [0]), proj_in [T,B,H]
   //      (o * tanh(c_t) with a projection, else [0]).
+  //   train=False: no backward will run, and gates, cell and proj_in come back
+  //      as [0] (an inference forward writes only h and c), unless autograd
+  //      records the call, which needs them.
   m.def(
       "layer_fwd(Tensor input, Tensor h0, Tensor? c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, Tensor? lengths, str mode, "
-      "bool reverse, int truncate=0) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, "
-      "Tensor cell, Tensor proj_in)",
+      "bool reverse, int truncate=0, bool train=True) -> (Tensor output, Tensor h_n, "
+      "Tensor c_n, Tensor gates, Tensor cell, Tensor proj_in)",
       {at::Tag::pt2_compliant_tag});
   // The per-step loss head on the hidden states of any cell, y_t = h_t W_out^T
   // + b_out, with the loss and reduction of elman_loss_fwd (csrc/loss.h), a

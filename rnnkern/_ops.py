@@ -366,12 +366,14 @@ def layer_fwd(
     mode: str,  # 'lstm' | 'gru'
     reverse: bool,
     truncate: int = 0,  # for the registered backward; 0: none
+    train: bool = True,  # False: no backward will run (no state is saved)
 ) -> tuple[torch.Tensor, ...]:
     """-> output [T,B,P], h_n [B,P], c_n [B,H] ([0] for GRU), gates [T,B,4H],
-    cell [T,B,H] ([0] for GRU), proj_in [T,B,H] ([0] without projection)."""
+    cell [T,B,H] ([0] for GRU), proj_in [T,B,H] ([0] without projection); the
+    last three [0] with train=False."""
     return torch.ops.rnnkern.layer_fwd.default(
         input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
-        truncate)
+        truncate, train)
 
 
 def layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, weight_hr,
@@ -388,7 +390,7 @@ def layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_
 
 @torch.library.register_fake("rnnkern::layer_fwd")
 def _layer_fwd_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-                    mode, reverse, truncate=0):
+                    mode, reverse, truncate=0, train=True):
     _same_device("rnnkern.layer_fwd", input, lengths, h0=h0, c0=c0, weight_ih=weight_ih,
                  weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr)
     torch._check(input.dim() == 3, lambda: f"input must be 3-D (T, B, I), got shape {tuple(input.shape)}")
@@ -399,9 +401,10 @@ def _layer_fwd_fake(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weigh
     torch._check(h0.shape == (B, P), lambda: f"h0 must have shape (B, P) = {(B, P)}, got {tuple(h0.shape)}")
     proj = weight_hr is not None
     return (input.new_empty((T, B, P)), input.new_empty((B, P)),
-            input.new_empty((B, H) if lstm else (0,)), input.new_empty((T, B, 4 * H)),
-            input.new_empty((T, B, H) if lstm else (0,)),
-            input.new_empty((T, B, H) if proj else (0,)))
+            input.new_empty((B, H) if lstm else (0,)),
+            input.new_empty((T, B, 4 * H) if train else (0,)),
+            input.new_empty((T, B, H) if lstm and train else (0,)),
+            input.new_empty((T, B, H) if proj and train else (0,)))
 
 
 @torch.library.register_fake("rnnkern::layer_bwd")
@@ -458,7 +461,7 @@ def layer_fwd_backward(ctx, grad_output, grad_h_n, grad_c_n, *, want_input, grad
          g_b_ih, g_b_hh, g_w_hr if weight_hr is not None else None),
         (input, h0, c0, weight_ih, weight_hh, weight_hr))
     return (g_in, g_h0, g_c0, g_w_ih, g_w_hh, g_b_ih if has_b_ih else None,
-            g_b_hh if has_b_hh else None, g_w_hr, None, None, None, None)
+            g_b_hh if has_b_hh else None, g_w_hr, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------

@@ -252,8 +252,12 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     left to the op to refuse). The op checks the arguments (the modules call
     this directly, as _elman_layer)."""
     h0, c0 = _gated_state(mode, x, hx, H, P)
+    # Without a backward to come, the op saves no state for it (gates, cell).
+    train = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad
+        for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
-              truncate or 0)
+              truncate or 0, train)
     output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
     return output, h_n, c_n
 

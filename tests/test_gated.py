@@ -557,3 +557,63 @@ def test_few_rows_split_the_units_over_the_threads_with_the_same_bits(cell, B):
     for two, one in zip(res[:2], res[2:]):
         for a, b in zip(two[0] + two[1], one[0] + one[1]):
             assert a is None and b is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", product(
+    cell=CELLS, dtype=[torch.float32, torch.float64], B=[1, 5, 9], H=[7, 513],
+    lengths=[False, True], reverse=[False, True]), ids=str)
+def test_inference_forward_saves_nothing_and_gives_the_same_bits(case):
+    """layer_fwd with train=False (what the modules and functional call when no
+    backward can follow) writes no gates or cell on the fused path (H = 7: the
+    step tile with nothing saved; H = 513: the BLAS loop) and returns them as
+    [0], with output, h_n and c_n bitwise equal to train=True's; B = 9 takes the
+    input projection into the tile, B = 1 and 5 do not; with lengths, padded
+    steps are zero either way."""
+    cell, dtype, B, H = case["cell"], case["dtype"], case["B"], case["H"]
+    T, I = 6, 3
+    d = make_gated(cell, T, B, I, H, dtype=dtype, seed=B + H)
+    x, wi, wh, bi, bh = (d[k].detach() for k in ("input", "weight_ih", "weight_hh", "bias_ih",
+                                                 "bias_hh"))
+    h0, c0 = ((d["hx"][0].detach(), d["hx"][1].detach()) if cell == "lstm"
+              else (d["hx"].detach(), None))
+    lens = torch.tensor([T, 0, 4, 1, 5, 6, 2, 3, 6][:B]) if case["lengths"] else None
+    args = (x, h0, c0, wi, wh, bi, bh, None, lens, cell, case["reverse"], 0)
+    full = torch.ops.rnnkern.layer_fwd(*args, True)
+    lean = torch.ops.rnnkern.layer_fwd(*args, False)
+    assert full[3].shape == (T, B, 4 * H) and all(t.numel() == 0 for t in lean[3:])
+    for a, b in zip(full[:3], lean[:3]):
+        assert torch.equal(a, b)
+    if not case["reverse"]:
+        with torch.no_grad():
+            got = run_module(cell, d, lens)
+        assert torch.equal(got, full[0]), "module output under no_grad"
+
+
+def run_module(cell, d, lengths):
+    """The output of rnnkern's module with d's weights on d's input and hx."""
+    I, H = d["input"].shape[2], d["weight_hh"].shape[1]
+    m = getattr(rnnkern, cell.upper())(I, H).to(d["input"].dtype)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(m, name + "_l0").copy_(d[name])
+    hx = d["hx"]
+    hx = tuple(h[None] for h in hx) if isinstance(hx, tuple) else hx[None]  # [L*D=1,B,*]
+    return m(d["input"], hx, lengths=lengths)[0]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_train_false_is_overridden_when_autograd_records_the_call(cell):
+    """A direct op call with train=False on inputs that require grad still
+    saves what backward reads: the gradients equal train=True's."""
+    d = make_gated(cell, 4, 3, 2, 7, seed=1)
+    h0, c0 = d["hx"] if cell == "lstm" else (d["hx"], None)
+    grads = []
+    for train in (True, False):
+        out = torch.ops.rnnkern.layer_fwd(d["input"], h0, c0, d["weight_ih"], d["weight_hh"],
+                                          d["bias_ih"], d["bias_hh"], None, None, cell, False, 0,
+                                          train)
+        assert out[3].shape == (4, 3, 28)
+        grads.append(torch.autograd.grad((out[0] * torch.arange(7.0, dtype=torch.float64)).sum(),
+                                         [d["input"], d["weight_hh"]]))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

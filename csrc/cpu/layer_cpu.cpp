@@ -53,8 +53,8 @@ struct LayerPtrs {
   const T* h0;       // [B,P]
   const T* c0;       // [B,H] LSTM
   T* out;            // [T,B,P]
-  T* gates;          // [T,B,4H]
-  T* cell;           // [T,B,H] LSTM
+  T* gates;          // [T,B,4H] (null: not saved, the fused forward without train)
+  T* cell;           // [T,B,H] LSTM (null: GRU, or not saved)
   T* proj_in;        // [T,B,H] projection
 };
 
@@ -212,8 +212,8 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
       if (step >= t_max) {  // every sequence has ended: zeros, as for any padded step
         if (!zero) continue;
         std::memset(p.out + (t * B + b0) * H, 0, sizeof(T) * (b1 - b0) * H);
-        std::memset(p.gates + (t * B + b0) * S, 0, sizeof(T) * (b1 - b0) * S);
-        if (lstm) std::memset(p.cell + (t * B + b0) * H, 0, sizeof(T) * (b1 - b0) * H);
+        if (p.gates) std::memset(p.gates + (t * B + b0) * S, 0, sizeof(T) * (b1 - b0) * S);
+        if (p.cell) std::memset(p.cell + (t * B + b0) * H, 0, sizeof(T) * (b1 - b0) * H);
         continue;
       }
       a.a = step == 0 ? p.h0 : p.out + (s.reverse ? t + 1 : t - 1) * B * H;
@@ -221,8 +221,8 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
       if (p.fused_x) a.x = p.x + t * B * s.I;
       else a.ax = p.ax + t * B * G;
       a.out = p.out + t * B * H;
-      a.gates = p.gates + t * B * S;
-      a.cell = lstm ? p.cell + t * B * H : nullptr;
+      a.gates = p.gates ? p.gates + t * B * S : nullptr;
+      a.cell = p.cell ? p.cell + t * B * H : nullptr;
       vk.gated_fwd_step(a, b0, b1);
       sync();
     }
@@ -267,7 +267,7 @@ void layer_fwd_fused_reversed(const LayerShape& s, const LayerPtrs<T>& p, T* h_n
   (p.fused_x ? q.x : q.ax) = in.get();
   layer_fwd_fused(f, q, h_n, c_n);
   reverse_within_lengths(p.out, p.out, s.T, s.B, s.H, s.lengths);
-  reverse_within_lengths(p.gates, p.gates, s.T, s.B, 4 * s.H, s.lengths);
+  if (p.gates) reverse_within_lengths(p.gates, p.gates, s.T, s.B, 4 * s.H, s.lengths);
   if (p.cell) reverse_within_lengths(p.cell, p.cell, s.T, s.B, s.H, s.lengths);
 }
 
@@ -548,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& lengths,
-    c10::string_view mode, bool reverse, int64_t truncate) {
+    c10::string_view mode, bool reverse, int64_t truncate, bool train) {
   LayerShape s = check_layer_args("rnnkern.layer_fwd", input, h0, c0, weight_ih, weight_hh,
                                   bias_ih, bias_hh, weight_hr, lengths, mode, reverse, truncate);
   const bool lstm = s.cell == CellKind::kLstm;
@@ -576,8 +576,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto out = at::empty({s.T, s.B, s.P}, opts);
   auto h_n = at::empty({s.B, s.P}, opts);
   auto c_n = lstm ? at::empty({s.B, s.H}, opts) : empty0(input);
-  auto gates = at::empty({s.T, s.B, 4 * s.H}, opts);
-  auto cell = lstm ? at::empty({s.T, s.B, s.H}, opts) : empty0(input);
+  // Backward's state. Without train the fused step saves none of it; the
+  // step-by-step loop uses gates and cell as its scratch.
+  const bool state = train || !gated_fused_path(s);
+  auto gates = state ? at::empty({s.T, s.B, 4 * s.H}, opts) : empty0(input);
+  auto cell = lstm && state ? at::empty({s.T, s.B, s.H}, opts) : empty0(input);
   // Zero at padded steps (written by no step): dW_hr multiplies all of it.
   auto proj_in = s.proj ? at::zeros({s.T, s.B, s.H}, opts) : empty0(input);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_fwd", [&] {
@@ -593,11 +596,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.h0 = hx.const_data_ptr<scalar_t>();
     p.c0 = lstm ? cx.const_data_ptr<scalar_t>() : nullptr;
     p.out = out.data_ptr<scalar_t>();
-    p.gates = gates.data_ptr<scalar_t>();
-    p.cell = lstm ? cell.data_ptr<scalar_t>() : nullptr;
+    p.gates = state ? gates.data_ptr<scalar_t>() : nullptr;
+    p.cell = lstm && state ? cell.data_ptr<scalar_t>() : nullptr;
     p.proj_in = s.proj ? proj_in.data_ptr<scalar_t>() : nullptr;
     layer_fwd_kernel(s, p, h_n.data_ptr<scalar_t>(), lstm ? c_n.data_ptr<scalar_t>() : nullptr);
   });
+  if (!train) return {out, h_n, c_n, empty0(input), empty0(input), empty0(input)};
   return {out, h_n, c_n, gates, cell, proj_in};
 }
 

@@ -64,6 +64,7 @@ struct StepArgs {
 //   ax   [B,NG*H] the step's input projection (LSTM: + b_ih + b_hh; GRU: + b_ih)
 //   b_hh [3H] GRU (added to ah) or null
 //   out  [B,H] h_t;  gates [B,4H];  cell [B,H] (LSTM c_t);  c [B,H] running c (LSTM)
+//   gates, cell: null when backward's state is not wanted (nothing saved)
 // The input projection can instead run in the same register tile (fused_x,
 // ax unused): the tile's sums then run over h_prev, then over the I inputs
 // of the step's x rows, and the epilogue adds bias.

@@ -559,10 +559,11 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       if constexpr (!FX)
 #pragma GCC unroll 4
         for (int g = 0; g < NG; ++g) __builtin_prefetch(p.ax + row * NG * H + g * H + j, 0, 3);
+      if (p.gates)
 #pragma GCC unroll 4
-      for (int g = 0; g < 4; ++g) __builtin_prefetch(p.gates + row * 4 * H + g * H + j, 1, 3);
+        for (int g = 0; g < 4; ++g) __builtin_prefetch(p.gates + row * 4 * H + g * H + j, 1, 3);
       __builtin_prefetch(p.out + row * H + j, 1, 3);
-      if constexpr (NG == 4) __builtin_prefetch(p.cell + row * H + j, 1, 3);
+      if (NG == 4 && p.cell) __builtin_prefetch(p.cell + row * H + j, 1, 3);
     }
   }
   tile_fma<T, R, NG>(acc, a, H, m, ld, H);
@@ -579,12 +580,13 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = b + r;
-    T* gr = p.gates + row * S + j;
+    T* gr = p.gates ? p.gates + row * S + j : nullptr;  // null: nothing saved
     if (!active(p.lens, row, p.step)) {
       const V zero(T(0));
       zero.store(p.out + row * H + j, n);
-      for (int g = 0; g < 4; ++g) zero.store(gr + g * H, n);
-      if constexpr (NG == 4) zero.store(p.cell + row * H + j, n);
+      if (gr)
+        for (int g = 0; g < 4; ++g) zero.store(gr + g * H, n);
+      if (NG == 4 && p.cell) zero.store(p.cell + row * H + j, n);
       continue;
     }
     // What the sums still lack: the input projection with its bias (ax), or
@@ -598,11 +600,13 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       V i, f, g, o, cn, mn;
       cells::lstm::forward<V>(pre[0], pre[1], pre[2], pre[3], V::loadu(p.c + row * H + j, n),
                               i, f, g, o, cn, mn);
-      i.store(gr, n);
-      f.store(gr + H, n);
-      g.store(gr + 2 * H, n);
-      o.store(gr + 3 * H, n);
-      cn.store(p.cell + row * H + j, n);
+      if (gr) {
+        i.store(gr, n);
+        f.store(gr + H, n);
+        g.store(gr + 2 * H, n);
+        o.store(gr + 3 * H, n);
+        cn.store(p.cell + row * H + j, n);
+      }
       cn.store(p.c + row * H + j, n);
       mn.store(p.out + row * H + j, n);
     } else {
@@ -622,10 +626,12 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       V rr, z, nn, hn;
       cells::gru::forward<V>(ax[0], ax[1], ax[2], ah[0], ah[1], ah[2],
                              V::loadu(p.a + row * H + j, n), rr, z, nn, hn);
-      rr.store(gr, n);
-      z.store(gr + H, n);
-      nn.store(gr + 2 * H, n);
-      ah[2].store(gr + 3 * H, n);
+      if (gr) {
+        rr.store(gr, n);
+        z.store(gr + H, n);
+        nn.store(gr + 2 * H, n);
+        ah[2].store(gr + 3 * H, n);
+      }
       hn.store(p.out + row * H + j, n);
     }
   }

@@ -1075,7 +1075,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const c10::optional<at::Tensor>& bias_ih, const c10::optional<at::Tensor>& bias_hh,
     const c10::optional<at::Tensor>& weight_hr, const c10::optional<at::Tensor>& lengths,
-    c10::string_view mode, bool reverse, int64_t truncate) {
+    c10::string_view mode, bool reverse, int64_t truncate, bool train) {
   LayerShape shape = check_layer_args("rnnkern.layer_fwd", input, h0, c0, weight_ih, weight_hh,
                                       bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
                                       truncate);
@@ -1105,6 +1105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_fwd_cuda",
                                [&] { run_forward<scalar_t>(s, f); });
   }
+  // The CUDA step writes backward's state either way; without train it is not returned.
+  if (!train) return {f.out, f.h, f.c, empty0(input), empty0(input), empty0(input)};
   return {f.out, f.h, f.c, f.gates, f.cell, f.proj_in};
 }
 
