@@ -395,6 +395,15 @@ using HeadBwdSig = std::tuple<Tensor, Tensor, Tensor>(
     const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, Str, Str,
     int64_t, double, int64_t);
 
+// True where the head's backward is its forward's gradients times 1: a
+// scalar loss whose gradients the forward computed (grad_h [T,B,P]), reached
+// by an upstream gradient of exactly 1 on the CPU (reading it elsewhere would
+// synchronise the device).
+bool unit_scale(const Tensor& grad_loss, const Tensor& grad_h) {
+  return grad_loss.defined() && grad_loss.dim() == 0 && grad_loss.device().is_cpu() &&
+         grad_h.dim() == 3 && grad_loss.item<double>() == 1.0;
+}
+
 // Called by the Function and, with no graph to record, directly.
 const c10::TypedOperatorHandle<HeadFwdSig>& head_loss_fwd_op() {
   static const auto op = op_handle<HeadFwdSig>("rnnkern::head_loss_fwd");
@@ -429,10 +438,18 @@ struct HeadLossFn : public torch::autograd::Function<HeadLossFn> {
     const auto names = ctx->saved_data["names"].toListRef();
     const std::string loss = names[0].toStringRef(), reduction = names[1].toStringRef();
     variable_list g(3);
-    std::tie(g[0], g[1], g[2]) =
-        call_below(op, loss_grad(grads[0], weight, reduction), h, s[1], weight_out,
-                   as_optional(bias_out), as_optional(s[4]), weight, s[6], s[7], s[8], loss,
-                   reduction, config[0], ctx->saved_data["label_smoothing"].toDouble(), config[1]);
+    if (unit_scale(grads[0], s[6])) {
+      // loss.backward(): the forward's gradients as they are. The op would
+      // have to copy them (an op's outputs never alias its inputs); autograd
+      // takes these as its own once the saved state is released, and copies
+      // them where the graph is kept.
+      g = {s[6], s[7], s[8]};
+    } else {
+      std::tie(g[0], g[1], g[2]) = call_below(
+          op, loss_grad(grads[0], weight, reduction), h, s[1], weight_out, as_optional(bias_out),
+          as_optional(s[4]), weight, s[6], s[7], s[8], loss, reduction, config[0],
+          ctx->saved_data["label_smoothing"].toDouble(), config[1]);
+    }
     if (!bias_out.defined()) g[2] = Tensor();
     first_order("rnnkern.functional.rnn_loss", g, {h, weight_out, bias_out});
     variable_list result(13);

@@ -161,3 +161,37 @@ def test_gated_rnn_loss_refuses(kw, exc, match):
     with pytest.raises(exc, match=match):
         functional.rnn_loss(t["input"], target, hx, t["weight_ih"], t["weight_hh"], t["bias_ih"],
                             t["bias_hh"], t["weight_out"], t["bias_out"], **kw)
+
+
+@pytest.mark.parametrize("case", product(mode=["lstm", "gru"], loss=["cross_entropy", "mse"],
+                                         reduction=["mean", "seq_sum"]), ids=str)
+def test_loss_backward_with_a_unit_upstream_gradient(case):
+    """loss.backward() (upstream gradient exactly 1) hands the head's gradients
+    from the forward straight to autograd: the reference's gradients; a second
+    backward of the kept graph adds the same again (the first left the saved
+    state intact), and an upstream 2.5 scales them."""
+    mode = case["mode"]
+    t, hx, target = problem(mode, loss=case["loss"], seed=3)
+    kw = dict(loss=case["loss"], reduction=case["reduction"],
+              lengths=torch.tensor([6, 0, 3, 5]))
+    ps = leaves(t, hx)
+
+    def call(impl):
+        return impl.rnn_loss(t["input"], target, hx, t["weight_ih"], t["weight_hh"],
+                             t["bias_ih"], t["bias_hh"], t["weight_out"], t["bias_out"],
+                             mode=mode, **kw)
+
+    want = torch.autograd.grad(call(reference), ps)
+    value = call(functional)
+    value.backward(retain_graph=True)
+    first = [p.grad.clone() for p in ps]
+    for i, (a, b) in enumerate(zip(first, want)):
+        assert_close(a, b, 1e-10, f"grad {i}")
+    value.backward(retain_graph=True)
+    for p, g in zip(ps, first):
+        assert torch.equal(p.grad, 2 * g)
+    for p in ps:
+        p.grad = None
+    (2.5 * value).backward()
+    for i, (p, g) in enumerate(zip(ps, first)):
+        assert_close(p.grad, 2.5 * g, 1e-12, f"scaled grad {i}")
