@@ -21,6 +21,7 @@ import dataclasses
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -544,11 +545,24 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
         for _ in range(warmup):
             fwd()
             train_step(train)
-    for rep in range(repeats):
-        progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
-        for name, fwd, train in impls:  # interleaved: every impl sees the same noise
-            times[name]["forward"].append(time_once(fwd))
-            times[name]["train"].append(time_once(lambda: train_step(train)))
+    # Interleaved, so that every implementation sees the same noise, in a new
+    # order each repeat: in a fixed order, the one timed right after another
+    # measured up to 25% slower or faster than the same code elsewhere in the
+    # order. Python's cyclic GC is off while timing (as in timeit), so that a
+    # collection the others' garbage set off is not charged to whoever runs.
+    order = random.Random(0)
+    gc.collect()
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for rep in range(repeats):
+            progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
+            for name, fwd, train in order.sample(impls, len(impls)):
+                times[name]["forward"].append(time_once(fwd))
+                times[name]["train"].append(time_once(lambda: train_step(train)))
+    finally:
+        if gc_was_on:
+            gc.enable()
     # After the timing: measuring the CPU peak hands the free heap back to the
     # OS (malloc_trim), which the next calls would pay for in page faults.
     peaks = {name: peak_mb(lambda: train_step(train)) for name, _, train in impls}
@@ -647,13 +661,13 @@ def main(args) -> int:
         header = (f"rnnkern bench: torch {torch.__version__}, float32 on {gpu_name()} (CUDA "
                   f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), rnnkern's "
                   f"CUDA kernels against torch.nn on cuDNN, timed with CUDA events, "
-                  f"median of {repeats} interleaved repeats")
+                  f"median of {repeats} interleaved repeats in shuffled order")
     else:
         malloc = steady_malloc()
         peak_sgemm_gflops()  # a first measurement before any configuration
         header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
                   f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs "
-                  f"({cpu_name()}), median of {repeats} interleaved repeats"
+                  f"({cpu_name()}), median of {repeats} interleaved repeats in shuffled order"
                   + (f", {malloc}" if malloc else ""))
     print(header, flush=True)
     load = machine_load()

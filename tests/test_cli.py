@@ -1,6 +1,7 @@
 """The command-line tools: check (exit status, failure detection), bench
 (tables, JSON, ratios) and demo."""
 
+import gc
 import json
 import os
 import subprocess
@@ -157,6 +158,31 @@ def test_bench_spread_flags_noisy_repeats():
     quiet = bench.Row("rnnkern", 1.0, 2.0, None, forward_spread=0.05, train_spread=0.1)
     loud = bench.Row("nn.RNN", 1.0, 2.0, None, forward_spread=0.05, train_spread=0.9)
     assert not quiet.noisy and loud.noisy
+
+
+def test_bench_times_in_a_new_order_each_repeat_with_the_gc_off(monkeypatch):
+    """run_config interleaves the implementations in a shuffled order (no one
+    is always timed right after another) and keeps Python's cyclic GC off
+    while timing only: it is back on afterwards."""
+    log = []
+
+    def recording(name):
+        def make(problem):
+            def fwd():
+                log.append((name, gc.isenabled()))
+            return fwd, fwd
+        return make
+
+    names = ("rnnkern", "nn.RNN", "nn.RNN packed")
+    monkeypatch.setattr(bench, "implementations", lambda cfg, with_reference: [
+        (n, recording(n)) for n in names])
+    cfg = bench.Config("t", 2, 3, 2, 3, lengths=True)  # no ceiling: no sgemm timing
+    bench.run_config(cfg, repeats=12, warmup=0, with_reference=False, progress=lambda s: None)
+    timed = [entry for entry in log[:12 * 6]]
+    assert not any(on for _, on in timed), "the GC ran during the timing"
+    orders = {tuple(n for n, _ in timed[r * 6:(r + 1) * 6:2]) for r in range(12)}
+    assert len(orders) > 2 and all(sorted(o) == sorted(names) for o in orders), orders
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize("cell, gates", [("rnn", 1), ("lstm", 4), ("gru", 3)])
