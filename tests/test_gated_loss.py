@@ -169,7 +169,8 @@ def test_loss_backward_with_a_unit_upstream_gradient(case):
     """loss.backward() (upstream gradient exactly 1) hands the head's gradients
     from the forward straight to autograd: the reference's gradients; a second
     backward of the kept graph adds the same again (the first left the saved
-    state intact), and an upstream 2.5 scales them."""
+    state intact), zeroing .grad in place does not reach that state, and an
+    upstream 2.5 scales them."""
     mode = case["mode"]
     t, hx, target = problem(mode, loss=case["loss"], seed=3)
     kw = dict(loss=case["loss"], reduction=case["reduction"],
@@ -190,6 +191,13 @@ def test_loss_backward_with_a_unit_upstream_gradient(case):
     value.backward(retain_graph=True)
     for p, g in zip(ps, first):
         assert torch.equal(p.grad, 2 * g)
+    # .grad shares no memory with the kept state: zeroing it in place (as
+    # zero_grad(set_to_none=False) does) leaves the next backward intact.
+    for p in ps:
+        p.grad.zero_()
+    value.backward(retain_graph=True)
+    for p, g in zip(ps, first):
+        assert torch.equal(p.grad, g)
     for p in ps:
         p.grad = None
     (2.5 * value).backward()
