@@ -24,6 +24,7 @@
 #include "../checks.h"
 #include "../params.h"
 #include "aligned.h"
+#include "pack.h"
 #include "blas.h"
 #include "elman_cpu.h"
 #include "time_order.h"
@@ -107,17 +108,6 @@ constexpr int64_t kFusedMaxH = 256;
 // stays on one thread.
 constexpr int64_t kLoopGrainFma = int64_t(1) << 18;
 
-// M [K,N] (strides sk, sn) -> [K,NP] rows, NP = N rounded up to `width`, zero padded.
-template <typename T>
-AlignedVector<T> pack_matrix(const T* m, int64_t K, int64_t N, int64_t sk, int64_t sn,
-                             int64_t width, int64_t* NP) {
-  *NP = (N + width - 1) / width * width;
-  AlignedVector<T> packed(size_t(K * *NP), T(0));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < N; ++n) packed[size_t(k * *NP + n)] = m[k * sk + n * sn];
-  return packed;
-}
-
 // The sequences of a batch are independent, so the fused loops split the
 // batch, not the steps: each thread runs the whole time loop over its own row
 // tiles, with one fork/join per call instead of one per step (a per-step
@@ -156,7 +146,8 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   if (fused_path(s)) {
     int64_t NP = 0;
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
-    const AlignedVector<T> mp = pack_matrix(p.w_hh, H, H, 1, H, vk.pack_width, &NP);
+    const AlignedVector<T> mp =
+        pack_panels(p.w_hh, H, H, 1, H, vk.panel_width, vk.pack_width, &NP);
     for_row_tiles(B, vk.row_block, s.T * H * H, [&](int64_t b0, int64_t b1) {
       StepArgs<T> a;
       a.act = s.act;
@@ -230,7 +221,8 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
   const int64_t T_ = s.T, B = s.B, H = s.H, BH = B * H;
   int64_t NP = 0;
   // carry = dz W_hh: M = W_hh, M[k][j] = W_hh[k][j]
-  const AlignedVector<T> mp = pack_matrix(p.w_hh, H, H, H, 1, vk.pack_width, &NP);
+  const AlignedVector<T> mp =
+      pack_panels(p.w_hh, H, H, H, 1, vk.panel_width, vk.pack_width, &NP);
   for_row_tiles(B, vk.row_block, T_ * H * H, [&](int64_t b0, int64_t b1) {
     StepArgs<T> a;
     a.act = s.act;

@@ -30,6 +30,7 @@
 #include "../checks.h"
 #include "../params.h"
 #include "aligned.h"
+#include "pack.h"
 #include "blas.h"
 #include "elman_cpu.h"
 #include "time_order.h"
@@ -361,10 +362,10 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
   const bool lstm = s.cell == CellKind::kLstm;
   const Steps st{s};
   const int64_t t_max = st.max_len();
-  // M = W_hh [G,H] as it is (carry = dah W_hh), rows padded to the vector width.
-  const int64_t NP = (H + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
-  AlignedVector<T> mp(size_t(G * NP), T(0));
-  for (int64_t k = 0; k < G; ++k) std::memcpy(mp.data() + k * NP, p.w_hh + k * H, sizeof(T) * H);
+  // M = W_hh [G,H] as it is (carry = dah W_hh), in panels.
+  int64_t NP = 0;
+  const AlignedVector<T> mp =
+      pack_panels(p.w_hh, G, H, H, 1, vk.panel_width, vk.pack_width, &NP);
   AlignedVector<T> dtot(g.grad_norm ? size_t(B * H) : 0);
   auto time_of = [&](int64_t step) { return s.reverse ? s.T - 1 - step : step; };
   const int64_t rb = vk.row_block, tiles = (B + rb - 1) / rb;

@@ -25,8 +25,8 @@ namespace rnnkern::cpu {
 
 // One time step of the recurrence, for rows [b0, b1) of the batch.
 //   a   [B,K] left operand (row stride lda); null in backward means "no GEMM"
-//   mp  [K,NP] right operand M [K,N], packed: rows of NP = N rounded up to
-//       pack_width, zero padded (pack_matrix)
+//   mp  right operand M [K,N] in panels of panel_width columns, each
+//       contiguous over k (pack_panels); NP = N rounded up to pack_width
 //   lens [B] or null (all rows active); a row is active at step s if s < lens[b]
 // fwd_step: z[b,:] = act(z[b,:] + a[b,:] M) for rows active at step_out, 0 for
 //           the others. z [B,N], row stride ldz, holds the input projection.
@@ -106,7 +106,7 @@ struct GatedStepArgs {
 //   and, for the GRU, the direct part into dh. Rows inactive at `step` are
 //   left alone. final_carry: only dh = a W_hh (LSTM) or dh += a W_hh (GRU) for
 //   rows active at step_a, after the last processed step.
-//   mp: W_hh [G, H] packed as rows of NP (pack width), zero padded
+//   mp: W_hh [G, H] in panels of panel_width units (pack_panels)
 //   grad_out, cell, prev (LSTM c_prev / GRU h_prev), dh, dc, dtot: [B,H] rows;
 //   gates [B,4H]; a, dax, dah: [B,G]
 template <typename T>
@@ -135,6 +135,9 @@ struct VecKernels {
   // (ranges handed to fwd_step/bwd_step should start at a multiple of it).
   int64_t pack_width;
   int64_t row_block;
+  // The column width of the panels the register tiles of fwd_step, bwd_step
+  // and gated_bwd_step stream (pack_panels).
+  int64_t panel_width;
   void (*fwd_step)(const StepArgs<T>& p, int64_t b0, int64_t b1);
   void (*bwd_step)(const StepArgs<T>& p, int64_t b0, int64_t b1);
   // z[0:n] = act(z[0:n])

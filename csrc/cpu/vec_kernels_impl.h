@@ -231,7 +231,8 @@ inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
-  tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + j0, p.NP, p.K);
+  constexpr int64_t PW = Tiling<T>::CB * Vectorized<T>::size();  // pack_panels
+  tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / PW) * p.K * PW, PW, p.K);
 }
 
 template <typename T, bool kForward, int R, int C>
@@ -887,8 +888,8 @@ void row_gemm(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const 
 
 template <typename T>
 VecKernels<T> make() {
-  return {Vectorized<T>::size(), Tiling<T>::RB, &fused_step<T, true>, &fused_step<T, false>,
-          &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
+  return {Vectorized<T>::size(), Tiling<T>::RB, Tiling<T>::CB * Vectorized<T>::size(),
+          &fused_step<T, true>, &fused_step<T, false>, &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
           &gru_bwd_row<T>, &gated_fwd_step<T>, &gated_bwd_step<T>,
           &atb_block<T>, 2 * Vectorized<T>::size(), &row_gemm<T>};
