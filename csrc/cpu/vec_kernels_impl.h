@@ -36,6 +36,7 @@ struct Tiling {
   // register file (32 zmm with AVX-512, 16 ymm otherwise).
   static constexpr int RB = Vectorized<T>::size() * sizeof(T) >= 64 ? 8 : 4;
   static constexpr int CB = 2;
+  static constexpr int PW = CB * Vectorized<T>::size();  // panel width (pack_panels)
 };
 
 // tanh for float32 as an odd rational function, x P(x^2) / Q(x^2), on x clamped
@@ -231,7 +232,7 @@ inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
-  constexpr int64_t PW = Tiling<T>::CB * Vectorized<T>::size();  // pack_panels
+  constexpr int64_t PW = Tiling<T>::PW;
   tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / PW) * p.K * PW, PW, p.K);
 }
 
@@ -891,8 +892,8 @@ void row_gemm(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const 
 
 template <typename T>
 VecKernels<T> make() {
-  return {Vectorized<T>::size(), Tiling<T>::RB, Tiling<T>::CB * Vectorized<T>::size(),
-          &fused_step<T, true>, &fused_step<T, false>, &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
+  return {Vectorized<T>::size(), Tiling<T>::RB, Tiling<T>::PW, &fused_step<T, true>,
+          &fused_step<T, false>, &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
           &gru_bwd_row<T>, &gated_fwd_step<T>, &gated_bwd_step<T>,
           &atb_block<T>, 2 * Vectorized<T>::size(), &row_gemm<T>};
