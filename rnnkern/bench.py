@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import random
 import statistics
@@ -240,8 +241,14 @@ def impl_nn_rnn_chunked(p: Problem):
     return forward, train
 
 
-def implementations(cfg: Config, with_reference: bool = True):
-    impls = [("rnnkern", impl_rnnkern), (cfg.nn_name, impl_nn_rnn)]
+def implementations(cfg: Config, with_reference: bool = True, baselines_only: bool = False):
+    """(name, make) for each implementation timed on cfg. With
+    ``baselines_only`` (the quick suite), a lengths or truncate configuration
+    leaves out the padded, unchunked torch.nn row: it is not the baseline there,
+    and at T = 1000 it costs as much as the baseline."""
+    impls = [("rnnkern", impl_rnnkern)]
+    if not (baselines_only and (cfg.lengths or cfg.truncate)):
+        impls.append((cfg.nn_name, impl_nn_rnn))
     if cfg.lengths:
         impls.append((f"{cfg.nn_name} packed", impl_nn_rnn_packed))
     if cfg.truncate:
@@ -297,6 +304,35 @@ def _time_once_cuda(fn: Callable[[], None]) -> float:
 
 def timer(device: str) -> Callable[[Callable[[], None]], float]:
     return _time_once_cuda if device == "cuda" else _time_once
+
+
+# A timing shorter than this is taken over a loop of calls (timeit's way): one
+# call of the tiny configuration lasts tens of microseconds, near the timer's
+# own cost, and a lone call after another implementation's runs cold (its
+# caches and allocator state are the other's). The count is set once per
+# implementation and phase, from the warm-up call's time.
+MIN_TIMING_S = 0.02
+MAX_CALLS_PER_TIMING = 1000
+
+
+def calls_per_timing(seconds: float) -> int:
+    """How many calls one timing takes for a call that lasted `seconds`."""
+    if seconds >= MIN_TIMING_S:
+        return 1
+    return min(MAX_CALLS_PER_TIMING, math.ceil(MIN_TIMING_S / max(seconds, 1e-7)))
+
+
+def time_calls(time_once: Callable[[Callable[[], None]], float], fn: Callable[[], None],
+               calls: int) -> float:
+    """Seconds per call of `fn`, from one timing of `calls` calls in a row."""
+    if calls == 1:
+        return time_once(fn)
+
+    def loop():
+        for _ in range(calls):
+            fn()
+
+    return time_once(loop) / calls
 
 
 CUDA_OPS = ("elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "layer_fwd",
@@ -475,6 +511,9 @@ class Row:
     forward_max_ms: float = 0.0
     train_min_ms: float = 0.0
     train_max_ms: float = 0.0
+    # Calls per timing (MIN_TIMING_S): the figures above are per call.
+    forward_calls: int = 1
+    train_calls: int = 1
 
     @property
     def noisy(self) -> bool:
@@ -530,12 +569,17 @@ def machine_load(calibration_s: float = 0.05) -> dict:
 
 
 def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
-               progress: Callable[[str], None], device: str = "cpu") -> dict:
+               progress: Callable[[str], None], device: str = "cpu",
+               quick: bool = False) -> dict:
+    """Times every implementation on cfg. ``quick``: the baselines only (see
+    implementations) and no peak-memory column."""
     problem = Problem(cfg, device=device)
     time_once = timer(device)
     peak_mb = peak_cuda_growth_mb if device == "cuda" else peak_rss_growth_mb
-    impls = [(name, *make(problem)) for name, make in implementations(cfg, with_reference)]
+    impls = [(name, *make(problem))
+             for name, make in implementations(cfg, with_reference, baselines_only=quick)]
     times = {name: {"forward": [], "train": []} for name, _, _ in impls}
+    calls = {name: {"forward": 1, "train": 1} for name, _, _ in impls}
 
     def train_step(fn):
         problem.zero_grad()
@@ -543,8 +587,10 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
 
     for name, fwd, train in impls:
         for _ in range(warmup):
-            fwd()
-            train_step(train)
+            t_fwd = time_once(fwd)
+            t_train = time_once(lambda: train_step(train))
+        if warmup:  # the last warm-up call sets the calls per timing
+            calls[name] = {"forward": calls_per_timing(t_fwd), "train": calls_per_timing(t_train)}
     # Interleaved, so that every implementation sees the same noise, in a new
     # order each repeat: in a fixed order, the one timed right after another
     # measured up to 25% slower or faster than the same code elsewhere in the
@@ -558,20 +604,24 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
         for rep in range(repeats):
             progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
             for name, fwd, train in order.sample(impls, len(impls)):
-                times[name]["forward"].append(time_once(fwd))
-                times[name]["train"].append(time_once(lambda: train_step(train)))
+                n = calls[name]
+                times[name]["forward"].append(time_calls(time_once, fwd, n["forward"]))
+                times[name]["train"].append(
+                    time_calls(time_once, lambda: train_step(train), n["train"]))
     finally:
         if gc_was_on:
             gc.enable()
     # After the timing: measuring the CPU peak hands the free heap back to the
     # OS (malloc_trim), which the next calls would pay for in page faults.
-    peaks = {name: peak_mb(lambda: train_step(train)) for name, _, train in impls}
+    peaks = {name: None if quick else peak_mb(lambda: train_step(train))
+             for name, _, train in impls}
     def row(name):
         f, t = times[name]["forward"], times[name]["train"]
         return Row(name, statistics.median(f) * 1e3, statistics.median(t) * 1e3, peaks[name],
                    forward_spread=spread(f), train_spread=spread(t),
                    forward_min_ms=min(f) * 1e3, forward_max_ms=max(f) * 1e3,
-                   train_min_ms=min(t) * 1e3, train_max_ms=max(t) * 1e3)
+                   train_min_ms=min(t) * 1e3, train_max_ms=max(t) * 1e3,
+                   forward_calls=calls[name]["forward"], train_calls=calls[name]["train"])
 
     rows = [row(name) for name, _, _ in impls]
     result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
@@ -657,18 +707,19 @@ def main(args) -> int:
         repeats, warmup, with_reference = 5, 1, False
     else:
         repeats, warmup = args.repeats, 2
+    timing = (f"median of {repeats} interleaved repeats in shuffled order, a call under "
+              f"{MIN_TIMING_S * 1e3:.0f} ms timed in a loop of calls"
+              + ("; quick suite: the baselines only, no peak memory" if args.quick else ""))
     if device == "cuda":
         header = (f"rnnkern bench: torch {torch.__version__}, float32 on {gpu_name()} (CUDA "
                   f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), rnnkern's "
-                  f"CUDA kernels against torch.nn on cuDNN, timed with CUDA events, "
-                  f"median of {repeats} interleaved repeats in shuffled order")
+                  f"CUDA kernels against torch.nn on cuDNN, timed with CUDA events, {timing}")
     else:
         malloc = steady_malloc()
         peak_sgemm_gflops()  # a first measurement before any configuration
         header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
                   f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs "
-                  f"({cpu_name()}), median of {repeats} interleaved repeats in shuffled order"
-                  + (f", {malloc}" if malloc else ""))
+                  f"({cpu_name()}), {timing}" + (f", {malloc}" if malloc else ""))
     print(header, flush=True)
     load = machine_load()
     if load["busy"]:
@@ -680,8 +731,8 @@ def main(args) -> int:
     start = time.perf_counter()
     for cfg in configs:
         progress(f"[{len(results) + 1}/{len(configs)}] {cfg.label}")
-        result = run_config(cfg, repeats=repeats, warmup=warmup,
-                            with_reference=with_reference, progress=progress, device=device)
+        result = run_config(cfg, repeats=repeats, warmup=warmup, with_reference=with_reference,
+                            progress=progress, device=device, quick=args.quick)
         results.append(result)
         print("\n" + format_table(result), flush=True)
     print("\nSpeedup of rnnkern over the baseline (the cell's torch.nn module; packed for "

@@ -2,6 +2,7 @@
 (tables, JSON, ratios) and demo."""
 
 import gc
+import time
 import json
 import os
 import subprocess
@@ -174,7 +175,7 @@ def test_bench_times_in_a_new_order_each_repeat_with_the_gc_off(monkeypatch):
         return make
 
     names = ("rnnkern", "nn.RNN", "nn.RNN packed")
-    monkeypatch.setattr(bench, "implementations", lambda cfg, with_reference: [
+    monkeypatch.setattr(bench, "implementations", lambda cfg, with_reference, baselines_only: [
         (n, recording(n)) for n in names])
     cfg = bench.Config("t", 2, 3, 2, 3, lengths=True)  # no ceiling: no sgemm timing
     bench.run_config(cfg, repeats=12, warmup=0, with_reference=False, progress=lambda s: None)
@@ -183,6 +184,68 @@ def test_bench_times_in_a_new_order_each_repeat_with_the_gc_off(monkeypatch):
     orders = {tuple(n for n, _ in timed[r * 6:(r + 1) * 6:2]) for r in range(12)}
     assert len(orders) > 2 and all(sorted(o) == sorted(names) for o in orders), orders
     assert gc.isenabled()
+
+
+def test_bench_times_a_short_call_in_a_loop_and_reports_per_call():
+    """A call shorter than MIN_TIMING_S is timed in a loop of calls, so many
+    that the loop lasts MIN_TIMING_S (at most MAX_CALLS_PER_TIMING), and the
+    figure is the loop's time over the count; a long call is timed alone."""
+    assert bench.calls_per_timing(bench.MIN_TIMING_S) == 1
+    assert bench.calls_per_timing(3.0) == 1
+    assert bench.calls_per_timing(bench.MIN_TIMING_S / 4) == 4
+    assert bench.calls_per_timing(bench.MIN_TIMING_S / 4.5) == 5
+    assert bench.calls_per_timing(1e-9) == bench.MAX_CALLS_PER_TIMING
+    log = []
+    clock = iter([10.0, 10.7])  # one timing of 7 calls: 0.7 s in all
+
+    def fake_time_once(fn):
+        t0 = next(clock)
+        fn()
+        return next(clock) - t0
+
+    per_call = bench.time_calls(fake_time_once, lambda: log.append(1), 7)
+    assert len(log) == 7 and abs(per_call - 0.1) < 1e-12
+    clock = iter([1.0, 3.5])
+    assert bench.time_calls(fake_time_once, lambda: log.append(1), 1) == 2.5 and len(log) == 8
+
+
+def test_bench_sets_the_calls_per_timing_from_the_warm_up(monkeypatch):
+    """run_config's warm-up sets each implementation's and phase's calls per
+    timing; every repeat then makes that many calls, and the row records it."""
+    counts = {"fast": 0, "slow": 0}
+
+    def make(name, seconds):
+        def fn():
+            counts[name] += 1
+            time.sleep(seconds)
+        return lambda problem: (fn, fn)
+
+    monkeypatch.setattr(bench, "implementations", lambda cfg, with_reference, baselines_only: [
+        ("fast", make("fast", 0.0)), ("slow", make("slow", 1.5 * bench.MIN_TIMING_S))])
+    cfg = bench.Config("t", 2, 3, 2, 3, lengths=True)
+    result = bench.run_config(cfg, repeats=3, warmup=1, with_reference=False,
+                              progress=lambda s: None, quick=True)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["slow"]["forward_calls"] == rows["slow"]["train_calls"] == 1
+    assert counts["slow"] == 2 + 3 * 2  # quick: no peak-memory call
+    n_f, n_t = rows["fast"]["forward_calls"], rows["fast"]["train_calls"]
+    assert n_f > 1 and n_t > 1
+    assert counts["fast"] == 2 + 3 * (n_f + n_t)
+    assert rows["fast"]["peak_mb"] is None and rows["slow"]["peak_mb"] is None
+
+
+def test_quick_bench_times_only_the_baselines_of_lengths_and_truncate():
+    """The quick suite leaves the padded, unchunked module out where it is not
+    the baseline (lengths, truncate); the full suite keeps it."""
+    for cfg in bench.suite():
+        full = [n for n, _ in bench.implementations(cfg, with_reference=False)]
+        quick = [n for n, _ in bench.implementations(cfg, with_reference=False,
+                                                     baselines_only=True)]
+        assert full[0] == quick[0] == "rnnkern" and bench.baseline_name(cfg) in quick
+        if cfg.lengths or cfg.truncate:
+            assert cfg.nn_name in full and quick == ["rnnkern", bench.baseline_name(cfg)]
+        else:
+            assert quick == full
 
 
 @pytest.mark.parametrize("cell, gates", [("rnn", 1), ("lstm", 4), ("gru", 3)])
