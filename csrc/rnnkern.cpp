@@ -61,7 +61,7 @@ TORCH_LIBRARY(rnnkern, m) {
   //      computed in the same sweep: grad_output [T,B,H] (through the head at
   //      step t only), grad_weight_out [O,H], grad_bias_out [O]. Each is [0]
   //      when not computed (grad_bias_out also without bias_out).
-  // chunk_rows: rows per chunk, 0 for automatic (about 8 MB of logits).
+  // chunk_rows: rows per chunk, 0 for automatic (about 32 MB of logits).
   // truncate: as for elman_fwd, for the registered backward only.
   m.def(
       "elman_loss_fwd(Tensor input, Tensor target, Tensor hx, Tensor weight_ih, "

@@ -50,8 +50,10 @@ namespace {
 
 // About this much of logits per chunk: large enough that the chunk GEMMs run
 // near BLAS's peak (dW_out += dlogits^T h_c has K = C), small enough to be
-// nothing next to the [T,B,O] logits it replaces.
-constexpr int64_t kChunkBytes = int64_t(8) << 20;
+// little next to the [T,B,O] logits it replaces. At O = 8192 (1024 rows a
+// chunk) the fused step took 9% less time than with 8 MB (256 rows) on a Zen 5,
+// for 24 MB more of peak memory, a fiftieth of the logits.
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 int64_t rows_per_chunk(const LossSpec& spec, int64_t rows, int64_t elem_size) {
   const int64_t auto_rows = std::max<int64_t>(1, kChunkBytes / (spec.O * elem_size));

@@ -33,8 +33,8 @@
 namespace rnnkern::cuda {
 namespace {
 
-// About this much of logits per chunk: 4x the CPU's 8 MB (a GPU's GEMMs want
-// taller chunks), still far below the [T,B,O] logits it replaces.
+// About this much of logits per chunk, as on the CPU (GEMMs want tall chunks),
+// still far below the [T,B,O] logits it replaces.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 int64_t rows_per_chunk(const LossSpec& spec, int64_t rows, int64_t elem_size) {
