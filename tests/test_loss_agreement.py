@@ -387,3 +387,34 @@ def test_raw_backward_never_reads_an_ignored_target():
 
     for a, b in zip(bwd(torch.ones_like(weight)), bwd(weight)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_strided_biases_give_the_same_bits(mode):
+    """Biases read through strided views (every other element of a longer
+    vector; the Elman bias sum and the small products' packing read them by
+    stride) give exactly what contiguous copies give: the loss, the layer's
+    output and every gradient. O = 3 classes and I = 4 put the head and the
+    input projection on the packed small products."""
+    T, B, I, H, O = 5, 3, 4, 7, 3
+    G = {"rnn_tanh": 1, "lstm": 4, "gru": 3}[mode] * H
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    target = torch.randint(0, O, (T, B))
+    w_ih = torch.randn(G, I, dtype=torch.float64) / 2
+    w_hh = torch.randn(G, H, dtype=torch.float64) / 3
+    w_out = torch.randn(O, H, dtype=torch.float64)
+    wide = [torch.randn(2 * n, dtype=torch.float64) for n in (G, G, O)]
+
+    def run(strided):
+        leaves = [w.clone().requires_grad_() for w in wide]
+        views = [w[::2] if strided else w[::2].contiguous() for w in leaves]
+        assert all(v.is_contiguous() != strided for v in views)
+        loss = functional.rnn_loss(x, target, None, w_ih, w_hh, views[0], views[1], w_out,
+                                   views[2], mode=mode)
+        layer = {"rnn_tanh": functional.rnn, "lstm": functional.lstm, "gru": functional.gru}[mode]
+        out = layer(x, None, w_ih, w_hh, views[0], views[1])[0]
+        (loss + (out * out).sum()).backward()
+        return [loss.detach(), out.detach(), *(w.grad for w in leaves)]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)

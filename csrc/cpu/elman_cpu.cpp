@@ -345,7 +345,19 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
 // ---------------------------------------------------------------------------
 
 at::Tensor bias_sum(const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh) {
-  if (b_ih.has_value() && b_hh.has_value()) return *b_ih + *b_hh;
+  if (b_ih.has_value() && b_hh.has_value()) {
+    // One scan, the same bits as b_ih + b_hh: an ATen add builds a
+    // TensorIterator, which costs more than a tiny call's whole layer.
+    auto sum = at::empty({b_ih->numel()}, b_ih->options());
+    AT_DISPATCH_FLOATING_TYPES(sum.scalar_type(), "bias_sum", [&] {
+      const scalar_t* a = b_ih->const_data_ptr<scalar_t>();
+      const scalar_t* b = b_hh->const_data_ptr<scalar_t>();
+      const int64_t sa = b_ih->stride(0), sb = b_hh->stride(0);
+      scalar_t* out = sum.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < sum.numel(); ++i) out[i] = a[i * sa] + b[i * sb];
+    });
+    return sum;
+  }
   if (b_ih.has_value()) return *b_ih;
   if (b_hh.has_value()) return *b_hh;
   return at::Tensor();
@@ -450,19 +462,34 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
 }  // namespace
 
 SmallMatmul::SmallMatmul(const at::Tensor& w, const at::Tensor& bias) : w_(w), bias_(bias) {
-  TORCH_INTERNAL_ASSERT(w.dim() == 2 && (!bias.defined() || bias.numel() == w.size(1)));
+  TORCH_INTERNAL_ASSERT(w.dim() == 2 &&
+                        (!bias.defined() || (bias.dim() == 1 && bias.numel() == w.size(1))));
   const int64_t K = w.size(0), N = w.size(1);
   if (N == 0 || !row_gemm_wins(K, N)) return;
   // w and the bias as row_gemm reads them: [K, NP], [NP], zero padded.
   const int64_t pw = w.scalar_type() == at::kFloat ? vec_kernels_for<float>().pack_width
                                                    : vec_kernels_for<double>().pack_width;
   const int64_t NP = (N + pw - 1) / pw * pw;
-  wt_ = at::zeros({K, NP}, w.options());
-  wt_.narrow(1, 0, N).copy_(w);
-  if (bias.defined()) {
-    bp_ = at::zeros({NP}, w.options());
-    bp_.narrow(0, 0, N).copy_(bias);
-  }
+  // One scan each (not zeros + narrow + copy_, four ATen calls and a
+  // TensorIterator, which at a tiny call's sizes cost more than the product).
+  wt_ = at::empty({K, NP}, w.options());
+  if (bias.defined()) bp_ = at::empty({NP}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_matmul_pack", [&] {
+    const scalar_t* src = w.const_data_ptr<scalar_t>();
+    const int64_t s0 = w.stride(0), s1 = w.stride(1);
+    scalar_t* dst = wt_.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t n = 0; n < N; ++n) dst[k * NP + n] = src[k * s0 + n * s1];
+      for (int64_t n = N; n < NP; ++n) dst[k * NP + n] = scalar_t(0);
+    }
+    if (bias.defined()) {
+      const scalar_t* b = bias.const_data_ptr<scalar_t>();
+      const int64_t sb = bias.stride(0);
+      scalar_t* bp = bp_.data_ptr<scalar_t>();
+      for (int64_t n = 0; n < N; ++n) bp[n] = b[n * sb];
+      for (int64_t n = N; n < NP; ++n) bp[n] = scalar_t(0);
+    }
+  });
 }
 
 void SmallMatmul::mm_out(at::Tensor& out, const at::Tensor& x) const {

@@ -289,6 +289,12 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   });
 }
 
+// A 0-dim CPU tensor's value, read in place (item() dispatches twice).
+double scalar_value(const at::Tensor& t) {
+  return AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "scalar_value",
+                                    [&] { return double(*t.const_data_ptr<scalar_t>()); });
+}
+
 // sum of coef * l over the rows [T,B], in double and in row order, as one scan
 // (cheaper than mul + sum + to at a tiny call's sizes).
 at::Tensor weighted_sum(const at::Tensor& coef, const at::Tensor& l) {
@@ -368,7 +374,7 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
     grads = new_head_grads(spec, s, bias_out.has_value(), opts);
     run_head(spec, s, output, target, weight_out, bias_out, coef, at::Tensor(), &grads);
     grads.output = grads.output.view({s.T, s.B, s.H});
-  } else if (grad_loss.item<double>() == 1.0) {
+  } else if (scalar_value(grad_loss) == 1.0) {
     // The usual loss.backward(): the forward's gradients as they are (the
     // returned ones copied, as an op's outputs never alias its inputs).
     grads = {grad_output, grad_weight_out.clone(), grad_bias_out.clone()};
