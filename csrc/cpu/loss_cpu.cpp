@@ -226,14 +226,17 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   for (int64_t c0 = 0; c0 < n_active; c0 += C) {
     const int64_t n = std::min(C, n_active - c0);
     at::Tensor idx, hc;
+    // A sweep of one chunk takes the whole tensors: no narrow (three ATen
+    // calls a chunk, as much as a tiny call's head).
+    const bool whole = all_rows && n == N;
     if (all_rows) {
-      hc = h.narrow(0, c0, n);  // [n,H]
+      hc = whole ? h : h.narrow(0, c0, n);  // [n,H]
     } else {
       idx = rows.narrow(0, c0, n);
       hc = h_buf.narrow(0, 0, n);
       at::index_select_out(hc, h, 0, idx);
     }
-    auto logits = logits_buf.narrow(0, 0, n);  // [n,O], the bias is added by the row pass
+    auto logits = n == C ? logits_buf : logits_buf.narrow(0, 0, n);  // [n,O], bias: the row pass
     w_for_logits.mm_out(logits, hc);
 
     T* xp = logits.data_ptr<T>();
@@ -249,7 +252,7 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
     if (!grad) continue;
     // logits now holds coef * dl/dlogits.
     if (all_rows) {
-      auto dh = grads->output.narrow(0, c0, n);
+      auto dh = whole ? grads->output : grads->output.narrow(0, c0, n);
       w_for_dh.mm_out(dh, logits);
     } else {
       auto dh = dh_buf.narrow(0, 0, n);
@@ -279,10 +282,23 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   const auto w = w_out.contiguous();
   const at::Tensor b = b_out.has_value() ? b_out->contiguous() : at::Tensor();
   // An ignored target is never a row of the sweep, whatever weight a direct
-  // call of the backward op passes: it is no class index to read.
-  const auto c = spec.kind == LossKind::kCrossEntropy
-                     ? coef.masked_fill(tgt.eq(spec.ignore_index), 0).contiguous().view({-1})
-                     : coef.contiguous().view({-1});
+  // call of the backward op passes: it is no class index to read. One scan
+  // (an eq and a masked_fill would build two TensorIterators).
+  at::Tensor c;
+  if (spec.kind == LossKind::kCrossEntropy) {
+    TORCH_INTERNAL_ASSERT(coef.numel() == tgt.numel() && tgt.scalar_type() == at::kLong);
+    c = at::empty({tgt.numel()}, coef.options());
+    const auto cc = coef.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "head_coefs", [&] {
+      const scalar_t* src = cc.const_data_ptr<scalar_t>();
+      const int64_t* y = tgt.const_data_ptr<int64_t>();
+      scalar_t* dst = c.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < c.numel(); ++i)
+        dst[i] = y[i] == spec.ignore_index ? scalar_t(0) : src[i];
+    });
+  } else {
+    c = coef.contiguous().view({-1});
+  }
   const at::Tensor l = step_loss.defined() ? step_loss.view({-1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "elman_loss_head", [&] {
     head_loss<scalar_t>(spec, s, h, tgt, w, b, c, l, grads);
