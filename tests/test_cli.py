@@ -2,11 +2,11 @@
 (tables, JSON, ratios) and demo."""
 
 import gc
-import time
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch

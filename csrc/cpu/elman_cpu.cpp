@@ -470,25 +470,16 @@ SmallMatmul::SmallMatmul(const at::Tensor& w, const at::Tensor& bias) : w_(w), b
   const int64_t pw = w.scalar_type() == at::kFloat ? vec_kernels_for<float>().pack_width
                                                    : vec_kernels_for<double>().pack_width;
   const int64_t NP = (N + pw - 1) / pw * pw;
-  // One scan each (not zeros + narrow + copy_, four ATen calls and a
-  // TensorIterator, which at a tiny call's sizes cost more than the product).
-  wt_ = at::empty({K, NP}, w.options());
-  if (bias.defined()) bp_ = at::empty({NP}, w.options());
+  // One panel of width NP each (not zeros + narrow + copy_, a TensorIterator,
+  // which at a tiny call's sizes costs more than the product).
+  wt_ = at::zeros({K, NP}, w.options());
+  if (bias.defined()) bp_ = at::zeros({NP}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_matmul_pack", [&] {
-    const scalar_t* src = w.const_data_ptr<scalar_t>();
-    const int64_t s0 = w.stride(0), s1 = w.stride(1);
-    scalar_t* dst = wt_.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t n = 0; n < N; ++n) dst[k * NP + n] = src[k * s0 + n * s1];
-      for (int64_t n = N; n < NP; ++n) dst[k * NP + n] = scalar_t(0);
-    }
-    if (bias.defined()) {
-      const scalar_t* b = bias.const_data_ptr<scalar_t>();
-      const int64_t sb = bias.stride(0);
-      scalar_t* bp = bp_.data_ptr<scalar_t>();
-      for (int64_t n = 0; n < N; ++n) bp[n] = b[n * sb];
-      for (int64_t n = N; n < NP; ++n) bp[n] = scalar_t(0);
-    }
+    pack_panels_to(wt_.data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), K, N, w.stride(0),
+                   w.stride(1), NP);
+    if (bias.defined())
+      pack_panels_to(bp_.data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), 1, N, 0,
+                     bias.stride(0), NP);
   });
 }
 
