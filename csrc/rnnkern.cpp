@@ -12,6 +12,7 @@
 #include <string>
 
 #include "checks.h"
+#include "cpu/elman_cpu.h"
 #include "cpu/vec_kernels.h"
 
 // Importing rnnkern._C loads this library and so registers the ops; the module
@@ -20,9 +21,22 @@ static PyObject* rnnkern_cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(rnnkern::cpu::vec_kernels().capability);
 }
 
+// (backend, source, tiles seconds, BLAS seconds): rnnkern::cpu::gemm_backend().
+static PyObject* rnnkern_gemm_backend(PyObject*, PyObject*) {
+  try {
+    const auto& g = rnnkern::cpu::gemm_backend();
+    return Py_BuildValue("(ssdd)", g.tiles ? "rnnkern" : "blas", g.source, g.tiles_s, g.blas_s);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 static PyMethodDef rnnkern_methods[] = {
     {"cpu_capability", rnnkern_cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels' element-wise passes were chosen for."},
+    {"gemm_backend", rnnkern_gemm_backend, METH_NOARGS,
+     "Who runs the CPU's products over all rows: (backend, source, tiles s, BLAS s)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -13,12 +13,38 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
 __all__ = ["elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "layer_fwd", "layer_bwd",
-           "head_loss_fwd", "head_loss_bwd", "cpu_capability"]
+           "head_loss_fwd", "head_loss_bwd", "cpu_capability", "gemm_backend"]
 
 
 def cpu_capability() -> str:
     """The instruction set (DEFAULT, AVX2 or AVX512) the CPU kernels run with."""
     return _C.cpu_capability()
+
+
+def gemm_backend() -> str:
+    """Who runs the CPU kernels' products over all rows (the input projection,
+    the head, dW_ih, dW_hh, dW_out): 'rnnkern' (its own register tiles) or
+    'blas' (MKL through ATen). Narrow products (a side below 16) run on the
+    tiles either way. Decided once per process: ``RNNKERN_GEMM=blas`` or
+    ``=rnnkern`` sets it; by default (``auto``) a probe of a few milliseconds,
+    at the first product that needs the choice (or at this call), times both
+    and takes the tiles where they are at least 15% faster. The two round
+    differently, so results are bitwise reproducible for one choice. Raises
+    ValueError when RNNKERN_GEMM is not auto, blas or rnnkern."""
+    return _C.gemm_backend()[0]
+
+
+def gemm_backend_line() -> str:
+    """gemm_backend() and why, for the bench's and the CLI's headers."""
+    name, source, tiles_s, blas_s = _C.gemm_backend()
+    who = "rnnkern's tiles" if name == "rnnkern" else "BLAS"
+    if source == "probe":
+        why = f"probe {tiles_s * 1e3:.2f} ms on the tiles vs {blas_s * 1e3:.2f} ms on BLAS"
+    elif source == "RNNKERN_GEMM":
+        why = f"RNNKERN_GEMM={name}"
+    else:
+        why = "no vector unit"
+    return f"products on {who} ({why})"
 
 
 def elman_fwd(

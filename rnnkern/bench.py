@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import functional, reference
-from ._ops import cpu_capability
+from ._ops import cpu_capability, gemm_backend_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -718,8 +718,9 @@ def main(args) -> int:
         malloc = steady_malloc()
         peak_sgemm_gflops()  # a first measurement before any configuration
         header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                  f"float32, CPU kernels for {cpu_capability()}, {os.cpu_count()} CPUs "
-                  f"({cpu_name()}), {timing}" + (f", {malloc}" if malloc else ""))
+                  f"float32, CPU kernels for {cpu_capability()}, {gemm_backend_line()}, "
+                  f"{os.cpu_count()} CPUs ({cpu_name()}), {timing}"
+                  + (f", {malloc}" if malloc else ""))
     print(header, flush=True)
     load = machine_load()
     if load["busy"]:

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -387,17 +388,23 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m) {
 
 namespace {
 
-// Where the vector kernels beat BLAS (AMD EPYC Zen 4, 2 threads; see
-// bench/small_gemm.py): a side below kNarrow, within a panel that stays in
-// cache; for a^T b also any output of at most kSmallOut elements.
+// Where the vector kernels beat BLAS whatever the CPU (AMD EPYC Zen 4, 2
+// threads): a side below kNarrow, within a panel that stays in cache; for
+// a^T b also any output of at most kSmallOut elements. Beyond these,
+// gemm_backend() decides.
 constexpr int64_t kNarrow = 16, kPanel = 16384, kSmallOut = 4096;
 constexpr int64_t kChunkRows = 512;  // a^T b: rows per partial sum
+// a^T b: the partial sums of at most this many elements in flight (4 MB of
+// float32); more chunks than fit run in groups, folded in chunk order.
+constexpr int64_t kPartialElems = int64_t(1) << 20;
 
 bool row_gemm_wins(int64_t K, int64_t N) {
-  return (K < kNarrow || N < kNarrow) && K * N <= kPanel;
+  return ((K < kNarrow || N < kNarrow) && K * N <= kPanel) || gemm_backend().tiles;
 }
 
-bool atb_wins(int64_t M, int64_t N) { return std::min(M, N) < kNarrow || M * N <= kSmallOut; }
+bool atb_wins(int64_t M, int64_t N) {
+  return std::min(M, N) < kNarrow || M * N <= kSmallOut || gemm_backend().tiles;
+}
 
 template <typename T>
 void row_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& wt, int64_t N,
@@ -417,6 +424,11 @@ void row_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& wt, in
 
 // c = a^T b (+ c), with a's columns along the vectors: trans_c stores the
 // result transposed (c holds b^T a's transpose when the caller swapped a, b).
+// Each output element is the sum over chunks of kChunkRows rows, in chunk
+// order, of the chunk's sum over its rows in row order: ((p0 + p1) + p2) ...
+// The chunks run in groups whose partial sums fit kPartialElems, the groups one
+// after another, each folded into `sum`; the bits do not depend on the group
+// size or the thread count.
 template <typename T>
 void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor& b,
               bool accumulate) {
@@ -425,23 +437,39 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
   const int64_t MR = vk.atb_width, NR = kAtbCols;
   const int64_t mb = (M + MR - 1) / MR, nb = (N + NR - 1) / NR;
   const int64_t chunks = std::max<int64_t>(1, (K + kChunkRows - 1) / kChunkRows);
-  const int64_t blocks = mb * nb, block_size = NR * MR;
-  auto partial = at::empty({chunks * blocks * block_size}, c.options());
+  const int64_t blocks = mb * nb, block_size = NR * MR, per_chunk = blocks * block_size;
+  const int64_t group = std::clamp<int64_t>(kPartialElems / per_chunk, 1, chunks);
+  auto partial = at::empty({group * per_chunk}, c.options());
+  auto sum_t = group < chunks ? at::empty({per_chunk}, c.options()) : partial;
   T* pp = partial.data_ptr<T>();
+  T* sp = sum_t.data_ptr<T>();
   const T* ap = a.const_data_ptr<T>();
   const T* bp = b.const_data_ptr<T>();
   const int64_t lda = a.stride(0), ldb = b.stride(0);
-  // One task per (chunk of rows, block of the output).
-  at::parallel_for(0, chunks * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t ch = t / blocks, blk = t - ch * blocks;
-      const int64_t i0 = (blk / nb) * MR, n0 = (blk % nb) * NR;
-      const int64_t k0 = ch * kChunkRows, kl = std::min(kChunkRows, K - k0);
-      vk.atb_block(ap + k0 * lda + i0, lda, bp + k0 * ldb + n0, ldb, std::max<int64_t>(kl, 0),
-                   std::min(MR, M - i0), std::min(NR, N - n0), pp + t * block_size, MR);
-    }
-  });
-  // The chunks' partial sums, added in chunk order.
+  for (int64_t g0 = 0; g0 < chunks; g0 += group) {
+    const int64_t gl = std::min(group, chunks - g0);
+    // One task per (chunk of rows, block of the output).
+    at::parallel_for(0, gl * blocks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t ch = g0 + t / blocks, blk = t % blocks;
+        const int64_t i0 = (blk / nb) * MR, n0 = (blk % nb) * NR;
+        const int64_t k0 = ch * kChunkRows, kl = std::min(kChunkRows, K - k0);
+        vk.atb_block(ap + k0 * lda + i0, lda, bp + k0 * ldb + n0, ldb, std::max<int64_t>(kl, 0),
+                     std::min(MR, M - i0), std::min(NR, N - n0), pp + t * block_size, MR);
+      }
+    });
+    if (sp == pp) break;  // one group: its partial sums are folded below
+    // sum (= chunk 0's partial sum at the first group) += each chunk's, in order.
+    at::parallel_for(0, per_chunk, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        T s = g0 == 0 ? pp[e] : sp[e] + pp[e];
+        for (int64_t ch = 1; ch < gl; ++ch) s += pp[ch * per_chunk + e];
+        sp[e] = s;
+      }
+    });
+  }
+  // One group: its chunks' partial sums, added in chunk order; else `sum`.
+  const int64_t fold = sp == pp ? chunks : 1;
   T* cp = c.data_ptr<T>();
   const int64_t ldc = c.stride(0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -450,8 +478,9 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
       const int64_t ml = std::min(MR, M - i0), nl = std::min(NR, N - n0);
       for (int64_t n = 0; n < nl; ++n)
         for (int64_t i = 0; i < ml; ++i) {
-          T sum = pp[blk * block_size + n * MR + i];
-          for (int64_t ch = 1; ch < chunks; ++ch) sum += pp[(ch * blocks + blk) * block_size + n * MR + i];
+          const int64_t e = blk * block_size + n * MR + i;
+          T sum = sp[e];
+          for (int64_t ch = 1; ch < fold; ++ch) sum += sp[ch * per_chunk + e];
           T& dst = trans_c ? cp[(n0 + n) * ldc + i0 + i] : cp[(i0 + i) * ldc + n0 + n];
           dst = accumulate ? dst + sum : sum;
         }
@@ -459,7 +488,85 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
   });
 }
 
+// RNNKERN_GEMM, or the probe: a [1024,128] x [128,128] product and an a^T b
+// over 2048 rows of [*,128] and [*,128], float32, each timed on BLAS and on
+// the tiles (fastest of kProbeRuns, interleaved) at the current thread count.
+// The tiles are taken when they are at least kProbeMargin faster in all, so
+// that a CPU where the two run close does not flip between processes.
+constexpr int kProbeRuns = 7;
+constexpr double kProbeMargin = 1.15;
+
+void probe_fill(at::Tensor& t, uint32_t seed) {
+  float* p = t.data_ptr<float>();
+  uint32_t s = seed;  // an LCG: the user's torch generator is left alone
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    s = s * 1664525u + 1013904223u;
+    p[i] = float(int32_t(s >> 8) % 2001 - 1000) * 1e-3f;
+  }
+}
+
+GemmBackend probe_gemm_backend() {
+  GemmBackend r;
+  r.source = "probe";
+  constexpr int64_t R = 1024, K = 128, N = 128, KA = 2048;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto x = at::empty({R, K}, opts), w = at::empty({K, N}, opts);
+  auto da = at::empty({KA, N}, opts), xa = at::empty({KA, K}, opts);
+  probe_fill(x, 1), probe_fill(w, 2), probe_fill(da, 3), probe_fill(xa, 4);
+  auto out = at::empty({R, N}, opts), c = at::empty({N, K}, opts);
+  const auto& vk = vec_kernels_for<float>();
+  const int64_t NP = (N + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
+  auto wt = at::zeros({K, NP}, opts);
+  pack_panels_to(wt.data_ptr<float>(), w.const_data_ptr<float>(), K, N, N, 1, NP);
+  const at::Tensor no_bias;
+  auto time_s = [](const auto& f) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  auto tiles = [&] {
+    row_gemm_out<float>(out, x, wt, N, no_bias);
+    atb_impl<float>(c, false, da, xa, false);
+  };
+  auto blas = [&] {
+    at::mm_out(out, x, w);
+    at::mm_out(c, da.t(), xa);
+  };
+  tiles(), blas();  // warm-up
+  double best_tiles = 1e30, best_blas = 1e30;
+  for (int i = 0; i < kProbeRuns; ++i) {
+    best_tiles = std::min(best_tiles, time_s(tiles));
+    best_blas = std::min(best_blas, time_s(blas));
+  }
+  r.tiles_s = best_tiles, r.blas_s = best_blas;
+  r.tiles = best_tiles * kProbeMargin < best_blas;
+  return r;
+}
+
+GemmBackend choose_gemm_backend() {
+  const char* env = std::getenv("RNNKERN_GEMM");
+  const std::string want = env ? env : "auto";
+  TORCH_CHECK(want == "auto" || want == "blas" || want == "rnnkern",
+              "RNNKERN_GEMM must be 'auto', 'blas' or 'rnnkern', got '", want, "'");
+  GemmBackend r;
+  if (want != "auto") {
+    r.tiles = want == "rnnkern";
+    r.source = "RNNKERN_GEMM";
+    return r;
+  }
+  if (std::string(vec_kernels().capability) == "DEFAULT") {
+    r.source = "capability";  // the portable kernels: no vector unit to race BLAS with
+    return r;
+  }
+  return probe_gemm_backend();
+}
+
 }  // namespace
+
+const GemmBackend& gemm_backend() {
+  static const GemmBackend backend = choose_gemm_backend();
+  return backend;
+}
 
 SmallMatmul::SmallMatmul(const at::Tensor& w, const at::Tensor& bias) : w_(w), bias_(bias) {
   TORCH_INTERNAL_ASSERT(w.dim() == 2 &&

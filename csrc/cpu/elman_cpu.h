@@ -27,9 +27,18 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 // dz^T x at [3200,128]^T [3200,8] took 414 us, dx = dz W_ih at
 // [3200,128] [128,8] 371 us. These run on the vector kernels instead
 // (VecKernels::row_gemm, atb_block), each output element summed in a fixed
-// order by one thread: the same bits at any thread count. Larger products go
-// to BLAS through ATen. The choice depends on the shapes only.
+// order by one thread: the same bits at any thread count.
 //
+// Larger products run on those kernels too where they beat BLAS, which
+// depends on the CPU, not on the shapes: on AMD EPYC Zen 5 MKL's sgemm takes a
+// generic path at about 40% of the FMA peak, and the tiles ran the Elman
+// `small` training step 1.6x faster; on Zen 4 (measured earlier, for the
+// narrow rule above) BLAS was ahead beyond narrow sizes. The choice is made once
+// per process (gemm_backend()): RNNKERN_GEMM=blas or =rnnkern sets it, and by
+// default (auto) a probe at the first such product times both on it.
+//
+// out [R,N] (contiguous rows) = x [R,K] w [K,N] (+ bias [N], if defined);
+// x and w any strides with unit column stride for x.
 // out [R,N] (contiguous rows) = x [R,K] w [K,N] (+ bias [N], if defined);
 // x and w any strides with unit column stride for x.
 void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
@@ -53,6 +62,15 @@ class SmallMatmul {
 // unit column stride: a sum over the K rows. K is split into fixed chunks
 // whose partial sums are added in order, never into per-thread ranges.
 void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// Who runs the products that are not narrow, decided once per process.
+struct GemmBackend {
+  bool tiles = false;       // rnnkern's register tiles (else BLAS)
+  const char* source = "";  // "RNNKERN_GEMM", "probe" or "capability" (no vector unit)
+  double tiles_s = 0, blas_s = 0;  // the probe's fastest times (0 when not probed)
+};
+// Throws (c10::Error) when RNNKERN_GEMM is not auto, blas or rnnkern.
+const GemmBackend& gemm_backend();
 
 // Runs the layer. `s` comes from check_elman_args with s.lengths pointing at a
 // contiguous int64 [B] copy (or null).
