@@ -150,13 +150,14 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   }
   if (fused_path(s, false)) {
     int64_t NP = 0;
+    const int64_t pw = panel_width_for(vk, H);
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
     const AlignedVector<T> mp =
-        pack_panels(p.w_hh, H, H, 1, H, vk.panel_width, vk.pack_width, &NP);
+        pack_panels(p.w_hh, H, H, 1, H, pw, vk.pack_width, &NP);
     for_row_tiles(B, vk.row_block, s.T * H * H, [&](int64_t b0, int64_t b1) {
       StepArgs<T> a;
       a.act = s.act;
-      a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
+      a.K = H, a.N = H, a.NP = NP, a.pw = pw, a.lda = H, a.ldz = H;
       a.mp = mp.data();
       a.lens = s.lengths;
       for (int64_t step = 0; step < s.T; ++step) {
@@ -225,13 +226,14 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t T_ = s.T, B = s.B, H = s.H, BH = B * H;
   int64_t NP = 0;
+  const int64_t pw = panel_width_for(vk, H);
   // carry = dz W_hh: M = W_hh, M[k][j] = W_hh[k][j]
   const AlignedVector<T> mp =
-      pack_panels(p.w_hh, H, H, H, 1, vk.panel_width, vk.pack_width, &NP);
+      pack_panels(p.w_hh, H, H, H, 1, pw, vk.pack_width, &NP);
   for_row_tiles(B, vk.row_block, T_ * H * H, [&](int64_t b0, int64_t b1) {
     StepArgs<T> a;
     a.act = s.act;
-    a.K = H, a.N = H, a.NP = NP, a.lda = H, a.ldz = H;
+    a.K = H, a.N = H, a.NP = NP, a.pw = pw, a.lda = H, a.ldz = H;
     a.mp = mp.data();
     a.lens = s.lengths;
     a.pass = p.carry;  // dL/dh_n, passed through frozen states until a cut zeroes it

@@ -364,8 +364,9 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
   const int64_t t_max = st.max_len();
   // M = W_hh [G,H] as it is (carry = dah W_hh), in panels.
   int64_t NP = 0;
+  const int64_t pw = panel_width_for(vk, H);
   const AlignedVector<T> mp =
-      pack_panels(p.w_hh, G, H, H, 1, vk.panel_width, vk.pack_width, &NP);
+      pack_panels(p.w_hh, G, H, H, 1, pw, vk.pack_width, &NP);
   AlignedVector<T> dtot(g.grad_norm ? size_t(B * H) : 0);
   auto time_of = [&](int64_t step) { return s.reverse ? s.T - 1 - step : step; };
   const int64_t rb = vk.row_block, tiles = (B + rb - 1) / rb;
@@ -378,7 +379,7 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
     };
     GatedBwdArgs<T> a;
     a.ng = lstm ? 4 : 3;
-    a.H = H, a.K = G, a.NP = NP, a.lda = G;
+    a.H = H, a.K = G, a.NP = NP, a.pw = pw, a.lda = G;
     a.mp = mp.data();
     a.lens = s.lengths;
     a.dh = g.dh;

@@ -34,9 +34,10 @@ template <typename T>
 struct Tiling {
   // Accumulators RB*CB, plus CB loads of M and a broadcast, must fit the
   // register file (32 zmm with AVX-512, 16 ymm otherwise).
-  static constexpr int RB = Vectorized<T>::size() * sizeof(T) >= 64 ? 8 : 4;
-  static constexpr int CB = 2;
-  static constexpr int PW = CB * Vectorized<T>::size();  // panel width (pack_panels)
+  static constexpr bool kWide = Vectorized<T>::size() * sizeof(T) >= 64;
+  static constexpr int RB = kWide ? 8 : 4;
+  static constexpr int CB = 2;                   // VecKernels::panel_width, in vectors
+  static constexpr int CB_WIDE = kWide ? 3 : 0;  // VecKernels::wide_panel_width
 };
 
 // tanh for float32 as an odd rational function, x P(x^2) / Q(x^2), on x clamped
@@ -232,8 +233,7 @@ inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
-  constexpr int64_t PW = Tiling<T>::PW;
-  tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / PW) * p.K * PW, PW, p.K);
+  tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / p.pw) * p.K * p.pw, p.pw, p.K);
 }
 
 template <typename T, bool kForward, int R, int C>
@@ -269,30 +269,39 @@ inline void tile(const StepArgs<T>& p, int64_t b, int64_t j0) {
   }
 }
 
-// The tiling of a fused step over rows [b0, b1) and N columns (NP packed):
-// RB x CB tiles, then the tails with one row or one vector. tile is a generic
+// The tiling of a fused step over rows [b0, b1) and N columns (NP packed in
+// panels of pw): one column tile per panel, as wide as the panel's vectors,
+// RB rows at a time, then the rows left one at a time. tile is a generic
 // lambda called as tile.template operator()<R, C>(b, j0).
+template <typename T, int C, typename Tile>
+inline void tile_rows(int64_t b0, int64_t b1, int64_t j0, const Tile& tile) {
+  constexpr int RB = Tiling<T>::RB;
+  int64_t b = b0;
+  for (; b + RB <= b1; b += RB) tile.template operator()<RB, C>(b, j0);
+  for (; b < b1; ++b) tile.template operator()<1, C>(b, j0);
+}
+
 template <typename T, typename Tile>
-inline void for_tiles(int64_t N, int64_t NP, int64_t b0, int64_t b1, const Tile& tile) {
-  constexpr int RB = Tiling<T>::RB, CB = Tiling<T>::CB;
+inline void for_tiles(int64_t N, int64_t NP, int64_t pw, int64_t b0, int64_t b1,
+                      const Tile& tile) {
   constexpr int VL = Vectorized<T>::size();
-  for (int64_t j0 = 0; j0 < N; j0 += CB * VL) {
-    const bool full_c = j0 + CB * VL <= NP;
-    int64_t b = b0;
-    for (; b + RB <= b1; b += RB) {
-      if (full_c) tile.template operator()<RB, CB>(b, j0);
-      else tile.template operator()<RB, 1>(b, j0);
-    }
-    for (; b < b1; ++b) {
-      if (full_c) tile.template operator()<1, CB>(b, j0);
-      else tile.template operator()<1, 1>(b, j0);
+  for (int64_t j0 = 0; j0 < N; j0 += pw) {
+    switch (std::min(pw, NP - j0) / VL) {
+      case 3:
+        if constexpr (Tiling<T>::CB_WIDE == 3) {
+          tile_rows<T, 3>(b0, b1, j0, tile);
+          break;
+        }
+        [[fallthrough]];
+      case 2: tile_rows<T, 2>(b0, b1, j0, tile); break;
+      default: tile_rows<T, 1>(b0, b1, j0, tile); break;
     }
   }
 }
 
 template <typename T, bool kForward>
 void fused_step(const StepArgs<T>& p, int64_t b0, int64_t b1) {
-  for_tiles<T>(p.N, p.NP, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
+  for_tiles<T>(p.N, p.NP, p.pw, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
     tile<T, kForward, R, C>(p, b, j0);
   });
 }
@@ -731,7 +740,7 @@ inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
 
 template <typename T, int NG>
 void gated_bwd_step_ng(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
-  for_tiles<T>(p.H, p.NP, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
+  for_tiles<T>(p.H, p.NP, p.pw, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
     gated_bwd_tile<T, NG, R, C>(p, b, j0);
   });
 }
@@ -892,7 +901,8 @@ void row_gemm(const T* x, int64_t ldx, int64_t r0, int64_t r1, int64_t K, const 
 
 template <typename T>
 VecKernels<T> make() {
-  return {Vectorized<T>::size(), Tiling<T>::RB, Tiling<T>::PW, &fused_step<T, true>,
+  return {Vectorized<T>::size(), Tiling<T>::RB, Tiling<T>::CB * Vectorized<T>::size(),
+          Tiling<T>::CB_WIDE * Vectorized<T>::size(), &fused_step<T, true>,
           &fused_step<T, false>, &act_inplace<T>, &act_add<T>, &grad_z<T>, &ce_row<T>, &mse_row<T>,
           &add_column_sums<T>, &lstm_fwd_row<T>, &lstm_bwd_row<T>, &gru_fwd_row<T>,
           &gru_bwd_row<T>, &gated_fwd_step<T>, &gated_bwd_step<T>,
