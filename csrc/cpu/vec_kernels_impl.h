@@ -681,6 +681,32 @@ inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t H = p.H, S = 4 * H, G = NG * H;
+  if (!p.final_carry) {
+    // What the epilogue reads and writes, in flight during the k-loop (as in
+    // gated_tile): the saved gates and states were written a whole forward
+    // pass earlier, and dax, dah are written for the first time. Interleaved
+    // A/B on an AMD EPYC Zen 5, training step, two runs: `small` LSTM +5% /
+    // +3%, GRU +3% / 0; `large` within 1%.
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = b + r;
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        const int64_t j = j0 + c * VL;
+        if (j >= H) break;
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) __builtin_prefetch(p.gates + row * S + k * H + j, 0, 3);
+        __builtin_prefetch(p.prev + row * H + j, 0, 3);
+        __builtin_prefetch(p.grad_out + row * H + j, 0, 3);
+        if constexpr (NG == 4) __builtin_prefetch(p.cell + row * H + j, 0, 3);
+#pragma GCC unroll 4
+        for (int k = 0; k < NG; ++k) __builtin_prefetch(p.dax + row * G + k * H + j, 1, 3);
+        if constexpr (NG == 3)
+#pragma GCC unroll 4
+          for (int k = 0; k < NG; ++k) __builtin_prefetch(p.dah + row * G + k * H + j, 1, 3);
+      }
+    }
+  }
   V acc[R][C];
   if (p.a) tile_gemm<T, R, C>(p, b, j0, acc);
 #pragma GCC unroll 8
