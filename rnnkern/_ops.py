@@ -35,7 +35,7 @@ def gemm_backend() -> str:
 
 
 def gemm_backend_line() -> str:
-    """gemm_backend() and why, for the bench's and the CLI's headers."""
+    """gemm_backend() and why, for the bench's header."""
     name, source, tiles_s, blas_s = _C.gemm_backend()
     who = "rnnkern's tiles" if name == "rnnkern" else "BLAS"
     if source == "probe":

@@ -408,6 +408,22 @@ bool atb_wins(int64_t M, int64_t N) {
   return std::min(M, N) < kNarrow || M * N <= kSmallOut || gemm_backend().tiles;
 }
 
+// w [K,N] (any strides) as row_gemm reads it: [K, NP], NP = N rounded up to
+// the vector width, zero padded. One panel of width NP (not zeros + narrow +
+// copy_, a TensorIterator, which at a tiny call's sizes costs more than the
+// product).
+at::Tensor pack_row_operand(const at::Tensor& w) {
+  const int64_t K = w.size(0), N = w.size(1);
+  const int64_t vl = w.scalar_type() == at::kFloat ? vec_kernels_for<float>().pack_width
+                                                   : vec_kernels_for<double>().pack_width;
+  auto wt = at::zeros({K, (N + vl - 1) / vl * vl}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "pack_row_operand", [&] {
+    pack_panels_to(wt.data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), K, N, w.stride(0),
+                   w.stride(1), wt.size(1));
+  });
+  return wt;
+}
+
 template <typename T>
 void row_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& wt, int64_t N,
                   const at::Tensor& bp) {
@@ -429,7 +445,7 @@ void row_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& wt, in
 // Each output element is the sum over chunks of kChunkRows rows, in chunk
 // order, of the chunk's sum over its rows in row order: ((p0 + p1) + p2) ...
 // The chunks run in groups whose partial sums fit kPartialElems, the groups one
-// after another, each folded into `sum`; the bits do not depend on the group
+// after another, each folded into `folded`; the bits do not depend on the group
 // size or the thread count.
 template <typename T>
 void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor& b,
@@ -441,10 +457,13 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
   const int64_t chunks = std::max<int64_t>(1, (K + kChunkRows - 1) / kChunkRows);
   const int64_t blocks = mb * nb, block_size = NR * MR, per_chunk = blocks * block_size;
   const int64_t group = std::clamp<int64_t>(kPartialElems / per_chunk, 1, chunks);
+  // With one group its partial sums are added in the last pass below; with
+  // more, each group is folded into `folded` and the last pass reads that.
+  const bool grouped = group < chunks;
   auto partial = at::empty({group * per_chunk}, c.options());
-  auto sum_t = group < chunks ? at::empty({per_chunk}, c.options()) : partial;
+  auto folded = grouped ? at::empty({per_chunk}, c.options()) : partial;
   T* pp = partial.data_ptr<T>();
-  T* sp = sum_t.data_ptr<T>();
+  T* sp = folded.data_ptr<T>();
   const T* ap = a.const_data_ptr<T>();
   const T* bp = b.const_data_ptr<T>();
   const int64_t lda = a.stride(0), ldb = b.stride(0);
@@ -460,8 +479,8 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
                      std::min(MR, M - i0), std::min(NR, N - n0), pp + t * block_size, MR);
       }
     });
-    if (sp == pp) break;  // one group: its partial sums are folded below
-    // sum (= chunk 0's partial sum at the first group) += each chunk's, in order.
+    if (!grouped) break;
+    // folded (= chunk 0's partial sum at the first group) += each chunk's, in order.
     at::parallel_for(0, per_chunk, 4096, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         T s = g0 == 0 ? pp[e] : sp[e] + pp[e];
@@ -470,8 +489,7 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
       }
     });
   }
-  // One group: its chunks' partial sums, added in chunk order; else `sum`.
-  const int64_t fold = sp == pp ? chunks : 1;
+  const int64_t fold = grouped ? 1 : chunks;  // the partial sums left to add, in chunk order
   T* cp = c.data_ptr<T>();
   const int64_t ldc = c.stride(0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -516,10 +534,7 @@ GemmBackend probe_gemm_backend() {
   auto da = at::empty({KA, N}, opts), xa = at::empty({KA, K}, opts);
   probe_fill(x, 1), probe_fill(w, 2), probe_fill(da, 3), probe_fill(xa, 4);
   auto out = at::empty({R, N}, opts), c = at::empty({N, K}, opts);
-  const auto& vk = vec_kernels_for<float>();
-  const int64_t NP = (N + vk.pack_width - 1) / vk.pack_width * vk.pack_width;
-  auto wt = at::zeros({K, NP}, opts);
-  pack_panels_to(wt.data_ptr<float>(), w.const_data_ptr<float>(), K, N, N, 1, NP);
+  const auto wt = pack_row_operand(w);
   const at::Tensor no_bias;
   auto time_s = [](const auto& f) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -576,19 +591,13 @@ SmallMatmul::SmallMatmul(const at::Tensor& w, const at::Tensor& bias) : w_(w), b
   const int64_t K = w.size(0), N = w.size(1);
   if (N == 0 || !row_gemm_wins(K, N)) return;
   // w and the bias as row_gemm reads them: [K, NP], [NP], zero padded.
-  const int64_t pw = w.scalar_type() == at::kFloat ? vec_kernels_for<float>().pack_width
-                                                   : vec_kernels_for<double>().pack_width;
-  const int64_t NP = (N + pw - 1) / pw * pw;
-  // One panel of width NP each (not zeros + narrow + copy_, a TensorIterator,
-  // which at a tiny call's sizes costs more than the product).
-  wt_ = at::zeros({K, NP}, w.options());
-  if (bias.defined()) bp_ = at::zeros({NP}, w.options());
+  wt_ = pack_row_operand(w);
+  if (!bias.defined()) return;
+  const int64_t NP = wt_.size(1);
+  bp_ = at::zeros({NP}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "small_matmul_pack", [&] {
-    pack_panels_to(wt_.data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), K, N, w.stride(0),
-                   w.stride(1), NP);
-    if (bias.defined())
-      pack_panels_to(bp_.data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), 1, N, 0,
-                     bias.stride(0), NP);
+    pack_panels_to(bp_.data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), 1, N, 0,
+                   bias.stride(0), NP);
   });
 }
 

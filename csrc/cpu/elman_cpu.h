@@ -39,8 +39,6 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 //
 // out [R,N] (contiguous rows) = x [R,K] w [K,N] (+ bias [N], if defined);
 // x and w any strides with unit column stride for x.
-// out [R,N] (contiguous rows) = x [R,K] w [K,N] (+ bias [N], if defined);
-// x and w any strides with unit column stride for x.
 void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                   const at::Tensor& bias = at::Tensor());
 
