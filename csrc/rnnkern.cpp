@@ -21,11 +21,13 @@ static PyObject* rnnkern_cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(rnnkern::cpu::vec_kernels().capability);
 }
 
-// (backend, source, tiles seconds, BLAS seconds): rnnkern::cpu::gemm_backend().
+// (backend, source, tiles seconds, BLAS seconds, cache file or ""):
+// rnnkern::cpu::gemm_backend().
 static PyObject* rnnkern_gemm_backend(PyObject*, PyObject*) {
   try {
     const auto& g = rnnkern::cpu::gemm_backend();
-    return Py_BuildValue("(ssdd)", g.tiles ? "rnnkern" : "blas", g.source, g.tiles_s, g.blas_s);
+    return Py_BuildValue("(ssdds)", g.tiles ? "rnnkern" : "blas", g.source, g.tiles_s, g.blas_s,
+                         g.cache.c_str());
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -36,7 +38,7 @@ static PyMethodDef rnnkern_methods[] = {
     {"cpu_capability", rnnkern_cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels' element-wise passes were chosen for."},
     {"gemm_backend", rnnkern_gemm_backend, METH_NOARGS,
-     "Who runs the CPU's products over all rows: (backend, source, tiles s, BLAS s)."},
+     "Who runs the CPU's products over all rows: (backend, source, tiles s, BLAS s, cache file)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -26,20 +26,26 @@ def gemm_backend() -> str:
     the head, dW_ih, dW_hh, dW_out): 'rnnkern' (its own register tiles) or
     'blas' (MKL through ATen). Narrow products (a side below 16) run on the
     tiles either way. Decided once per process: ``RNNKERN_GEMM=blas`` or
-    ``=rnnkern`` sets it; by default (``auto``) a probe of a few milliseconds,
+    ``=rnnkern`` sets it. By default (``auto``) a probe of a few milliseconds,
     at the first product that needs the choice (or at this call), times both
-    and takes the tiles where they are at least 15% faster. The two round
-    differently, so results are bitwise reproducible for one choice. Raises
-    ValueError when RNNKERN_GEMM is not auto, blas or rnnkern."""
+    and takes the tiles where they are at least 15% faster; its verdict is
+    stored, and later processes on the same CPU, build and thread count read
+    it instead of probing, so that they all compute the same bits. The file
+    lies in ``$RNNKERN_CACHE_DIR`` (else ``$XDG_CACHE_HOME/rnnkern``, else
+    ``~/.cache/rnnkern``); ``RNNKERN_CACHE_DIR=`` (empty) probes in every
+    process. Raises ValueError when RNNKERN_GEMM is not auto, blas or
+    rnnkern."""
     return _C.gemm_backend()[0]
 
 
 def gemm_backend_line() -> str:
     """gemm_backend() and why, for the bench's header."""
-    name, source, tiles_s, blas_s = _C.gemm_backend()
+    name, source, tiles_s, blas_s, cache = _C.gemm_backend()
     who = "rnnkern's tiles" if name == "rnnkern" else "BLAS"
-    if source == "probe":
+    if source in ("probe", "cache"):
         why = f"probe {tiles_s * 1e3:.2f} ms on the tiles vs {blas_s * 1e3:.2f} ms on BLAS"
+        why += (f", read from {cache}" if source == "cache" else
+                f", stored in {cache}" if cache else ", not stored")
     elif source == "RNNKERN_GEMM":
         why = f"RNNKERN_GEMM={name}"
     else:

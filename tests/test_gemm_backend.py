@@ -24,12 +24,75 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_the_choice_is_reported():
-    name, source, tiles_s, blas_s = rnnkern._C.gemm_backend()
+    name, source, tiles_s, blas_s, cache = rnnkern._C.gemm_backend()
     assert name == rnnkern.gemm_backend() and name in ("rnnkern", "blas")
-    assert source in ("probe", "RNNKERN_GEMM", "capability")
-    if source == "probe":  # both were timed; the tiles win only by the margin
+    assert source in ("probe", "cache", "RNNKERN_GEMM", "capability")
+    if source in ("probe", "cache"):  # both were timed; the tiles win only by the margin
         assert tiles_s > 0 and blas_s > 0
         assert (name == "rnnkern") == (tiles_s * 1.15 < blas_s)
+    if source == "cache":
+        assert os.path.isfile(cache)
+
+
+CHOICE = "import rnnkern; print(repr(rnnkern._C.gemm_backend()))"
+
+
+def choice(**env):
+    r = run_python(CHOICE, **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return eval(r.stdout.strip())
+
+
+def test_the_probe_verdict_is_kept_for_later_processes(tmp_path):
+    """The first process probes and stores its verdict; the next ones read it
+    (so a CPU where the two backends run close cannot flip between processes
+    and with it the bits), and a stored verdict decides even against what a
+    probe would say."""
+    env = dict(RNNKERN_CACHE_DIR=str(tmp_path / "c"), RNNKERN_GEMM="auto")
+    name, source, tiles_s, blas_s, path = choice(**env)
+    if source == "capability":
+        pytest.skip("the portable kernels never probe")
+    assert source == "probe" and os.path.dirname(path) == str(tmp_path / "c")
+    assert os.listdir(tmp_path / "c") == [os.path.basename(path)]
+    for _ in range(2):
+        assert choice(**env) == (name, "cache", tiles_s, blas_s, path)
+    other = "blas" if name == "rnnkern" else "rnnkern"
+    with open(path, "w") as f:
+        f.write(f"{other} 0.5 0.25\n")
+    assert choice(**env) == (other, "cache", 0.5, 0.25, path)
+    # The stored verdict runs the products: the grid agrees with the reference on it.
+    r = run_python(AGREEMENT.replace("WANT", repr(other)).replace("'RNNKERN_GEMM'", "'cache'"),
+                   **env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    # A file that does not parse is probed over and replaced.
+    with open(path, "w") as f:
+        f.write("mkl fast\n")
+    again = choice(**env)
+    assert again[1] == "probe" and again[4] == path
+    assert choice(**env)[:2] == (again[0], "cache")
+
+
+def test_the_verdict_is_per_thread_count_and_can_be_turned_off(tmp_path):
+    d = tmp_path / "c"
+    env = dict(RNNKERN_CACHE_DIR=str(d), RNNKERN_GEMM="auto")
+    first = choice(**env)
+    if first[1] == "capability":
+        pytest.skip("the portable kernels never probe")
+    one = run_python("import torch, rnnkern; torch.set_num_threads(1); "
+                     "print(repr(rnnkern._C.gemm_backend()))", **env)
+    assert one.returncode == 0, one.stderr
+    one = eval(one.stdout.strip())
+    assert one[1] == "probe" and one[4] != first[4] and len(os.listdir(d)) == 2
+    off = choice(RNNKERN_CACHE_DIR="", RNNKERN_GEMM="auto")
+    assert off[1] == "probe" and off[4] == ""
+    # A pinned backend neither reads nor writes the cache.
+    pinned = choice(RNNKERN_CACHE_DIR=str(tmp_path / "p"), RNNKERN_GEMM="blas")
+    assert pinned == ("blas", "RNNKERN_GEMM", 0.0, 0.0, "") and not (tmp_path / "p").exists()
+    # An unwritable place: the probe still decides, for this process only.
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    nowhere = choice(RNNKERN_CACHE_DIR=str(blocker / "c"), RNNKERN_GEMM="auto")
+    assert nowhere[1] == "probe" and nowhere[4] == ""
 
 
 AGREEMENT = r"""

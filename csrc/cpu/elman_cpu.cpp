@@ -26,6 +26,7 @@
 #include "../params.h"
 #include "aligned.h"
 #include "pack.h"
+#include "probe_cache.h"
 #include "blas.h"
 #include "elman_cpu.h"
 #include "time_order.h"
@@ -508,11 +509,11 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
   });
 }
 
-// RNNKERN_GEMM, or the probe: a [1024,128] x [128,128] product and an a^T b
-// over 2048 rows of [*,128] and [*,128], float32, each timed on BLAS and on
-// the tiles (fastest of kProbeRuns, interleaved) at the current thread count.
-// The tiles are taken when they are at least kProbeMargin faster in all, so
-// that a CPU where the two run close does not flip between processes.
+// RNNKERN_GEMM, or the probe's verdict for this machine, build and thread
+// count (probe_cache.h), or the probe: a [1024,128] x [128,128] product and an
+// a^T b over 2048 rows of [*,128] and [*,128], float32, each timed on BLAS and
+// on the tiles (fastest of kProbeRuns, interleaved) at the current thread
+// count. The tiles are taken when they are at least kProbeMargin faster in all.
 constexpr int kProbeRuns = 7;
 constexpr double kProbeMargin = 1.15;
 
@@ -575,7 +576,27 @@ GemmBackend choose_gemm_backend() {
     r.source = "capability";  // the portable kernels: no vector unit to race BLAS with
     return r;
   }
-  return probe_gemm_backend();
+  // One verdict per machine, build and thread count: a probe in each process
+  // could flip where the two run within the margin's noise, and with it the bits.
+  const std::string path = probe_cache_path(vec_kernels().capability, at::get_num_threads());
+  if (!path.empty()) {
+    if (const auto held = read_probe_cache(path)) {
+      r.tiles = held->tiles, r.tiles_s = held->tiles_s, r.blas_s = held->blas_s;
+      r.source = "cache";
+      r.cache = path;
+      return r;
+    }
+  }
+  r = probe_gemm_backend();
+  if (path.empty()) return r;
+  if (const auto held = store_probe_cache(path, {r.tiles, r.tiles_s, r.blas_s})) {
+    r.cache = path;
+    if (held->tiles != r.tiles || held->tiles_s != r.tiles_s) {  // another process stored first
+      r.tiles = held->tiles, r.tiles_s = held->tiles_s, r.blas_s = held->blas_s;
+      r.source = "cache";
+    }
+  }
+  return r;
 }
 
 }  // namespace

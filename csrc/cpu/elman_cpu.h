@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <string>
 #include <tuple>
 
 #include "../params.h"
@@ -63,9 +64,12 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
 
 // Who runs the products that are not narrow, decided once per process.
 struct GemmBackend {
-  bool tiles = false;       // rnnkern's register tiles (else BLAS)
-  const char* source = "";  // "RNNKERN_GEMM", "probe" or "capability" (no vector unit)
+  bool tiles = false;  // rnnkern's register tiles (else BLAS)
+  // "RNNKERN_GEMM", "capability" (no vector unit), "probe" (timed in this
+  // process) or "cache" (a verdict an earlier process stored).
+  const char* source = "";
   double tiles_s = 0, blas_s = 0;  // the probe's fastest times (0 when not probed)
+  std::string cache;               // the file holding the verdict ("" where none)
 };
 // Throws (c10::Error) when RNNKERN_GEMM is not auto, blas or rnnkern.
 const GemmBackend& gemm_backend();

@@ -1,0 +1,34 @@
+#pragma once
+// The gemm-backend probe's verdict, kept on disk per machine, build and thread
+// count, so that every process on one machine makes the same choice (and so
+// computes the same bits) where the two backends run close enough for a
+// per-process probe to flip between them. No torch headers: a small
+// translation unit.
+
+#include <optional>
+#include <string>
+
+namespace rnnkern::cpu {
+
+struct ProbeVerdict {
+  bool tiles = false;
+  double tiles_s = 0, blas_s = 0;
+};
+
+// The cache file for this CPU (/proc/cpuinfo's identity lines), this build of
+// the extension (its file's path, size and modification time), the kernels'
+// capability and the thread count: under $RNNKERN_CACHE_DIR, else
+// $XDG_CACHE_HOME/rnnkern, else $HOME/.cache/rnnkern. "" when none of those is
+// set, or RNNKERN_CACHE_DIR is set to the empty string (no cache).
+std::string probe_cache_path(const char* capability, int threads);
+
+// What the file holds, or nothing when it is missing or unreadable (a file
+// that does not parse counts as missing and is replaced).
+std::optional<ProbeVerdict> read_probe_cache(const std::string& path);
+
+// Stores v unless another process stored a verdict first, and returns the one
+// the file holds then: the first writer wins, so that processes probing at the
+// same moment still agree. Nothing where the file cannot be written.
+std::optional<ProbeVerdict> store_probe_cache(const std::string& path, const ProbeVerdict& v);
+
+}  // namespace rnnkern::cpu
