@@ -21,13 +21,14 @@ static PyObject* rnnkern_cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(rnnkern::cpu::vec_kernels().capability);
 }
 
-// (backend, source, tiles seconds, BLAS seconds, cache file or ""):
-// rnnkern::cpu::gemm_backend().
+// (backend, source, tiles seconds, BLAS seconds, cache file or "", tiles for
+// the wide products, their tiles and BLAS seconds): rnnkern::cpu::gemm_backend().
 static PyObject* rnnkern_gemm_backend(PyObject*, PyObject*) {
   try {
     const auto& g = rnnkern::cpu::gemm_backend();
-    return Py_BuildValue("(ssdds)", g.tiles ? "rnnkern" : "blas", g.source, g.tiles_s, g.blas_s,
-                         g.cache.c_str());
+    return Py_BuildValue("(ssddsOdd)", g.tiles ? "rnnkern" : "blas", g.source, g.tiles_s,
+                         g.blas_s, g.cache.c_str(), g.tiles_wide ? Py_True : Py_False,
+                         g.wide_tiles_s, g.wide_blas_s);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -38,7 +39,7 @@ static PyMethodDef rnnkern_methods[] = {
     {"cpu_capability", rnnkern_cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels' element-wise passes were chosen for."},
     {"gemm_backend", rnnkern_gemm_backend, METH_NOARGS,
-     "Who runs the CPU's products over all rows: (backend, source, tiles s, BLAS s, cache file)."},
+     "Who runs the CPU's products over all rows: (backend, source, tiles s, BLAS s, cache file, wide on tiles, wide tiles s, wide BLAS s)."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -23,34 +23,42 @@ def cpu_capability() -> str:
 
 def gemm_backend() -> str:
     """Who runs the CPU kernels' products over all rows (the input projection,
-    the head, dW_ih, dW_hh, dW_out): 'rnnkern' (its own register tiles) or
-    'blas' (MKL through ATen). Narrow products (a side below 16) run on the
-    tiles either way. Decided once per process: ``RNNKERN_GEMM=blas`` or
-    ``=rnnkern`` sets it. By default (``auto``) a probe of a few milliseconds,
-    at the first product that needs the choice (or at this call), times both
-    and takes the tiles where they are at least 15% faster; its verdict is
-    stored, and later processes on the same CPU, build and thread count read
-    it instead of probing, so that they all compute the same bits. The file
-    lies in ``$RNNKERN_CACHE_DIR`` (else ``$XDG_CACHE_HOME/rnnkern``, else
-    ``~/.cache/rnnkern``); ``RNNKERN_CACHE_DIR=`` (empty) probes in every
-    process. Raises ValueError when RNNKERN_GEMM is not auto, blas or
-    rnnkern."""
-    return _C.gemm_backend()[0]
+    the head, dW_ih, dW_hh, dW_out): 'rnnkern' (its own register tiles),
+    'blas' (MKL through ATen), or, where the two rank differently by width,
+    'rnnkern/blas' (the tiles for products whose sides are at most 1024, BLAS
+    for wider ones, such as a loss head over thousands of classes) or
+    'blas/rnnkern'. Narrow products (a side below 16) run on the tiles either
+    way. Decided once per process: ``RNNKERN_GEMM=blas`` or ``=rnnkern`` sets
+    it. By default (``auto``) a probe of a few tens of milliseconds, at the
+    first product that needs the choice (or at this call), times both on
+    products of each kind and takes the tiles for a kind where they are at
+    least 15% faster; its verdict is stored, and later processes on the same
+    CPU, build and thread count read it instead of probing, so that they all
+    compute the same bits. The file lies in ``$RNNKERN_CACHE_DIR`` (else
+    ``$XDG_CACHE_HOME/rnnkern``, else ``~/.cache/rnnkern``);
+    ``RNNKERN_CACHE_DIR=`` (empty) probes in every process. Raises ValueError
+    when RNNKERN_GEMM is not auto, blas or rnnkern."""
+    name, _, _, _, _, wide, _, _ = _C.gemm_backend()
+    wide = "rnnkern" if wide else "blas"
+    return name if wide == name else f"{name}/{wide}"
 
 
 def gemm_backend_line() -> str:
     """gemm_backend() and why, for the bench's header."""
-    name, source, tiles_s, blas_s, cache = _C.gemm_backend()
-    who = "rnnkern's tiles" if name == "rnnkern" else "BLAS"
-    if source in ("probe", "cache"):
-        why = f"probe {tiles_s * 1e3:.2f} ms on the tiles vs {blas_s * 1e3:.2f} ms on BLAS"
-        why += (f", read from {cache}" if source == "cache" else
-                f", stored in {cache}" if cache else ", not stored")
-    elif source == "RNNKERN_GEMM":
-        why = f"RNNKERN_GEMM={name}"
-    else:
-        why = "no vector unit"
-    return f"products on {who} ({why})"
+    name, source, tiles_s, blas_s, cache, wide, wide_tiles_s, wide_blas_s = _C.gemm_backend()
+    def who(tiles: bool) -> str:
+        return "rnnkern's tiles" if tiles else "BLAS"
+
+    if source == "RNNKERN_GEMM":
+        return f"products on {who(name == 'rnnkern')} (RNNKERN_GEMM={name})"
+    if source == "capability":
+        return "products on BLAS (no vector unit)"
+
+    stored = (f"read from {cache}" if source == "cache" else
+              f"stored in {cache}" if cache else "not stored")
+    return (f"products on {who(name == 'rnnkern')} up to 1024 wide (probe {tiles_s * 1e3:.2f} ms "
+            f"on the tiles vs {blas_s * 1e3:.2f} ms on BLAS), wider on {who(wide)} "
+            f"({wide_tiles_s * 1e3:.2f} vs {wide_blas_s * 1e3:.2f} ms), {stored}")
 
 
 def elman_fwd(

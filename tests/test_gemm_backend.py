@@ -24,12 +24,18 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_the_choice_is_reported():
-    name, source, tiles_s, blas_s, cache = rnnkern._C.gemm_backend()
-    assert name == rnnkern.gemm_backend() and name in ("rnnkern", "blas")
+    name, source, tiles_s, blas_s, cache, wide, wide_tiles_s, wide_blas_s = \
+        rnnkern._C.gemm_backend()
+    assert name in ("rnnkern", "blas") and isinstance(wide, bool)
+    wide_name = "rnnkern" if wide else "blas"
+    assert rnnkern.gemm_backend() == (name if name == wide_name else f"{name}/{wide_name}")
     assert source in ("probe", "cache", "RNNKERN_GEMM", "capability")
     if source in ("probe", "cache"):  # both were timed; the tiles win only by the margin
-        assert tiles_s > 0 and blas_s > 0
+        assert min(tiles_s, blas_s, wide_tiles_s, wide_blas_s) > 0
         assert (name == "rnnkern") == (tiles_s * 1.15 < blas_s)
+        assert wide == (wide_tiles_s * 1.15 < wide_blas_s)
+    else:
+        assert (name == "rnnkern") == wide
     if source == "cache":
         assert os.path.isfile(cache)
 
@@ -49,27 +55,37 @@ def test_the_probe_verdict_is_kept_for_later_processes(tmp_path):
     and with it the bits), and a stored verdict decides even against what a
     probe would say."""
     env = dict(RNNKERN_CACHE_DIR=str(tmp_path / "c"), RNNKERN_GEMM="auto")
-    name, source, tiles_s, blas_s, path = choice(**env)
+    first = choice(**env)
+    name, source, tiles_s, blas_s, path = first[:5]
     if source == "capability":
         pytest.skip("the portable kernels never probe")
     assert source == "probe" and os.path.dirname(path) == str(tmp_path / "c")
     assert os.listdir(tmp_path / "c") == [os.path.basename(path)]
     for _ in range(2):
-        assert choice(**env) == (name, "cache", tiles_s, blas_s, path)
+        assert choice(**env) == (name, "cache", *first[2:])
+    # Each kind's stored verdict decides, against what a probe would say.
+    for narrow, wide in (("blas", "rnnkern"), ("rnnkern", "blas")):
+        with open(path, "w") as f:
+            f.write(f"{narrow} 0.5 0.25\n{wide} 0.125 0.0625\n")
+        assert choice(**env) == (narrow, "cache", 0.5, 0.25, path, wide == "rnnkern", 0.125,
+                                 0.0625)
+        r = run_python("import rnnkern; print(rnnkern.gemm_backend())", **env)
+        assert r.stdout.strip() == f"{narrow}/{wide}", r.stderr
     other = "blas" if name == "rnnkern" else "rnnkern"
     with open(path, "w") as f:
-        f.write(f"{other} 0.5 0.25\n")
-    assert choice(**env) == (other, "cache", 0.5, 0.25, path)
+        f.write(f"{other} 0.5 0.25\n{other} 0.125 0.0625\n")
     # The stored verdict runs the products: the grid agrees with the reference on it.
     r = run_python(AGREEMENT.replace("WANT", repr(other)).replace("'RNNKERN_GEMM'", "'cache'"),
                    **env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
-    # A file that does not parse is probed over and replaced.
-    with open(path, "w") as f:
-        f.write("mkl fast\n")
-    again = choice(**env)
-    assert again[1] == "probe" and again[4] == path
-    assert choice(**env)[:2] == (again[0], "cache")
+    # A file that does not parse (an older build's one-line verdict among them)
+    # is probed over and replaced.
+    for bad in ("mkl fast\n", f"{other} 0.5 0.25\n"):
+        with open(path, "w") as f:
+            f.write(bad)
+        again = choice(**env)
+        assert again[1] == "probe" and again[4] == path
+        assert choice(**env)[:2] == (again[0], "cache")
 
 
 def test_the_verdict_is_per_thread_count_and_can_be_turned_off(tmp_path):
@@ -87,7 +103,8 @@ def test_the_verdict_is_per_thread_count_and_can_be_turned_off(tmp_path):
     assert off[1] == "probe" and off[4] == ""
     # A pinned backend neither reads nor writes the cache.
     pinned = choice(RNNKERN_CACHE_DIR=str(tmp_path / "p"), RNNKERN_GEMM="blas")
-    assert pinned == ("blas", "RNNKERN_GEMM", 0.0, 0.0, "") and not (tmp_path / "p").exists()
+    assert pinned == ("blas", "RNNKERN_GEMM", 0.0, 0.0, "", False, 0.0, 0.0)
+    assert not (tmp_path / "p").exists()
     # An unwritable place: the probe still decides, for this process only.
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -139,6 +156,23 @@ for dt in (torch.float64, torch.float32):
     d = make_gated('lstm', 33, 65, 20, 256, dtype=dt, seed=4)
     got, want = run(functional, 'lstm', d), run(reference, 'lstm', d)
     [assert_close(x, y, tol, 'lstm') for x, y in zip(got[0] + got[1], want[0] + want[1]) if y is not None]
+# Wide products (a side past 1024, decided apart): a GRU with G = 3 * 347 =
+# 1041 gate rows, and a cross-entropy head over 1031 classes on it.
+for dt in (torch.float64, torch.float32):
+    tol = 1e-10 if dt == torch.float64 else 1e-5
+    d = make_gated('gru', 9, 7, 20, 347, dtype=dt, seed=5)
+    got, want = run(functional, 'gru', d), run(reference, 'gru', d)
+    [assert_close(x, y, tol, 'wide gru') for x, y in zip(got[0] + got[1], want[0] + want[1]) if y is not None]
+    largs = [d[k] for k in ('input', 'hx', 'weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')]
+    w_out = torch.randn(1031, 347, dtype=dt, requires_grad=True)
+    b_out = torch.randn(1031, dtype=dt, requires_grad=True)
+    tgt = torch.randint(0, 1031, (9, 7), generator=torch.Generator().manual_seed(6))
+    a = functional.rnn_loss(largs[0], tgt, *largs[1:], w_out, b_out, mode='gru')
+    b = reference.rnn_loss(largs[0], tgt, *largs[1:], w_out, b_out, mode='gru')
+    assert_close(a, b, tol, 'wide loss')
+    ga = torch.autograd.grad(a, largs + [w_out, b_out])
+    gb = torch.autograd.grad(b, largs + [w_out, b_out])
+    [assert_close(x, y, tol, 'wide loss grad') for x, y in zip(ga, gb)]
 print('ok')
 """
 

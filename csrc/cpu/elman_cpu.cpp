@@ -19,6 +19,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -396,17 +397,29 @@ namespace {
 // a^T b also any output of at most kSmallOut elements. Beyond these,
 // gemm_backend() decides.
 constexpr int64_t kNarrow = 16, kPanel = 16384, kSmallOut = 4096;
+// Products with a side (K or N; M or N for a^T b) past this are "wide" (the
+// LSTM's and GRU's input projections at H = 512, a loss head over thousands of
+// classes): MKL and the tiles rank differently there on some CPUs, so
+// gemm_backend() decides them separately.
+constexpr int64_t kWide = 1024;
 constexpr int64_t kChunkRows = 512;  // a^T b: rows per partial sum
 // a^T b: the partial sums of at most this many elements in flight (4 MB of
 // float32); more chunks than fit run in groups, folded in chunk order.
 constexpr int64_t kPartialElems = int64_t(1) << 20;
 
+// gemm_backend()'s verdict for a product one of whose sides (the rows aside)
+// is past kWide, or for the others.
+bool tiles_for(int64_t side) {
+  const auto& g = gemm_backend();
+  return side > kWide ? g.tiles_wide : g.tiles;
+}
+
 bool row_gemm_wins(int64_t K, int64_t N) {
-  return ((K < kNarrow || N < kNarrow) && K * N <= kPanel) || gemm_backend().tiles;
+  return ((K < kNarrow || N < kNarrow) && K * N <= kPanel) || tiles_for(std::max(K, N));
 }
 
 bool atb_wins(int64_t M, int64_t N) {
-  return std::min(M, N) < kNarrow || M * N <= kSmallOut || gemm_backend().tiles;
+  return std::min(M, N) < kNarrow || M * N <= kSmallOut || tiles_for(std::max(M, N));
 }
 
 // w [K,N] (any strides) as row_gemm reads it: [K, NP], NP = N rounded up to
@@ -513,7 +526,8 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
 // count (probe_cache.h), or the probe: a [1024,128] x [128,128] product and an
 // a^T b over 2048 rows of [*,128] and [*,128], float32, each timed on BLAS and
 // on the tiles (fastest of kProbeRuns, interleaved) at the current thread
-// count. The tiles are taken when they are at least kProbeMargin faster in all.
+// count; and the same for the wide products (kWide). The tiles are taken for
+// each kind where they are at least kProbeMargin faster in all.
 constexpr int kProbeRuns = 7;
 constexpr double kProbeMargin = 1.15;
 
@@ -526,39 +540,74 @@ void probe_fill(at::Tensor& t, uint32_t seed) {
   }
 }
 
-GemmBackend probe_gemm_backend() {
-  GemmBackend r;
-  r.source = "probe";
-  constexpr int64_t R = 1024, K = 128, N = 128, KA = 2048;
-  const auto opts = at::TensorOptions().dtype(at::kFloat);
-  auto x = at::empty({R, K}, opts), w = at::empty({K, N}, opts);
-  auto da = at::empty({KA, N}, opts), xa = at::empty({KA, K}, opts);
-  probe_fill(x, 1), probe_fill(w, 2), probe_fill(da, 3), probe_fill(xa, 4);
-  auto out = at::empty({R, N}, opts), c = at::empty({N, K}, opts);
-  const auto wt = pack_row_operand(w);
-  const at::Tensor no_bias;
-  auto time_s = [](const auto& f) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  };
-  auto tiles = [&] {
-    row_gemm_out<float>(out, x, wt, N, no_bias);
-    atb_impl<float>(c, false, da, xa, false);
-  };
-  auto blas = [&] {
-    at::mm_out(out, x, w);
-    at::mm_out(c, da.t(), xa);
-  };
-  tiles(), blas();  // warm-up
+double time_s(const std::function<void()>& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The fastest of kProbeRuns timings of each, interleaved, after a warm-up.
+std::pair<double, double> race(const std::function<void()>& tiles,
+                               const std::function<void()>& blas) {
+  tiles(), blas();
   double best_tiles = 1e30, best_blas = 1e30;
   for (int i = 0; i < kProbeRuns; ++i) {
     best_tiles = std::min(best_tiles, time_s(tiles));
     best_blas = std::min(best_blas, time_s(blas));
   }
-  r.tiles_s = best_tiles, r.blas_s = best_blas;
-  r.tiles = best_tiles * kProbeMargin < best_blas;
+  return {best_tiles, best_blas};
+}
+
+GemmBackend probe_gemm_backend() {
+  GemmBackend r;
+  r.source = "probe";
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor no_bias;
+  {  // a [1024,128] x [128,128] product and a 128 x 128 a^T b over 2048 rows
+    constexpr int64_t R = 1024, K = 128, N = 128, KA = 2048;
+    auto x = at::empty({R, K}, opts), w = at::empty({K, N}, opts);
+    auto da = at::empty({KA, N}, opts), xa = at::empty({KA, K}, opts);
+    probe_fill(x, 1), probe_fill(w, 2), probe_fill(da, 3), probe_fill(xa, 4);
+    auto out = at::empty({R, N}, opts), c = at::empty({N, K}, opts);
+    const auto wt = pack_row_operand(w);
+    std::tie(r.tiles_s, r.blas_s) = race(
+        [&] {
+          row_gemm_out<float>(out, x, wt, N, no_bias);
+          atb_impl<float>(c, false, da, xa, false);
+        },
+        [&] {
+          at::mm_out(out, x, w);
+          at::mm_out(c, da.t(), xa);
+        });
+  }
+  {  // wide: [256,256] x [256,2048], [256,2048] x [2048,256] and a 2048 x 256
+     // a^T b over 256 rows (a loss head's three products)
+    constexpr int64_t R = 256, H = 256, O = 2048;
+    auto h = at::empty({R, H}, opts), w = at::empty({H, O}, opts), d = at::empty({R, O}, opts);
+    auto wo = at::empty({O, H}, opts);
+    probe_fill(h, 5), probe_fill(w, 6), probe_fill(d, 7), probe_fill(wo, 8);
+    auto y = at::empty({R, O}, opts), dh = at::empty({R, H}, opts), dw = at::empty({O, H}, opts);
+    const auto wt = pack_row_operand(w), wot = pack_row_operand(wo);
+    std::tie(r.wide_tiles_s, r.wide_blas_s) = race(
+        [&] {
+          row_gemm_out<float>(y, h, wt, O, no_bias);
+          row_gemm_out<float>(dh, d, wot, H, no_bias);
+          atb_impl<float>(dw, false, d, h, false);
+        },
+        [&] {
+          at::mm_out(y, h, w);
+          at::mm_out(dh, d, wo);
+          at::mm_out(dw, d.t(), h);
+        });
+  }
+  r.tiles = r.tiles_s * kProbeMargin < r.blas_s;
+  r.tiles_wide = r.wide_tiles_s * kProbeMargin < r.wide_blas_s;
   return r;
+}
+
+void adopt(GemmBackend& r, const ProbeVerdict& v) {
+  r.tiles = v.tiles, r.tiles_s = v.tiles_s, r.blas_s = v.blas_s;
+  r.tiles_wide = v.tiles_wide, r.wide_tiles_s = v.wide_tiles_s, r.wide_blas_s = v.wide_blas_s;
 }
 
 GemmBackend choose_gemm_backend() {
@@ -568,7 +617,7 @@ GemmBackend choose_gemm_backend() {
               "RNNKERN_GEMM must be 'auto', 'blas' or 'rnnkern', got '", want, "'");
   GemmBackend r;
   if (want != "auto") {
-    r.tiles = want == "rnnkern";
+    r.tiles = r.tiles_wide = want == "rnnkern";
     r.source = "RNNKERN_GEMM";
     return r;
   }
@@ -581,7 +630,7 @@ GemmBackend choose_gemm_backend() {
   const std::string path = probe_cache_path(vec_kernels().capability, at::get_num_threads());
   if (!path.empty()) {
     if (const auto held = read_probe_cache(path)) {
-      r.tiles = held->tiles, r.tiles_s = held->tiles_s, r.blas_s = held->blas_s;
+      adopt(r, *held);
       r.source = "cache";
       r.cache = path;
       return r;
@@ -589,10 +638,12 @@ GemmBackend choose_gemm_backend() {
   }
   r = probe_gemm_backend();
   if (path.empty()) return r;
-  if (const auto held = store_probe_cache(path, {r.tiles, r.tiles_s, r.blas_s})) {
+  const ProbeVerdict mine{r.tiles, r.tiles_s, r.blas_s, r.tiles_wide, r.wide_tiles_s,
+                          r.wide_blas_s};
+  if (const auto held = store_probe_cache(path, mine)) {
     r.cache = path;
-    if (held->tiles != r.tiles || held->tiles_s != r.tiles_s) {  // another process stored first
-      r.tiles = held->tiles, r.tiles_s = held->tiles_s, r.blas_s = held->blas_s;
+    if (!(*held == mine)) {  // another process stored first
+      adopt(r, *held);
       r.source = "cache";
     }
   }

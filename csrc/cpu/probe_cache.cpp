@@ -79,12 +79,14 @@ std::string probe_cache_path(const char* capability, int threads) {
 
 std::optional<ProbeVerdict> read_probe_cache(const std::string& path) {
   std::ifstream f(path);
-  std::string who;
+  std::string who, wide;
   ProbeVerdict v;
-  if (!(f >> who >> v.tiles_s >> v.blas_s) || (who != "rnnkern" && who != "blas")) {
+  if (!(f >> who >> v.tiles_s >> v.blas_s >> wide >> v.wide_tiles_s >> v.wide_blas_s) ||
+      (who != "rnnkern" && who != "blas") || (wide != "rnnkern" && wide != "blas")) {
     return std::nullopt;
   }
   v.tiles = who == "rnnkern";
+  v.tiles_wide = wide == "rnnkern";
   return v;
 }
 
@@ -97,8 +99,10 @@ std::optional<ProbeVerdict> store_probe_cache(const std::string& path, const Pro
     std::ofstream f(tmp);
     f.precision(9);
     f << (v.tiles ? "rnnkern " : "blas ") << v.tiles_s << " " << v.blas_s << "\n"
-      << "# rnnkern's gemm-backend probe: tiles seconds, BLAS seconds. Delete this file to "
-         "probe again; RNNKERN_GEMM=blas|rnnkern overrides it.\n";
+      << (v.tiles_wide ? "rnnkern " : "blas ") << v.wide_tiles_s << " " << v.wide_blas_s << "\n"
+      << "# rnnkern's gemm-backend probe: the verdict, tiles seconds and BLAS seconds, for the "
+         "products up to 1024 wide, then for the wider ones. Delete this file to probe again; "
+         "RNNKERN_GEMM=blas|rnnkern overrides it.\n";
     if (!f) {
       std::remove(tmp.c_str());
       return std::nullopt;

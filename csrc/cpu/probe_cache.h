@@ -13,6 +13,13 @@ namespace rnnkern::cpu {
 struct ProbeVerdict {
   bool tiles = false;
   double tiles_s = 0, blas_s = 0;
+  bool tiles_wide = false;  // the products with a side past 1024
+  double wide_tiles_s = 0, wide_blas_s = 0;
+  bool operator==(const ProbeVerdict& o) const {
+    return tiles == o.tiles && tiles_s == o.tiles_s && blas_s == o.blas_s &&
+           tiles_wide == o.tiles_wide && wide_tiles_s == o.wide_tiles_s &&
+           wide_blas_s == o.wide_blas_s;
+  }
 };
 
 // The cache file for this CPU (/proc/cpuinfo's identity lines), this build of
