@@ -29,7 +29,7 @@ def gemm_backend() -> str:
     for wider ones, such as a loss head over thousands of classes) or
     'blas/rnnkern'. Narrow products (a side below 16) run on the tiles either
     way. Decided once per process: ``RNNKERN_GEMM=blas`` or ``=rnnkern`` sets
-    it. By default (``auto``) a probe of a few tens of milliseconds, at the
+    it. By default (``auto``) a probe (about 0.16 s on a 2-core Zen 4), at the
     first product that needs the choice (or at this call), times both on
     products of each kind and takes the tiles for a kind where they are at
     least 15% faster; its verdict is stored, and later processes on the same
