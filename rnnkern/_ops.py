@@ -46,6 +46,7 @@ def gemm_backend() -> str:
 def gemm_backend_line() -> str:
     """gemm_backend() and why, for the bench's header."""
     name, source, tiles_s, blas_s, cache, wide, wide_tiles_s, wide_blas_s = _C.gemm_backend()
+
     def who(tiles: bool) -> str:
         return "rnnkern's tiles" if tiles else "BLAS"
 
