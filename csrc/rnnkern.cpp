@@ -26,9 +26,10 @@ static PyObject* rnnkern_cpu_capability(PyObject*, PyObject*) {
 static PyObject* rnnkern_gemm_backend(PyObject*, PyObject*) {
   try {
     const auto& g = rnnkern::cpu::gemm_backend();
-    return Py_BuildValue("(ssddsOdd)", g.tiles ? "rnnkern" : "blas", g.source, g.tiles_s,
-                         g.blas_s, g.cache.c_str(), g.tiles_wide ? Py_True : Py_False,
-                         g.wide_tiles_s, g.wide_blas_s);
+    const auto& v = g.verdict;
+    return Py_BuildValue("(ssddsOdd)", v.tiles ? "rnnkern" : "blas", g.source, v.tiles_s,
+                         v.blas_s, g.cache.c_str(), v.tiles_wide ? Py_True : Py_False,
+                         v.wide_tiles_s, v.wide_blas_s);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;

@@ -410,8 +410,8 @@ constexpr int64_t kPartialElems = int64_t(1) << 20;
 // gemm_backend()'s verdict for a product one of whose sides (the rows aside)
 // is past kWide, or for the others.
 bool tiles_for(int64_t side) {
-  const auto& g = gemm_backend();
-  return side > kWide ? g.tiles_wide : g.tiles;
+  const auto& v = gemm_backend().verdict;
+  return side > kWide ? v.tiles_wide : v.tiles;
 }
 
 bool row_gemm_wins(int64_t K, int64_t N) {
@@ -558,9 +558,8 @@ std::pair<double, double> race(const std::function<void()>& tiles,
   return {best_tiles, best_blas};
 }
 
-GemmBackend probe_gemm_backend() {
-  GemmBackend r;
-  r.source = "probe";
+ProbeVerdict probe_gemm_backend() {
+  ProbeVerdict r;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor no_bias;
   {  // a [1024,128] x [128,128] product and a 128 x 128 a^T b over 2048 rows
@@ -605,11 +604,6 @@ GemmBackend probe_gemm_backend() {
   return r;
 }
 
-void adopt(GemmBackend& r, const ProbeVerdict& v) {
-  r.tiles = v.tiles, r.tiles_s = v.tiles_s, r.blas_s = v.blas_s;
-  r.tiles_wide = v.tiles_wide, r.wide_tiles_s = v.wide_tiles_s, r.wide_blas_s = v.wide_blas_s;
-}
-
 GemmBackend choose_gemm_backend() {
   const char* env = std::getenv("RNNKERN_GEMM");
   const std::string want = env ? env : "auto";
@@ -617,7 +611,7 @@ GemmBackend choose_gemm_backend() {
               "RNNKERN_GEMM must be 'auto', 'blas' or 'rnnkern', got '", want, "'");
   GemmBackend r;
   if (want != "auto") {
-    r.tiles = r.tiles_wide = want == "rnnkern";
+    r.verdict.tiles = r.verdict.tiles_wide = want == "rnnkern";
     r.source = "RNNKERN_GEMM";
     return r;
   }
@@ -630,20 +624,19 @@ GemmBackend choose_gemm_backend() {
   const std::string path = probe_cache_path(vec_kernels().capability, at::get_num_threads());
   if (!path.empty()) {
     if (const auto held = read_probe_cache(path)) {
-      adopt(r, *held);
+      r.verdict = *held;
       r.source = "cache";
       r.cache = path;
       return r;
     }
   }
-  r = probe_gemm_backend();
+  r.verdict = probe_gemm_backend();
+  r.source = "probe";
   if (path.empty()) return r;
-  const ProbeVerdict mine{r.tiles, r.tiles_s, r.blas_s, r.tiles_wide, r.wide_tiles_s,
-                          r.wide_blas_s};
-  if (const auto held = store_probe_cache(path, mine)) {
+  if (const auto held = store_probe_cache(path, r.verdict)) {
     r.cache = path;
-    if (!(*held == mine)) {  // another process stored first
-      adopt(r, *held);
+    if (!(*held == r.verdict)) {  // another process stored first
+      r.verdict = *held;
       r.source = "cache";
     }
   }

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "../params.h"
+#include "probe_cache.h"
 
 namespace rnnkern::cpu {
 
@@ -64,14 +65,13 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
 
 // Who runs the products that are not narrow, decided once per process.
 struct GemmBackend {
-  bool tiles = false;       // rnnkern's register tiles (else BLAS)
-  bool tiles_wide = false;  // the same for products with a side past 1024
+  // Which backend runs each kind of product (tiles / tiles_wide; else BLAS)
+  // and the probe's fastest times (0 when not probed).
+  ProbeVerdict verdict;
   // "RNNKERN_GEMM", "capability" (no vector unit), "probe" (timed in this
   // process) or "cache" (a verdict an earlier process stored).
   const char* source = "";
-  double tiles_s = 0, blas_s = 0;  // the probe's fastest times (0 when not probed)
-  double wide_tiles_s = 0, wide_blas_s = 0;  // and for its wide products
-  std::string cache;               // the file holding the verdict ("" where none)
+  std::string cache;  // the file holding the verdict ("" where none)
 };
 // Throws (c10::Error) when RNNKERN_GEMM is not auto, blas or rnnkern.
 const GemmBackend& gemm_backend();

@@ -12,31 +12,29 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 
 namespace rnnkern::cpu {
 namespace {
 
-// /proc/cpuinfo's identity lines for the first CPU ("" elsewhere).
+// /proc/cpuinfo's identity lines for the first CPU, in a fixed order ("" elsewhere).
 std::string cpu_identity() {
+  static const char* const kKeys[] = {"vendor_id", "cpu family", "model", "model name",
+                                      "stepping"};
+  std::string found[std::size(kKeys)];
   std::ifstream f("/proc/cpuinfo");
-  std::string line, id;
-  for (const char* key : {"vendor_id", "cpu family", "model", "model name", "stepping"}) {
-    f.clear();
-    f.seekg(0);
-    const std::string k(key);
-    while (std::getline(f, line)) {
-      if (line.empty()) break;  // the first processor's block only
-      const auto colon = line.find(':');
-      if (colon == std::string::npos) continue;
-      auto name = line.substr(0, colon);
-      name.erase(name.find_last_not_of(" \t") + 1);
-      if (name == k) {
-        id += line.substr(colon + 1) + ";";
-        break;
-      }
-    }
+  std::string line;
+  while (std::getline(f, line) && !line.empty()) {  // the first processor's block only
+    const auto colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    auto name = line.substr(0, colon);
+    name.erase(name.find_last_not_of(" \t") + 1);
+    for (size_t i = 0; i < std::size(kKeys); ++i)
+      if (name == kKeys[i] && found[i].empty()) found[i] = line.substr(colon + 1) + ";";
   }
+  std::string id;
+  for (const auto& v : found) id += v;
   return id;
 }
 
