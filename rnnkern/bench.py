@@ -568,6 +568,20 @@ def machine_load(calibration_s: float = 0.05) -> dict:
             "reasons": reasons}
 
 
+def autograd_floor(p: Problem) -> Callable[[], None]:
+    """A training step of torch's autograd alone on the problem's parameters:
+    each summed, the sums stacked and summed, backward, then zero_grad. What a
+    step at the tiny configuration costs before any recurrent work: the graph,
+    the engine, one gradient to accumulate per parameter, and the Python
+    around them (it runs 2 + len(params) small ops forward, where a fused step
+    runs one or two)."""
+    def step():
+        p.zero_grad()
+        torch.stack([w.sum() for w in p.params]).sum().backward()
+
+    return step
+
+
 def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
                progress: Callable[[str], None], device: str = "cpu",
                quick: bool = False) -> dict:
@@ -585,12 +599,18 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
         problem.zero_grad()
         fn()
 
+    floor = autograd_floor(problem) if cfg.name == "tiny" else None
+    floor_times, floor_calls = [], 1
     for name, fwd, train in impls:
         for _ in range(warmup):
             t_fwd = time_once(fwd)
             t_train = time_once(lambda: train_step(train))
         if warmup:  # the last warm-up call sets the calls per timing
             calls[name] = {"forward": calls_per_timing(t_fwd), "train": calls_per_timing(t_train)}
+    if floor is not None:
+        for _ in range(max(1, warmup)):
+            t_floor = time_once(floor)
+        floor_calls = calls_per_timing(t_floor)
     # Interleaved, so that every implementation sees the same noise, in a new
     # order each repeat: in a fixed order, the one timed right after another
     # measured up to 25% slower or faster than the same code elsewhere in the
@@ -608,6 +628,8 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
                 times[name]["forward"].append(time_calls(time_once, fwd, n["forward"]))
                 times[name]["train"].append(
                     time_calls(time_once, lambda: train_step(train), n["train"]))
+            if floor is not None:
+                floor_times.append(time_calls(time_once, floor, floor_calls))
     finally:
         if gc_was_on:
             gc.enable()
@@ -629,6 +651,10 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
     if device == "cpu" and cfg.name != "tiny" and not (cfg.stacked or cfg.lengths or cfg.truncate):
         base = next(r for r in rows if r.impl == result["baseline"])
         result["ceiling"] = ceiling(cfg, base, peak_sgemm_gflops())
+    if floor_times:
+        result["autograd_floor"] = {"params": len(problem.params),
+                                    "train_ms": statistics.median(floor_times) * 1e3,
+                                    "train_min_ms": min(floor_times) * 1e3}
     if cfg.name == "large":
         gf = sgemm_gflops(cfg, device=device)
         ours = next(r for r in rows if r.impl == "rnnkern")
@@ -654,6 +680,11 @@ def format_table(result: dict) -> str:
         eff = result["rnnkern_train_gflops"] / result["sgemm_gflops"]
         lines.append(f"  rnnkern training step: {result['rnnkern_train_gflops']:.1f} GFLOP/s = "
                      f"{100 * eff:.0f}% of this run's sgemm ({result['sgemm_gflops']:.1f} GFLOP/s)")
+    if "autograd_floor" in result:
+        f = result["autograd_floor"]
+        lines.append(f"  floor: torch's autograd alone on the step's {f['params']} parameters (each "
+                     f"summed, stacked, summed; backward) takes {f['train_ms']:.3f} ms (median; "
+                     f"fastest {f['train_min_ms']:.3f} ms)")
     if "ceiling" in result:
         c = result["ceiling"]
         lines.append(f"  ceiling: the step's GEMM work alone, at the run's best sgemm rate so far "

@@ -100,6 +100,34 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
     assert text.count("ceiling: the step's GEMM work alone") == 2
 
 
+def test_bench_tiny_reports_the_autograd_floor(monkeypatch, capsys, tmp_path):
+    """The tiny configuration (per-call cost) reports torch's autograd alone on
+    the step's parameters, timed with the implementations; no other does."""
+    monkeypatch.setattr(bench, "SUITE", [bench.Config("tiny", 1, 1, 1, 1),
+                                         bench.Config("seed", 2, 3, 2, 3)])
+    out_json = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--repeats", "3", "--threads", "1", "--json", str(out_json),
+                   "--no-progress", "--no-reference", "--cell", "gru"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert text.count("floor: torch's autograd alone on the step's 6 parameters") == 1
+    tiny, seed = json.loads(out_json.read_text())["results"]
+    f = tiny["autograd_floor"]
+    assert f["params"] == 6 and 0 < f["train_min_ms"] <= f["train_ms"]
+    assert "autograd_floor" not in seed
+
+
+def test_bench_autograd_floor_step_reaches_every_parameter():
+    """The floor's step is a real backward: every parameter gets a gradient of
+    ones (d sum_p sum(p) / dp), and the step starts from zero_grad."""
+    p = bench.Problem(bench.Config("tiny", 1, 1, 1, 1, cell="lstm"))
+    step = bench.autograd_floor(p)
+    for _ in range(2):  # a second step must not accumulate onto the first
+        step()
+        for w in p.params:
+            assert w.grad is not None and torch.equal(w.grad, torch.ones_like(w))
+
+
 def test_bench_training_steps_compute_the_same_loss_gradients():
     """Every implementation the bench times trains the same problem: their
     gradients agree with rnnkern's (the ratios compare equal work)."""
