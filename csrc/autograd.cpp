@@ -23,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace rnnkern {
 namespace {
@@ -74,6 +75,68 @@ Tensor or_zeros(const Tensor& grad, const Tensor& like) {
 }
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------------------------------
+// Outputs the caller modifies in place
+// ---------------------------------------------------------------------------
+// nn.RNN and nn.GRU let a caller modify the output in place before backward
+// (`out.relu_()`, `out += x`): their backward never reads it. The layers'
+// fused backward does (h_t at every step), so it reads the output as the
+// forward left it, through an alias with a version counter of its own
+// (variable_data: autograd then has no reason to refuse the modification),
+// and this watch on the output's own counter tells it whether the caller
+// changed it since. If so, backward runs the forward again from the saved
+// inputs, biases included (saved as aliases too: nn's backward does not read
+// them either), before its own kernel. The common case costs three shallow
+// aliases a call.
+struct VersionWatch : torch::CustomClassHolder {
+  struct Seen {
+    c10::VariableVersion counter;  // disabled: nothing to watch (undefined, inference)
+    uint32_t version = 0;
+  };
+  std::vector<Seen> seen;
+
+  explicit VersionWatch(std::initializer_list<const Tensor*> tensors) {
+    for (const Tensor* t : tensors) {
+      Seen s;
+      if (t->defined() && t->unsafeGetTensorImpl()->version_counter().enabled()) {
+        s.counter = t->unsafeGetTensorImpl()->version_counter();
+        s.version = s.counter.current_version();
+      }
+      seen.push_back(std::move(s));
+    }
+  }
+
+  bool changed(size_t i) const {
+    const Seen& s = seen.at(i);
+    return s.counter.enabled() && s.counter.current_version() != s.version;
+  }
+};
+
+// Watches the output and the biases (in that order) of a forward.
+c10::IValue watch(const Tensor& output, const OptTensor& bias_ih, const OptTensor& bias_hh) {
+  const Tensor b_ih = or_undefined(bias_ih), b_hh = or_undefined(bias_hh);
+  return c10::IValue::make_capsule(c10::make_intrusive<VersionWatch>(
+      std::initializer_list<const Tensor*>{&output, &b_ih, &b_hh}));
+}
+
+// An alias of t that autograd's version checks do not tie to t (undefined stays so).
+Tensor untied(const Tensor& t) { return t.defined() ? t.variable_data() : Tensor(); }
+
+Tensor untied(const OptTensor& t) { return untied(or_undefined(t)); }
+
+// Whether backward must recompute the output; refuses, by name, the case it
+// cannot: a bias modified in place too.
+bool output_modified(AutogradContext* ctx, const char* what) {
+  const auto holder = ctx->saved_data["watch"].toCapsule();
+  const auto* w = static_cast<const VersionWatch*>(holder.get());
+  if (!w->changed(0)) return false;
+  TORCH_CHECK(!w->changed(1) && !w->changed(2), "rnnkern: ", what, "'s output and a bias were "
+              "both modified in place before backward; backward needs the output as the "
+              "forward computed it, and recomputing it needs the biases unchanged. Modify a "
+              "copy (out.clone()) instead.");
+  return true;
+}
 
 // ---------------------------------------------------------------------------
 // create_graph: first-order gradients that refuse a second differentiation
@@ -140,7 +203,9 @@ struct ElmanFn : public torch::autograd::Function<ElmanFn> {
                                     bias_hh, lengths, nonlinearity, reverse, truncate);
     // Backward needs h at every step (act' is derived from it) and nothing
     // else of the forward pass.
-    ctx->save_for_backward({input, hx, weight_ih, weight_hh, output, or_undefined(lengths)});
+    ctx->save_for_backward({input, hx, weight_ih, weight_hh, untied(output),
+                            or_undefined(lengths), untied(bias_ih), untied(bias_hh)});
+    ctx->saved_data["watch"] = watch(output, bias_ih, bias_hh);
     ctx->saved_data["config"] = c10::IValue(
         std::vector<int64_t>{reverse, truncate, present(bias_ih), present(bias_hh)});
     ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
@@ -152,9 +217,16 @@ struct ElmanFn : public torch::autograd::Function<ElmanFn> {
     static auto op = op_handle<ElmanBwdSig>("rnnkern::elman_bwd");
     auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &hx = saved[1], &weight_ih = saved[2],
-                 &weight_hh = saved[3], &output = saved[4];
+                 &weight_hh = saved[3];
     const auto config = ctx->saved_data["config"].toIntVector();
     const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
+    Tensor output = saved[4];
+    if (output_modified(ctx, "rnnkern.functional.rnn")) {
+      output = std::get<0>(call_below(elman_fwd_op(), input, hx, weight_ih, weight_hh,
+                                      as_optional(saved[6]), as_optional(saved[7]),
+                                      as_optional(saved[5]), nonlinearity, config[0] != 0,
+                                      config[1]));
+    }
     const bool want_input = ctx->needs_input_grad(0);
     variable_list g(5);
     std::tie(g[0], g[1], g[2], g[3], g[4]) =
@@ -221,10 +293,13 @@ struct ElmanLossFn : public torch::autograd::Function<ElmanLossFn> {
                                const OptTensor& loss_mask, Str nonlinearity, Str loss, Str steps,
                                Str reduction, int64_t ignore_index, double label_smoothing,
                                bool compute_grad, int64_t chunk_rows, int64_t truncate) {
+    // compute_grad: a backward is to come (autograd records the call), so the
+    // forward sweep computes the head's gradients whatever the caller asked
+    // (a jit.trace recorded under no_grad then trains at full speed too).
     auto out = call_below(elman_loss_fwd_op(), input, target, hx, weight_ih, weight_hh, bias_ih,
                           bias_hh, weight_out, bias_out, lengths, loss_mask, nonlinearity, loss,
-                          steps, reduction, ignore_index, label_smoothing, compute_grad,
-                          chunk_rows, truncate);
+                          steps, reduction, ignore_index, label_smoothing, true, chunk_rows,
+                          truncate);
     auto& [value, output, h_n, step_loss, weight, g_out, g_w_out, g_b_out] = out;
     // h at every step for BPTT, the weights, and for a scalar reduction the
     // head's gradients if the forward sweep computed them ([0] otherwise: the
@@ -332,8 +407,9 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
         call_below(layer_fwd_op(), input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
                    weight_hr, lengths, mode, reverse, truncate, true);
     ctx->save_for_backward({input, h0, or_undefined(c0), weight_ih, weight_hh,
-                            or_undefined(weight_hr), output, gates, cell, proj_in,
-                            or_undefined(lengths)});
+                            or_undefined(weight_hr), untied(output), gates, cell, proj_in,
+                            or_undefined(lengths), untied(bias_ih), untied(bias_hh)});
+    ctx->saved_data["watch"] = watch(output, bias_ih, bias_hh);
     ctx->saved_data["config"] = c10::IValue(
         std::vector<int64_t>{reverse, truncate, present(bias_ih), present(bias_hh)});
     ctx->saved_data["mode"] = std::string(mode);
@@ -347,9 +423,17 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
     static auto op = op_handle<LayerBwdSig>("rnnkern::layer_bwd");
     auto s = ctx->get_saved_variables();
     const Tensor &input = s[0], &h0 = s[1], &c0 = s[2], &weight_ih = s[3], &weight_hh = s[4],
-                 &weight_hr = s[5], &output = s[6];
+                 &weight_hr = s[5];
     const auto config = ctx->saved_data["config"].toIntVector();
     const std::string mode = ctx->saved_data["mode"].toStringRef();
+    const std::string name = "rnnkern.functional." + mode;
+    Tensor output = s[6];
+    if (output_modified(ctx, name.c_str())) {
+      output = std::get<0>(call_below(layer_fwd_op(), input, h0, as_optional(c0), weight_ih,
+                                      weight_hh, as_optional(s[11]), as_optional(s[12]),
+                                      as_optional(weight_hr), as_optional(s[10]), mode,
+                                      config[0] != 0, config[1], true));
+    }
     const bool want_input = ctx->needs_input_grad(0);
     variable_list g(8);
     std::tie(g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], std::ignore) = call_below(
@@ -360,7 +444,6 @@ struct LayerFn : public torch::autograd::Function<LayerFn> {
     if (!want_input) g[0] = Tensor();
     if (!c0.defined()) g[2] = Tensor();
     if (!weight_hr.defined()) g[7] = Tensor();
-    const std::string name = "rnnkern.functional." + mode;
     first_order(name.c_str(), g, {input, h0, c0, weight_ih, weight_hh, weight_hr});
     const Tensor none;
     return {g[0], g[1], g[2], g[3], g[4], config[2] ? g[5] : none, config[3] ? g[6] : none,
@@ -416,9 +499,10 @@ struct HeadLossFn : public torch::autograd::Function<HeadLossFn> {
                                const OptTensor& lengths, const OptTensor& loss_mask, Str loss,
                                Str steps, Str reduction, int64_t ignore_index,
                                double label_smoothing, bool compute_grad, int64_t chunk_rows) {
+    // compute_grad: as in ElmanLossFn, a backward is to come.
     auto [value, step_loss, weight, g_h, g_w_out, g_b_out] =
         call_below(head_loss_fwd_op(), h, target, weight_out, bias_out, lengths, loss_mask, loss,
-                   steps, reduction, ignore_index, label_smoothing, compute_grad, chunk_rows);
+                   steps, reduction, ignore_index, label_smoothing, true, chunk_rows);
     ctx->save_for_backward({h, target, weight_out, or_undefined(bias_out), or_undefined(lengths),
                             weight, g_h, g_w_out, g_b_out});
     ctx->saved_data["config"] = c10::IValue(std::vector<int64_t>{ignore_index, chunk_rows});

@@ -47,6 +47,35 @@ def _compiling() -> bool:
 # ---------------------------------------------------------------------------
 # 1. Conversions: the Python API's own arguments and the user's layout.
 
+_LOWER_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype autocast_up gives a tensor of ``dtype``."""
+    up = dtype in _LOWER_PRECISION and torch.is_autocast_enabled(device_type)
+    return torch.float32 if up else dtype
+
+
+def autocast_up(device_type: str, *args):
+    """Under torch.autocast on ``device_type``, args with their bfloat16 and
+    float16 tensors (nested in tuples or lists too) as float32; as they are
+    otherwise, where the ops refuse such tensors by name. The kernels run
+    float32 and float64, so the layers and the loss take autocast's float32
+    policy, as its numerically sensitive ops do: outputs are float32, and the
+    casts' own backward brings the gradients down to their tensors' dtypes."""
+    if not torch.is_autocast_enabled(device_type):
+        return args
+
+    def up(a):
+        if isinstance(a, torch.Tensor):
+            return a.float() if a.dtype in _LOWER_PRECISION else a
+        if isinstance(a, (tuple, list)):
+            return type(a)(up(b) for b in a)
+        return a
+
+    return tuple(up(a) for a in args)
+
+
 def check_nonlinearity(nonlinearity) -> str:
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
@@ -92,7 +121,10 @@ def lengths_arg(lengths: LengthsLike) -> Optional[torch.Tensor]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
             raise TypeError(f"lengths given as a list must hold ints, got {lengths!r}")
         return torch.tensor(lengths, dtype=torch.int64)
-    if isinstance(lengths, torch.Tensor) and lengths.device.type not in ("cpu", "meta"):
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"lengths must be an int64 tensor, a list of ints or None, "
+                        f"got {type(lengths).__name__}")
+    if lengths.device.type not in ("cpu", "meta"):
         return lengths.cpu()
     return lengths
 

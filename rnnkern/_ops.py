@@ -301,11 +301,21 @@ def _first_order(name: str, grads: tuple, anchors: tuple) -> tuple:
     return tuple(next(linked) if g is not None else None for g in grads)
 
 
+def _saved_output(output: torch.Tensor) -> torch.Tensor:
+    """The layer's output as backward is to read it. Under torch.compile a
+    copy: Dynamo's traced Functions do not check saved tensors' versions, so
+    an in-place change of the output before backward (`out.relu_()`, `out +=
+    x`, which nn.RNN and nn.GRU allow) would reach backward unnoticed and give
+    wrong gradients. Eager autograd checks the version (and the ops' C++
+    autograd, csrc/autograd.cpp, recomputes the output in that case)."""
+    return output.clone() if torch.compiler.is_compiling() else output
+
+
 def elman_fwd_setup(ctx, inputs, output):
     input, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, reverse, *rest = inputs
     # Backward needs h at every step (act' is derived from it) and nothing else
     # of the forward pass.
-    ctx.save_for_backward(input, hx, weight_ih, weight_hh, output[0], lengths)
+    ctx.save_for_backward(input, hx, weight_ih, weight_hh, _saved_output(output[0]), lengths)
     ctx.config = (nonlinearity, reverse, rest[0] if rest else 0, bias_ih is not None,
                   bias_hh is not None)
 
@@ -472,8 +482,8 @@ def layer_fwd_setup(ctx, inputs, output):
     (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
      *rest) = inputs
     out, _h_n, _c_n, gates, cell, proj_in = output
-    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, weight_hr, out, gates, cell,
-                          proj_in, lengths)
+    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, weight_hr, _saved_output(out),
+                          gates, cell, proj_in, lengths)
     ctx.config = (mode, reverse, rest[0] if rest else 0, bias_ih is not None,
                   bias_hh is not None)
     # gates, cell and proj_in are backward's saved state, not results

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from ._checks import LengthsLike, layer_api_args, loss_api_args, lstm_state
+from ._checks import LengthsLike, autocast_up, layer_api_args, loss_api_args, lstm_state
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -45,7 +45,9 @@ def rnn(
 
     Args:
         input: (T, B, I), or (B, T, I) with ``batch_first``. float32 or float64;
-            any strides.
+            any strides. Under torch.autocast, bfloat16 and float16 tensors
+            (input, hx, weights) are cast to float32 and the output is float32;
+            the same holds for lstm, gru and rnn_loss.
         hx: (B, H) initial state, or None for zeros.
         weight_ih: (H, I).  weight_hh: (H, H).  bias_ih, bias_hh: (H,) or None.
         nonlinearity: 'tanh' or 'relu'.
@@ -67,6 +69,8 @@ def rnn(
 
     Double backward is not supported and raises.
     """
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh = autocast_up(
+        _device_type(input), input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     output, h_n = _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -154,6 +158,22 @@ class _HeadLoss(torch.autograd.Function):
     backward = staticmethod(_ops.head_loss_backward)
 
 
+def _records_graph(tensors) -> bool:
+    """Whether autograd records a call on these arguments: grad mode on and a
+    tensor among them that requires grad."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _grad_ahead(tensors) -> bool:
+    """Whether a backward is to come, for the ops' flags that save state for
+    it (layer_fwd's train, the loss ops' compute_grad): _records_graph, but
+    False under torch.jit.trace, whose graph must not bake in the grad mode of
+    the tracing call; the op's autograd sets the flag itself whenever it
+    records the call."""
+    return not torch.jit.is_tracing() and _records_graph(tensors)
+
+
 def _variants(base, what: str, op, *, side_output: bool = False):
     """How a Function ``base`` (setup_context style) is applied, by context.
     Plain eager calls the op itself, whose autograd is C++ (csrc/autograd.cpp):
@@ -188,6 +208,10 @@ def _variants(base, what: str, op, *, side_output: bool = False):
 
     def apply(*inputs):
         if torch.compiler.is_compiling():
+            # With no gradient to record, the op alone (Dynamo inlines a
+            # Function's forward there, and would hand this one a ctx).
+            if not _records_graph(inputs):
+                return op(*inputs[1:]) if side_output else op(*inputs)
             return base.apply(*inputs)
         if torch._C._functorch.peek_interpreter_stack() is not None:
             return eager.apply(*inputs)
@@ -209,8 +233,16 @@ _apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss",
                              torch.ops.rnnkern.head_loss_fwd.default)
 
 
+def _device_type(input) -> str:
+    """The input's device type, for autocast_up ('cpu' for what is not a
+    tensor: the op refuses it)."""
+    return input.device.type if isinstance(input, torch.Tensor) else "cpu"
+
+
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
            lengths, truncate, reverse):
+    input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = autocast_up(
+        _device_type(input), input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     if mode == "lstm":
@@ -253,9 +285,7 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     this directly, as _elman_layer)."""
     h0, c0 = _gated_state(mode, x, hx, H, P)
     # Without a backward to come, the op saves no state for it (gates, cell).
-    train = torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad
-        for t in (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
+    train = _grad_ahead((x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
               truncate or 0, train)
     output, h_n, c_n, *_ = _apply_layer(grad_norm, *inputs)
@@ -425,6 +455,9 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
+    (input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
+     weight_hr) = autocast_up(_device_type(input), input, target, hx, weight_ih, weight_hh,
+                              bias_ih, bias_hh, weight_out, bias_out, weight_hr)
     mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
         input, target, weight_out, weight_hr, loss_mask, mode=mode, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate,
@@ -442,8 +475,7 @@ def rnn_loss(
             weight_out, bias_out, lengths, loss_mask)
     # With a gradient ahead, the forward sweep computes the head's gradients
     # too (a scalar reduction's are known then); in inference it runs once.
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    needs_grad = _grad_ahead(args)
     inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
               needs_grad, int(_chunk_rows), truncate or 0)
     grad_norm = _nan_norms(x) if return_details else None  # [T,B]
@@ -484,8 +516,7 @@ def _gated_loss(mode, x, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, wei
     output, h_n, c_n = _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                     weight_hr, H=H, P=P, lengths=lengths, truncate=truncate,
                                     reverse=False, grad_norm=grad_norm)  # output [T,B,P]
-    needs_grad = torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in (output, weight_out, bias_out))
+    needs_grad = _grad_ahead((output, weight_out, bias_out))
     value, step_loss, *_ = _apply_head_loss(output, target, weight_out, bias_out, lengths, loss_mask,
                                     loss, steps, reduction, ignore_index, label_smoothing,
                                     needs_grad, int(chunk_rows))

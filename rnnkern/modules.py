@@ -21,8 +21,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-from ._checks import (LengthsLike, check_bool, check_nonlinearity, check_truncate, lengths_arg,
-                      lstm_state)
+from ._checks import (LengthsLike, autocast_dtype, autocast_up, check_bool, check_nonlinearity,
+                      check_truncate, lengths_arg, lstm_state)
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -105,6 +105,12 @@ class _RecurrentBase(nn.RNNBase):
         """
         truncate = check_truncate(truncate)
         state = self._hx_in(hx)
+        device_type = self.weight_ih_l0.device.type
+        if isinstance(input, PackedSequence):
+            data, state = autocast_up(device_type, input.data, state)
+            input = PackedSequence(data, *input[1:])
+        else:
+            input, state = autocast_up(device_type, input, state)
         if isinstance(input, PackedSequence):
             output, state = self._forward_packed(input, state, lengths, truncate)
             return output, self._hx_out(state)
@@ -184,7 +190,8 @@ class _RecurrentBase(nn.RNNBase):
         for k in range(self.num_layers):
             outputs = []
             for d in range(D):
-                weights = [getattr(self, name) for name in self._all_weights[k * D + d]]
+                weights = autocast_up(x.device.type,
+                                      *(getattr(self, name) for name in self._all_weights[k * D + d]))
                 state = None if hx is None else tuple(h[k * D + d] for h in hx)
                 out, final = self._run_layer(layer_input, state, weights, lengths, truncate,
                                              reverse=d == 1)
@@ -198,10 +205,16 @@ class _RecurrentBase(nn.RNNBase):
     def _check_input(self, input: torch.Tensor) -> None:
         """The checks nn.RNN makes first (dtype, then input_size), with its exception types."""
         w = self.weight_ih_l0
-        if input.dtype != w.dtype:
+        w_dtype = autocast_dtype(w.device.type, w.dtype)  # the input's is cast already
+        if input.dtype != w_dtype:
+            kernels = (torch.float32, torch.float64)
+            fix = (f"convert the input with input.to({w.dtype}) or the model with "
+                   f"model.to({input.dtype})" if input.dtype in kernels and w.dtype in kernels
+                   else "the kernels run float32 and float64: convert with input.float() and "
+                   "model.float(), or run under torch.autocast, where a bfloat16 or float16 "
+                   "input or model runs in float32")
             raise ValueError(f"input dtype ({input.dtype}) does not match the RNN's weight dtype "
-                             f"({w.dtype}): convert the input with input.to({w.dtype}) or the "
-                             f"model with model.to({input.dtype})")
+                             f"({w.dtype}): {fix}")
         if input.device != w.device:
             # RuntimeError, as nn.RNN's "Input and parameter tensors are not at the same device"
             raise RuntimeError(f"input must be on the device of the module's parameters "
@@ -241,6 +254,15 @@ class _RecurrentBase(nn.RNNBase):
                                    f"got {h.device}")
 
 
+_ABSENT = object()  # a keyword not given
+
+
+def _refuse_proj_size(proj_size) -> None:
+    """torch.nn.RNN and torch.nn.GRU refuse a proj_size keyword, whatever its value."""
+    if proj_size is not _ABSENT:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
 class RNN(_RecurrentBase):
     """A multi-layer Elman RNN with tanh or relu, the drop-in for ``torch.nn.RNN``.
 
@@ -258,12 +280,19 @@ class RNN(_RecurrentBase):
             last, in training mode, as nn.RNN.
         bidirectional: D = 2; the reverse direction of layer k is
             ``weight_ih_l{k}_reverse`` etc.
-        device, dtype: of the parameters. The kernels run float32 and float64.
+        device, dtype: of the parameters. The kernels run float32 and float64;
+            under torch.autocast a bfloat16 or float16 input or model runs in
+            float32 and returns float32.
+
+    The output may be modified in place before backward, as nn.RNN allows (the
+    backward then recomputes the layer's states from its saved inputs).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
+                 proj_size=_ABSENT):
+        _refuse_proj_size(proj_size)
         check_nonlinearity(nonlinearity)
         mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -293,7 +322,8 @@ class GRU(_RecurrentBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, proj_size=_ABSENT):
+        _refuse_proj_size(proj_size)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, device=device, dtype=dtype)
 

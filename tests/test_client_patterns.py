@@ -1,0 +1,251 @@
+"""Patterns of client code that torch.nn's recurrent modules allow, with
+rnnkern's modules in their place: the output modified in place before
+backward, torch.compile(fullgraph=True) for inference, torch.jit.trace, and
+torch.autocast feeding bfloat16 or float16 activations (or a bfloat16 model)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import rnnkern
+from rnnkern import functional, reference
+from helpers import TOL, assert_close
+
+CELLS = ("RNN", "GRU", "LSTM")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def pair(name, dtype=torch.float64, **kw):
+    """nn's module and rnnkern's with the same weights."""
+    torch.manual_seed(7)
+    ours = getattr(rnnkern, name)(4, 7, dtype=dtype, **kw)
+    theirs = getattr(nn, name)(4, 7, dtype=dtype, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def modified_in_place(module, x):
+    """A loss over the output changed in place before backward (a residual add
+    and an in-place relu), and the gradients of x and every parameter."""
+    x = x.detach().requires_grad_()
+    module.zero_grad()
+    out, _ = module(x)
+    out += 0.5
+    out.relu_()
+    (out * out.detach().cos()).sum().backward()
+    return [x.grad] + [p.grad for p in module.parameters()]
+
+
+# nn.LSTM's float32 CPU path (oneDNN) refuses the in-place change itself; its
+# float64 path, which these compare with, allows it, as nn.RNN and nn.GRU do.
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bias": False}, {"batch_first": True}],
+                         ids=["one-layer", "two-layer-nobias", "batch_first"])
+def test_output_modified_in_place_before_backward_matches_nn(name, kw):
+    ours, theirs = pair(name, **kw)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    for a, b in zip(modified_in_place(ours, x), modified_in_place(theirs, x)):
+        assert_close(a, b, TOL[torch.float64], name)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_output_modified_in_place_with_lengths_truncate_reverse_matches_reference(cell):
+    """The recomputed output is the forward's exactly: lengths, truncation and
+    the reverse direction included, in float32 (the kernels' bits)."""
+    g = torch.Generator().manual_seed(3)
+    T, B, I, H = 9, 4, 3, 5
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[cell] * H
+    x = torch.randn(T, B, I, generator=g)
+    ws = [torch.randn(*s, generator=g) * 0.4 for s in ((G, I), (G, H), (G,), (G,))]
+    lengths = torch.tensor([9, 1, 6, 0])
+    results = []
+    for impl in (functional, reference):
+        leaves = [t.clone().requires_grad_() for t in [x, *ws]]
+        out, _ = getattr(impl, cell)(leaves[0], None, *leaves[1:], lengths=lengths, truncate=2,
+                                     reverse=True)
+        out.mul_(3.0)
+        out.tanh_()
+        out.sum().backward()
+        results.append([t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert_close(a, b, TOL[torch.float32], cell)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_output_and_bias_both_modified_raises(name):
+    ours, _ = pair(name)
+    out, _ = ours(torch.randn(5, 3, 4, dtype=torch.float64))
+    out.relu_()
+    with torch.no_grad():
+        ours.bias_ih_l0.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"output and a bias were both modified in place"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("name", ("RNN", "GRU"))
+def test_output_modified_in_place_inside_compiled_code_matches_nn(name):
+    """Dynamo's traced Functions do not check saved tensors' versions: the
+    compiled path saves its own copy of the output, or these would differ."""
+    ours, theirs = pair(name, dtype=torch.float32)
+    x = torch.randn(5, 3, 4)
+
+    def step(m):
+        out, _ = m(x)
+        out.relu_()
+        return (out * 2).sum()
+
+    torch.compile(step, fullgraph=True)(ours).backward()
+    step(theirs).backward()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert_close(a.grad, b.grad, TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_compile_fullgraph_for_inference(name):
+    """fullgraph under no_grad and inference_mode, as an evaluation loop after
+    torch.compile runs it: no input needs a gradient there."""
+    ours, _ = pair(name, dtype=torch.float32, num_layers=2)
+    x = torch.randn(5, 3, 4)
+    expected = ours(x)[0]
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x)[0], expected)
+    with torch.inference_mode():
+        assert torch.equal(compiled(x)[0], expected)
+    head = nn.Linear(7, 5)
+    loss = rnnkern.RNNLoss(getattr(rnnkern, name)(4, 7), head)
+    target = torch.randint(0, 5, (5, 3))
+    with torch.no_grad():
+        assert torch.equal(torch.compile(loss, fullgraph=True)(x, target), loss(x, target))
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("grad", [True, False], ids=["traced-with-grad", "traced-no-grad"])
+def test_jit_trace_runs_in_both_grad_modes(name, grad):
+    """torch.jit.trace's check re-runs the module: the graph must not depend on
+    the grad mode of the tracing call. The traced module then trains and infers
+    as the eager one."""
+    ours, _ = pair(name, dtype=torch.float32)
+    x = torch.randn(5, 3, 4)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(ours, x)
+    with torch.no_grad():
+        assert torch.equal(traced(x)[0], ours(x)[0])
+    traced(x)[0].square().sum().backward()
+    traced_grads = [p.grad.clone() for p in ours.parameters()]
+    ours.zero_grad()
+    ours(x)[0].square().sum().backward()
+    for a, p in zip(traced_grads, ours.parameters()):
+        assert torch.equal(a, p.grad)
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_jit_trace_of_rnnloss_under_no_grad_then_trains(name):
+    torch.manual_seed(0)
+    loss = rnnkern.RNNLoss(getattr(rnnkern, name)(4, 7), nn.Linear(7, 5))
+    x, target = torch.randn(5, 3, 4), torch.randint(0, 5, (5, 3))
+    with torch.no_grad():
+        traced = torch.jit.trace(loss, (x, target))
+    traced(x, target).backward()
+    traced_grads = [p.grad.clone() for p in loss.parameters()]
+    loss.zero_grad()
+    loss(x, target).backward()
+    for a, p in zip(traced_grads, loss.parameters()):
+        assert torch.equal(a, p.grad)
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_autocast_lower_precision_input_runs_in_float32(name, low, packed):
+    """Under autocast a Linear before the layer hands it bfloat16 (or float16):
+    the layer runs float32 on that input cast up, returns float32, and the
+    gradient reaches the Linear through the cast."""
+    torch.manual_seed(1)
+    proj = nn.Linear(6, 4)
+    ours = getattr(rnnkern, name)(4, 7, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 6)
+    lengths = [5, 2, 4]
+
+    def run(inp):
+        if packed:
+            inp = pack_padded_sequence(inp, lengths, enforce_sorted=False)
+        out, state = ours(inp)
+        return out.data if packed else out
+
+    with torch.autocast("cpu", dtype=low):
+        y = proj(x)
+        assert y.dtype == low
+        out = run(y)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, run(y.detach().float()))
+    out.square().sum().backward()
+    assert proj.weight.grad.dtype == torch.float32 and proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_autocast_bfloat16_model_runs_in_float32(name):
+    """A model converted with .to(torch.bfloat16) runs under autocast (in
+    float32, its weights cast up; their gradients come back bfloat16), and is
+    refused outside it, with the way out named."""
+    torch.manual_seed(2)
+    ours = getattr(rnnkern, name)(4, 7).to(torch.bfloat16)
+    x = torch.randn(5, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ours(x)
+    assert out.dtype == torch.float32
+    reference_model = getattr(rnnkern, name)(4, 7)
+    reference_model.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    assert torch.equal(out, reference_model(x)[0])
+    out.sum().backward()
+    assert all(p.grad.dtype == torch.bfloat16 for p in ours.parameters())
+    with pytest.raises(ValueError, match=r"input dtype \(torch.float32\) does not match the RNN's "
+                                         r"weight dtype \(torch.bfloat16\): the kernels run "
+                                         r"float32 and float64"):
+        ours(x)
+    with pytest.raises(ValueError, match=r"input dtype \(torch.bfloat16\) does not match .*"
+                                         r"convert with input.float\(\)"):
+        reference_model(x.bfloat16())
+
+
+def test_autocast_functional_and_loss_take_lower_precision_tensors():
+    torch.manual_seed(3)
+    x = torch.randn(5, 3, 4)
+    w_ih, w_hh = torch.randn(21, 4) * 0.3, torch.randn(21, 7) * 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h = functional.gru(x.bfloat16(), None, w_ih.bfloat16(), w_hh)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, functional.gru(x.bfloat16().float(), None,
+                                           w_ih.bfloat16().float(), w_hh)[0])
+    loss = rnnkern.RNNLoss(rnnkern.LSTM(4, 7), nn.Linear(7, 5))
+    target = torch.randint(0, 5, (5, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(x.bfloat16(), target)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, loss(x.bfloat16().float(), target))
+    with pytest.raises(TypeError, match=r"input must be float32 or float64, got torch.bfloat16"):
+        functional.gru(x.bfloat16(), None, w_ih, w_hh)
+
+
+@pytest.mark.parametrize("name", ("RNN", "GRU"))
+def test_proj_size_refused_as_nn_refuses_it(name):
+    for value in (0, 3):
+        with pytest.raises(ValueError) as ours:
+            getattr(rnnkern, name)(4, 7, proj_size=value)
+        with pytest.raises(ValueError) as theirs:
+            getattr(nn, name)(4, 7, proj_size=value)
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_lengths_of_another_type_refused_by_name():
+    with pytest.raises(TypeError, match=r"lengths must be an int64 tensor, a list of ints or "
+                                        r"None, got ndarray"):
+        rnnkern.GRU(4, 7)(torch.randn(5, 3, 4), lengths=np.array([5, 2, 4]))
