@@ -66,7 +66,8 @@ SAN_TESTS := tests/test_elman_agreement.py tests/test_elman_edges.py \
              tests/test_loss_agreement.py tests/test_loss_bad_input.py \
              tests/test_loss_gradcheck.py tests/test_loss_module.py tests/test_modules.py \
              tests/test_activation.py tests/test_client.py tests/test_opcheck.py \
-             tests/test_properties.py tests/test_gated.py tests/test_reliability.py
+             tests/test_properties.py tests/test_gated.py tests/test_reliability.py \
+             tests/test_client_patterns.py
 # Subprocesses and compilers do not run under the preloaded sanitizers; the
 # gated modules' torch.nn parity grid is Python over the kernels the rest covers.
 SAN_SKIP  := not lower_cpu_capability_in_subprocess and not fresh_process and not compile_fullgraph \

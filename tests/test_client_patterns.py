@@ -91,7 +91,7 @@ def test_output_and_bias_both_modified_raises(name):
 
 
 @pytest.mark.parametrize("name", ("RNN", "GRU"))
-def test_output_modified_in_place_inside_compiled_code_matches_nn(name):
+def test_output_modified_in_place_in_compile_fullgraph_code_matches_nn(name):
     """Dynamo's traced Functions do not check saved tensors' versions: the
     compiled path saves its own copy of the output, or these would differ."""
     ours, theirs = pair(name, dtype=torch.float32)
