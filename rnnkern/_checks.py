@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 NONLINEARITIES = ("tanh", "relu")
@@ -83,7 +84,11 @@ def check_nonlinearity(nonlinearity) -> str:
 
 
 def check_bool(name: str, value) -> bool:
-    """A flag: True or False only (reverse='yes' or 1 is a mistake, not a truth value)."""
+    """A flag: True or False only (reverse='yes' or 1 is a mistake, not a truth
+    value); a numpy bool (from a config array, say) is one, and comes back as
+    Python's."""
+    if isinstance(value, np.bool_):
+        return bool(value)
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
     return value

@@ -40,9 +40,9 @@ class _RecurrentBase(nn.RNNBase):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int,
                  bias: bool, batch_first: bool, dropout: float, bidirectional: bool,
                  proj_size: int = 0, device=None, dtype=None):
-        for name, flag in (("bias", bias), ("batch_first", batch_first),
-                           ("bidirectional", bidirectional)):
-            check_bool(name, flag)
+        bias, batch_first, bidirectional = (
+            check_bool(name, flag) for name, flag in
+            (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional)))
         # RNNBase checks the other arguments with torch.nn's words, warns about
         # dropout with one layer, creates the parameters and initialises them.
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,

@@ -249,3 +249,20 @@ def test_lengths_of_another_type_refused_by_name():
     with pytest.raises(TypeError, match=r"lengths must be an int64 tensor, a list of ints or "
                                         r"None, got ndarray"):
         rnnkern.GRU(4, 7)(torch.randn(5, 3, 4), lengths=np.array([5, 2, 4]))
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_numpy_bool_flags_are_bools(name):
+    """A numpy bool (from a config array) is a bool, as nn takes it; an int is
+    still refused (bidirectional=1 is a mistake, not a truth value)."""
+    torch.manual_seed(4)
+    ours = getattr(rnnkern, name)(4, 7, bias=np.bool_(False), batch_first=np.bool_(True),
+                                  bidirectional=np.bool_(True))
+    assert (ours.bias, ours.batch_first, ours.bidirectional) == (False, True, True)
+    assert all(type(f) is bool for f in (ours.bias, ours.batch_first, ours.bidirectional))
+    plain = getattr(rnnkern, name)(4, 7, bias=False, batch_first=True, bidirectional=True)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 4)
+    assert torch.equal(ours(x)[0], plain(x)[0])
+    with pytest.raises(TypeError, match=r"bidirectional must be a bool, got 1 \(int\)"):
+        getattr(rnnkern, name)(4, 7, bidirectional=1)
