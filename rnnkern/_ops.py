@@ -33,7 +33,7 @@ def gemm_backend() -> str:
     first product that needs the choice (or at this call), times both on
     products of each kind and takes the tiles for a kind where they are at
     least 15% faster; its verdict is stored, and later processes on the same
-    CPU, build and thread count read it instead of probing, so that they all
+    CPU and build (at any thread count) read it instead of probing, so that they all
     compute the same bits. The file lies in ``$RNNKERN_CACHE_DIR`` (else
     ``$XDG_CACHE_HOME/rnnkern``, else ``~/.cache/rnnkern``);
     ``RNNKERN_CACHE_DIR=`` (empty) probes in every process. Raises ValueError

@@ -619,9 +619,12 @@ GemmBackend choose_gemm_backend() {
     r.source = "capability";  // the portable kernels: no vector unit to race BLAS with
     return r;
   }
-  // One verdict per machine, build and thread count: a probe in each process
-  // could flip where the two run within the margin's noise, and with it the bits.
-  const std::string path = probe_cache_path(vec_kernels().capability, at::get_num_threads());
+  // One verdict per machine and build, whatever the thread count: a probe in
+  // each process could flip where the two run within the margin's noise, and
+  // a verdict per thread count could differ between counts (on a Zen 4, BLAS
+  // at 1 thread and the tiles at 2); either would change the bits between
+  // processes. The probe runs at the first process's thread count.
+  const std::string path = probe_cache_path(vec_kernels().capability);
   if (!path.empty()) {
     if (const auto held = read_probe_cache(path)) {
       r.verdict = *held;

@@ -64,11 +64,11 @@ std::string cache_dir() {
 
 }  // namespace
 
-std::string probe_cache_path(const char* capability, int threads) {
+std::string probe_cache_path(const char* capability) {
   const std::string dir = cache_dir();
   if (dir.empty()) return "";
   std::ostringstream key;
-  key << cpu_identity() << "|" << build_identity() << "|" << capability << "|" << threads;
+  key << cpu_identity() << "|" << build_identity() << "|" << capability;
   char name[64];
   std::snprintf(name, sizeof(name), "gemm-backend-%016llx.txt",
                 static_cast<unsigned long long>(fnv1a(key.str())));

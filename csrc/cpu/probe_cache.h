@@ -1,9 +1,9 @@
 #pragma once
-// The gemm-backend probe's verdict, kept on disk per machine, build and thread
-// count, so that every process on one machine makes the same choice (and so
-// computes the same bits) where the two backends run close enough for a
-// per-process probe to flip between them. No torch headers: a small
-// translation unit.
+// The gemm-backend probe's verdict, kept on disk per machine and build (not
+// per thread count), so that every process on one machine makes the same
+// choice, and so computes the same bits at any thread count, where the two
+// backends run close enough for a per-process probe to flip between them. No
+// torch headers: a small translation unit.
 
 #include <optional>
 #include <string>
@@ -23,11 +23,11 @@ struct ProbeVerdict {
 };
 
 // The cache file for this CPU (/proc/cpuinfo's identity lines), this build of
-// the extension (its file's path, size and modification time), the kernels'
-// capability and the thread count: under $RNNKERN_CACHE_DIR, else
+// the extension (its file's path, size and modification time) and the
+// kernels' capability: under $RNNKERN_CACHE_DIR, else
 // $XDG_CACHE_HOME/rnnkern, else $HOME/.cache/rnnkern. "" when none of those is
 // set, or RNNKERN_CACHE_DIR is set to the empty string (no cache).
-std::string probe_cache_path(const char* capability, int threads);
+std::string probe_cache_path(const char* capability);
 
 // What the file holds, or nothing when it is missing or unreadable (a file
 // that does not parse counts as missing and is replaced).
