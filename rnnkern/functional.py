@@ -96,11 +96,18 @@ def _dims(t, n: int) -> bool:
 
 
 def _elman_state(x, hx, weight_hh):
-    """hx, or zeros [B,H] for None; left None where x or weight_hh is not what
-    the op takes, for the op to report that first."""
+    """hx, or zeros [B,H] for None; where x or weight_hh is not what the op
+    takes, a [0] placeholder, for the op to report that first (its schema
+    takes a tensor: None would fail in the dispatcher, before its checks)."""
     if hx is None and _dims(x, 3) and _dims(weight_hh, 2):
         return x.new_zeros(x.shape[1], weight_hh.shape[0])
-    return hx
+    return _placeholder(x) if hx is None else hx
+
+
+def _placeholder(x):
+    """A [0] tensor on x's device and of its dtype (None where x is not a
+    tensor: the op's schema refuses x first)."""
+    return x.new_empty(0) if isinstance(x, torch.Tensor) else None
 
 
 class _Elman(torch.autograd.Function):
@@ -267,12 +274,13 @@ def _gated_sizes(mode, weight_hh, weight_hr) -> tuple:
 
 def _gated_state(mode, x, hx, H, P) -> tuple:
     """(h0, c0) as layer_fwd takes them: hx's, or zeros [B,P] and [B,H] (the
-    LSTM's c0; None for the GRU); left None where x or the sizes are not what
-    the op takes, for the op to report that first."""
+    LSTM's c0; None for the GRU); where x or the sizes are not what the op
+    takes, a [0] placeholder h0 (as _elman_state), for the op to report that
+    first."""
     if hx is not None:
         return tuple(hx) if mode == "lstm" else (hx, None)
     if not _dims(x, 3) or H is None:
-        return None, None
+        return _placeholder(x), None
     B = x.shape[1]
     return (x.new_zeros(B, P), x.new_zeros(B, H)) if mode == "lstm" else (x.new_zeros(B, H), None)
 

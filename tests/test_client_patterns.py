@@ -266,3 +266,20 @@ def test_numpy_bool_flags_are_bools(name):
     assert torch.equal(ours(x)[0], plain(x)[0])
     with pytest.raises(TypeError, match=r"bidirectional must be a bool, got 1 \(int\)"):
         getattr(rnnkern, name)(4, 7, bidirectional=1)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 2, 3)], ids=["2-D", "4-D"])
+def test_input_not_3d_without_hx_is_refused_by_the_op(cell, shape):
+    """Without hx the functions pass the op a placeholder state, so the op's
+    own check names the input (None would fail in the dispatcher first, with
+    'tensor does not have a device')."""
+    G = {"rnn": 1, "gru": 3, "lstm": 4}[cell] * 5
+    x = torch.randn(*shape)
+    layer = getattr(functional, cell)
+    with pytest.raises(ValueError, match=rf"input must be 3-D \(T, B, I\), got shape \({', '.join(map(str, shape))}\)"):
+        layer(x, None, torch.randn(G, 3), torch.randn(G, 5))
+    rnn = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell](3, 5)
+    with pytest.raises(ValueError, match=r"input must be 3-D \(T, B, I\)"):
+        rnnkern.RNNLoss(rnn, nn.Linear(5, 7))(x, torch.randint(0, 7, shape[:-1]),
+                                              return_details=True)
