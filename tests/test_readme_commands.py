@@ -75,3 +75,13 @@ def test_readme_command_runs(command, tmp_path):
         assert os.path.getsize(os.path.join(cwd, "out.png")) > 0
     if command.endswith("rnnkern check") or command == "make check":
         assert re.search(r"^(\d+) passed, 0 failed$", r.stdout, flags=re.M), r.stdout[-2000:]
+
+
+def test_readme_python_examples_run():
+    """README.md's ```python examples, run in order in one namespace (a later
+    example may use an earlier one's names, as a reader would run them)."""
+    blocks = re.findall(r"```python\n(.*?)```", open(README).read(), flags=re.S)
+    assert len(blocks) >= 5, "README.md's Python examples were not found"
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"README.md python example {i + 1}", "exec"), namespace)
