@@ -19,6 +19,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <array>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -94,17 +95,18 @@ struct VersionWatch : torch::CustomClassHolder {
     c10::VariableVersion counter;  // disabled: nothing to watch (undefined, inference)
     uint32_t version = 0;
   };
-  std::vector<Seen> seen;
+  std::array<Seen, 3> seen;  // the output, bias_ih, bias_hh: no allocation beyond the holder's
 
-  explicit VersionWatch(std::initializer_list<const Tensor*> tensors) {
-    for (const Tensor* t : tensors) {
-      Seen s;
-      if (t->defined() && t->unsafeGetTensorImpl()->version_counter().enabled()) {
-        s.counter = t->unsafeGetTensorImpl()->version_counter();
-        s.version = s.counter.current_version();
-      }
-      seen.push_back(std::move(s));
+  VersionWatch(const Tensor& output, const Tensor& bias_ih, const Tensor& bias_hh)
+      : seen{see(output), see(bias_ih), see(bias_hh)} {}
+
+  static Seen see(const Tensor& t) {
+    Seen s;
+    if (t.defined() && t.unsafeGetTensorImpl()->version_counter().enabled()) {
+      s.counter = t.unsafeGetTensorImpl()->version_counter();
+      s.version = s.counter.current_version();
     }
+    return s;
   }
 
   bool changed(size_t i) const {
@@ -115,9 +117,8 @@ struct VersionWatch : torch::CustomClassHolder {
 
 // Watches the output and the biases (in that order) of a forward.
 c10::IValue watch(const Tensor& output, const OptTensor& bias_ih, const OptTensor& bias_hh) {
-  const Tensor b_ih = or_undefined(bias_ih), b_hh = or_undefined(bias_hh);
-  return c10::IValue::make_capsule(c10::make_intrusive<VersionWatch>(
-      std::initializer_list<const Tensor*>{&output, &b_ih, &b_hh}));
+  return c10::IValue::make_capsule(
+      c10::make_intrusive<VersionWatch>(output, or_undefined(bias_ih), or_undefined(bias_hh)));
 }
 
 // An alias of t that autograd's version checks do not tie to t (undefined stays so).
