@@ -21,15 +21,24 @@ static PyObject* rnnkern_cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(rnnkern::cpu::vec_kernels().capability);
 }
 
-// (backend, source, tiles seconds, BLAS seconds, cache file or "", tiles for
-// the wide products, their tiles and BLAS seconds): rnnkern::cpu::gemm_backend().
+// (source, cache file or "", ((kind, backend, tiles seconds, BLAS seconds), ...)):
+// rnnkern::cpu::gemm_backend().
 static PyObject* rnnkern_gemm_backend(PyObject*, PyObject*) {
   try {
     const auto& g = rnnkern::cpu::gemm_backend();
-    const auto& v = g.verdict;
-    return Py_BuildValue("(ssddsOdd)", v.tiles ? "rnnkern" : "blas", g.source, v.tiles_s,
-                         v.blas_s, g.cache.c_str(), v.tiles_wide ? Py_True : Py_False,
-                         v.wide_tiles_s, v.wide_blas_s);
+    PyObject* kinds = PyTuple_New(rnnkern::cpu::kGemmKinds);
+    if (!kinds) return nullptr;
+    for (int k = 0; k < rnnkern::cpu::kGemmKinds; ++k) {
+      const auto& d = g.verdict.kind[k];
+      PyObject* item = Py_BuildValue("(ssdd)", rnnkern::cpu::kGemmKindNames[k],
+                                     d.tiles ? "rnnkern" : "blas", d.tiles_s, d.blas_s);
+      if (!item) {
+        Py_DECREF(kinds);
+        return nullptr;
+      }
+      PyTuple_SET_ITEM(kinds, k, item);
+    }
+    return Py_BuildValue("(ssN)", g.source, g.cache.c_str(), kinds);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -40,7 +49,7 @@ static PyMethodDef rnnkern_methods[] = {
     {"cpu_capability", rnnkern_cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels' element-wise passes were chosen for."},
     {"gemm_backend", rnnkern_gemm_backend, METH_NOARGS,
-     "Who runs the CPU's products over all rows: (backend, source, tiles s, BLAS s, cache file, wide on tiles, wide tiles s, wide BLAS s)."},
+     "Who runs the CPU's products over all rows: (source, cache file, ((kind, backend, tiles s, BLAS s), ...))."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMODINIT_FUNC PyInit__C(void) {

@@ -23,43 +23,50 @@ def cpu_capability() -> str:
 
 def gemm_backend() -> str:
     """Who runs the CPU kernels' products over all rows (the input projection,
-    the head, dW_ih, dW_hh, dW_out): 'rnnkern' (its own register tiles),
-    'blas' (MKL through ATen), or, where the two rank differently by width,
-    'rnnkern/blas' (the tiles for products whose sides are at most 1024, BLAS
-    for wider ones, such as a loss head over thousands of classes) or
-    'blas/rnnkern'. Narrow products (a side below 16) run on the tiles either
-    way. Decided once per process: ``RNNKERN_GEMM=blas`` or ``=rnnkern`` sets
-    it. By default (``auto``) a probe (about 0.16 s on a 2-core Zen 4), at the
-    first product that needs the choice (or at this call), times both on
-    products of each kind and takes the tiles for a kind where they are at
-    least 15% faster; its verdict is stored, and later processes on the same
-    CPU and build (at any thread count) read it instead of probing, so that they all
-    compute the same bits. The file lies in ``$RNNKERN_CACHE_DIR`` (else
-    ``$XDG_CACHE_HOME/rnnkern``, else ``~/.cache/rnnkern``);
-    ``RNNKERN_CACHE_DIR=`` (empty) probes in every process. Raises ValueError
-    when RNNKERN_GEMM is not auto, blas or rnnkern."""
-    name, _, _, _, _, wide, _, _ = _C.gemm_backend()
-    wide = "rnnkern" if wide else "blas"
-    return name if wide == name else f"{name}/{wide}"
+    the head, dW_ih, dW_hh, dW_out): 'rnnkern' (its own register tiles) or
+    'blas' (MKL through ATen) for all of them, or, where the two rank
+    differently by kind, the choice per kind, e.g.
+    'xw=rnnkern,atb=rnnkern,large=blas'. The kinds: 'xw', products x W whose
+    W [K,N] holds at most 65536 elements; 'atb', weight gradients a^T b whose
+    output holds at most 65536; 'large', the larger ones of both (the gated
+    cells' projections at H = 512, a loss head over many classes). Narrow
+    products (a side below 16) run on the tiles either way.
+
+    ``RNNKERN_GEMM=blas`` or ``=rnnkern`` sets every kind. By default
+    (``auto``) a probe (about 0.5 s on a 2-core Zen 4), at the first product
+    that needs the choice (or at this call), times both on products of each
+    kind and takes the tiles for a kind where they are faster by its margin
+    (5% for 'xw' and 'atb', 25% for 'large'). Its verdict is stored, and
+    later processes on the same CPU and build (at any thread count) read it
+    instead of probing, so that they all compute the same bits. The file lies
+    in ``$RNNKERN_CACHE_DIR`` (else ``$XDG_CACHE_HOME/rnnkern``, else
+    ``~/.cache/rnnkern``); ``RNNKERN_CACHE_DIR=`` (empty) probes in every
+    process. Raises ValueError when RNNKERN_GEMM is not auto, blas or
+    rnnkern."""
+    _, _, kinds = _C.gemm_backend()
+    names = {who for _, who, _, _ in kinds}
+    if len(names) == 1:
+        return names.pop()
+    return ",".join(f"{kind}={who}" for kind, who, _, _ in kinds)
 
 
 def gemm_backend_line() -> str:
     """gemm_backend() and why, for the bench's header."""
-    name, source, tiles_s, blas_s, cache, wide, wide_tiles_s, wide_blas_s = _C.gemm_backend()
+    source, cache, kinds = _C.gemm_backend()
 
-    def who(tiles: bool) -> str:
-        return "rnnkern's tiles" if tiles else "BLAS"
+    def who(name: str) -> str:
+        return "rnnkern's tiles" if name == "rnnkern" else "BLAS"
 
     if source == "RNNKERN_GEMM":
-        return f"products on {who(name == 'rnnkern')} (RNNKERN_GEMM={name})"
+        return f"products on {who(kinds[0][1])} (RNNKERN_GEMM={kinds[0][1]})"
     if source == "capability":
         return "products on BLAS (no vector unit)"
 
     stored = (f"read from {cache}" if source == "cache" else
               f"stored in {cache}" if cache else "not stored")
-    return (f"products on {who(name == 'rnnkern')} up to 1024 wide (probe {tiles_s * 1e3:.2f} ms "
-            f"on the tiles vs {blas_s * 1e3:.2f} ms on BLAS), wider on {who(wide)} "
-            f"({wide_tiles_s * 1e3:.2f} vs {wide_blas_s * 1e3:.2f} ms), {stored}")
+    each = ", ".join(f"{kind} on {who(name)} ({tiles_s * 1e3:.2f} ms on the tiles vs "
+                     f"{blas_s * 1e3:.2f} ms on BLAS)" for kind, name, tiles_s, blas_s in kinds)
+    return f"products by the probe: {each}, {stored}"
 
 
 def elman_fwd(

@@ -1,6 +1,6 @@
 """The products over all rows (input projection, head, dW_ih, dW_hh, dW_out)
-run on BLAS or on rnnkern's register tiles, chosen once per process
-(rnnkern.gemm_backend(), RNNKERN_GEMM). Whichever this machine's probe picks,
+run on BLAS or on rnnkern's register tiles, chosen once per machine and build
+for each kind of product (rnnkern.gemm_backend(), RNNKERN_GEMM). Whichever this machine's probe picks,
 both are checked here against the reference, each in its own process, at
 sizes past the narrow rule (every side >= 16) and with enough rows that the
 a^T b sums run over several chunks and, for the LSTM, several chunk groups."""
@@ -23,19 +23,28 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+KINDS = ("xw", "atb", "large")
+MARGINS = {"xw": 1.05, "atb": 1.05, "large": 1.25}
+
+
+def verdict_file(*names, times=((0.5, 0.25), (0.125, 0.0625), (2.0, 4.0))) -> str:
+    return "".join(f"{k} {n} {t} {b}\n" for k, n, (t, b) in zip(KINDS, names, times))
+
+
 def test_the_choice_is_reported():
-    name, source, tiles_s, blas_s, cache, wide, wide_tiles_s, wide_blas_s = \
-        rnnkern._C.gemm_backend()
-    assert name in ("rnnkern", "blas") and isinstance(wide, bool)
-    wide_name = "rnnkern" if wide else "blas"
-    assert rnnkern.gemm_backend() == (name if name == wide_name else f"{name}/{wide_name}")
+    source, cache, kinds = rnnkern._C.gemm_backend()
+    assert tuple(k[0] for k in kinds) == KINDS
+    names = [k[1] for k in kinds]
+    assert set(names) <= {"rnnkern", "blas"}
+    want = names[0] if len(set(names)) == 1 else ",".join(f"{k}={n}" for k, n in zip(KINDS, names))
+    assert rnnkern.gemm_backend() == want
     assert source in ("probe", "cache", "RNNKERN_GEMM", "capability")
-    if source in ("probe", "cache"):  # both were timed; the tiles win only by the margin
-        assert min(tiles_s, blas_s, wide_tiles_s, wide_blas_s) > 0
-        assert (name == "rnnkern") == (tiles_s * 1.15 < blas_s)
-        assert wide == (wide_tiles_s * 1.15 < wide_blas_s)
+    if source in ("probe", "cache"):  # both were timed; the tiles win only by the kind's margin
+        for kind, name, tiles_s, blas_s in kinds:
+            assert min(tiles_s, blas_s) > 0
+            assert (name == "rnnkern") == (tiles_s * MARGINS[kind] < blas_s), kinds
     else:
-        assert (name == "rnnkern") == wide
+        assert len(set(names)) == 1 and all(k[2:] == (0.0, 0.0) for k in kinds)
     if source == "cache":
         assert os.path.isfile(cache)
 
@@ -56,43 +65,53 @@ def test_the_probe_verdict_is_kept_for_later_processes(tmp_path):
     probe would say."""
     env = dict(RNNKERN_CACHE_DIR=str(tmp_path / "c"), RNNKERN_GEMM="auto")
     first = choice(**env)
-    name, source, tiles_s, blas_s, path = first[:5]
+    source, path, kinds = first
     if source == "capability":
         pytest.skip("the portable kernels never probe")
     assert source == "probe" and os.path.dirname(path) == str(tmp_path / "c")
     assert os.listdir(tmp_path / "c") == [os.path.basename(path)]
     for _ in range(2):
-        assert choice(**env) == (name, "cache", *first[2:])
+        assert choice(**env) == ("cache", path, kinds)
     # Each kind's stored verdict decides, against what a probe would say.
-    for narrow, wide in (("blas", "rnnkern"), ("rnnkern", "blas")):
+    for names in (("blas", "rnnkern", "blas"), ("rnnkern", "blas", "rnnkern"),
+                  ("rnnkern",) * 3):
         with open(path, "w") as f:
-            f.write(f"{narrow} 0.5 0.25\n{wide} 0.125 0.0625\n")
-        assert choice(**env) == (narrow, "cache", 0.5, 0.25, path, wide == "rnnkern", 0.125,
-                                 0.0625)
+            f.write(verdict_file(*names))
+        assert choice(**env) == ("cache", path, (("xw", names[0], 0.5, 0.25),
+                                                 ("atb", names[1], 0.125, 0.0625),
+                                                 ("large", names[2], 2.0, 4.0)))
         r = run_python("import rnnkern; print(rnnkern.gemm_backend())", **env)
-        assert r.stdout.strip() == f"{narrow}/{wide}", r.stderr
-    other = "blas" if name == "rnnkern" else "rnnkern"
+        want = ("rnnkern" if len(set(names)) == 1 else
+                ",".join(f"{k}={n}" for k, n in zip(KINDS, names)))
+        assert r.stdout.strip() == want, r.stderr
+    # The stored verdict runs the products, a different backend per kind
+    # within one layer: the grid agrees with the reference on it.
+    mixed = tuple("blas" if k[1] == "rnnkern" else "rnnkern" for k in kinds)
+    if len(set(mixed)) == 1:
+        mixed = (mixed[0], "blas" if mixed[0] == "rnnkern" else "rnnkern", mixed[0])
     with open(path, "w") as f:
-        f.write(f"{other} 0.5 0.25\n{other} 0.125 0.0625\n")
-    # The stored verdict runs the products: the grid agrees with the reference on it.
-    r = run_python(AGREEMENT.replace("WANT", repr(other)).replace("'RNNKERN_GEMM'", "'cache'"),
+        f.write(verdict_file(*mixed))
+    r = run_python(AGREEMENT.replace("WANT", repr(mixed)).replace("'RNNKERN_GEMM'", "'cache'"),
                    **env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
-    # A file that does not parse (an older build's one-line verdict among them)
-    # is probed over and replaced.
-    for bad in ("mkl fast\n", f"{other} 0.5 0.25\n"):
+    # A file that does not parse (an older build's two-line verdict among
+    # them, a kind missing or out of order) is probed over and replaced.
+    for bad in ("mkl fast\n", "blas 0.5 0.25\nrnnkern 0.125 0.0625\n",
+                verdict_file("blas", "blas", "blas").replace("large", "wide"),
+                verdict_file("blas", "mkl", "blas"),
+                "".join(reversed(verdict_file("blas", "blas", "blas").splitlines(True)))):
         with open(path, "w") as f:
             f.write(bad)
         again = choice(**env)
-        assert again[1] == "probe" and again[4] == path
-        assert choice(**env)[:2] == (again[0], "cache")
+        assert again[:2] == ("probe", path)
+        assert choice(**env) == ("cache", path, again[2])
 
 
 def test_the_verdict_is_shared_by_every_thread_count_and_can_be_turned_off(tmp_path):
     d = tmp_path / "c"
     env = dict(RNNKERN_CACHE_DIR=str(d), RNNKERN_GEMM="auto")
     first = choice(**env)
-    if first[1] == "capability":
+    if first[0] == "capability":
         pytest.skip("the portable kernels never probe")
     one = run_python("import torch, rnnkern; torch.set_num_threads(1); "
                      "print(repr(rnnkern._C.gemm_backend()))", **env)
@@ -100,19 +119,19 @@ def test_the_verdict_is_shared_by_every_thread_count_and_can_be_turned_off(tmp_p
     one = eval(one.stdout.strip())
     # One file per CPU and build: a verdict per thread count could differ
     # between counts, and so would the bits.
-    assert one[1] == "cache" and one[4] == first[4] and one[:4] == (first[0], "cache", *first[2:4])
+    assert one == ("cache", first[1], first[2])
     assert len(os.listdir(d)) == 1
     off = choice(RNNKERN_CACHE_DIR="", RNNKERN_GEMM="auto")
-    assert off[1] == "probe" and off[4] == ""
+    assert off[:2] == ("probe", "")
     # A pinned backend neither reads nor writes the cache.
     pinned = choice(RNNKERN_CACHE_DIR=str(tmp_path / "p"), RNNKERN_GEMM="blas")
-    assert pinned == ("blas", "RNNKERN_GEMM", 0.0, 0.0, "", False, 0.0, 0.0)
+    assert pinned == ("RNNKERN_GEMM", "", tuple((k, "blas", 0.0, 0.0) for k in KINDS))
     assert not (tmp_path / "p").exists()
     # An unwritable place: the probe still decides, for this process only.
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     nowhere = choice(RNNKERN_CACHE_DIR=str(blocker / "c"), RNNKERN_GEMM="auto")
-    assert nowhere[1] == "probe" and nowhere[4] == ""
+    assert nowhere[:2] == ("probe", "")
 
 
 THREADS_BITS = r"""
@@ -150,7 +169,9 @@ sys.path.insert(0, 'tests')
 from helpers import make_layer, assert_close
 from rnnkern import functional, reference
 from test_gated import make_gated, run
-assert rnnkern._C.gemm_backend()[:2] == (WANT, 'RNNKERN_GEMM'), rnnkern._C.gemm_backend()
+g = rnnkern._C.gemm_backend()
+want = WANT if isinstance(WANT, tuple) else (WANT,) * 3
+assert g[0] == 'RNNKERN_GEMM' and tuple(k[1] for k in g[2]) == want, g
 # Elman: T*B = 1073 rows (three 512-row chunks of a^T b), I = 24, H = 40.
 for dt in (torch.float64, torch.float32):
     tol = 1e-10 if dt == torch.float64 else 1e-5
@@ -188,8 +209,9 @@ for dt in (torch.float64, torch.float32):
     d = make_gated('lstm', 33, 65, 20, 256, dtype=dt, seed=4)
     got, want = run(functional, 'lstm', d), run(reference, 'lstm', d)
     [assert_close(x, y, tol, 'lstm') for x, y in zip(got[0] + got[1], want[0] + want[1]) if y is not None]
-# Wide products (a side past 1024, decided apart): a GRU with G = 3 * 347 =
-# 1041 gate rows, and a cross-entropy head over 1031 classes on it.
+# Large products (a panel past 65536 elements, decided apart; so are the
+# LSTM's above): a GRU with G = 3 * 347 = 1041 gate rows, and a
+# cross-entropy head over 1031 classes on it.
 for dt in (torch.float64, torch.float32):
     tol = 1e-10 if dt == torch.float64 else 1e-5
     d = make_gated('gru', 9, 7, 20, 347, dtype=dt, seed=5)

@@ -397,29 +397,23 @@ namespace {
 // a^T b also any output of at most kSmallOut elements. Beyond these,
 // gemm_backend() decides.
 constexpr int64_t kNarrow = 16, kPanel = 16384, kSmallOut = 4096;
-// Products with a side (K or N; M or N for a^T b) past this are "wide" (the
-// LSTM's and GRU's input projections at H = 512, a loss head over thousands of
-// classes): MKL and the tiles rank differently there on some CPUs, so
-// gemm_backend() decides them separately.
-constexpr int64_t kWide = 1024;
 constexpr int64_t kChunkRows = 512;  // a^T b: rows per partial sum
 // a^T b: the partial sums of at most this many elements in flight (4 MB of
 // float32); more chunks than fit run in groups, folded in chunk order.
 constexpr int64_t kPartialElems = int64_t(1) << 20;
 
-// gemm_backend()'s verdict for a product one of whose sides (the rows aside)
-// is past kWide, or for the others.
-bool tiles_for(int64_t side) {
-  const auto& v = gemm_backend().verdict;
-  return side > kWide ? v.tiles_wide : v.tiles;
+// gemm_backend()'s verdict for a product of this kind and panel size
+// (probe_cache.h: x w's K*N, a^T b's M*N).
+bool tiles_for(GemmKind small, int64_t panel) {
+  return gemm_backend().verdict.kind[panel <= kSmallPanel ? small : kLarge].tiles;
 }
 
 bool row_gemm_wins(int64_t K, int64_t N) {
-  return ((K < kNarrow || N < kNarrow) && K * N <= kPanel) || tiles_for(std::max(K, N));
+  return ((K < kNarrow || N < kNarrow) && K * N <= kPanel) || tiles_for(kXw, K * N);
 }
 
 bool atb_wins(int64_t M, int64_t N) {
-  return std::min(M, N) < kNarrow || M * N <= kSmallOut || tiles_for(std::max(M, N));
+  return std::min(M, N) < kNarrow || M * N <= kSmallOut || tiles_for(kAtb, M * N);
 }
 
 // w [K,N] (any strides) as row_gemm reads it: [K, NP], NP = N rounded up to
@@ -522,14 +516,17 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
   });
 }
 
-// RNNKERN_GEMM, or the probe's verdict for this machine, build and thread
-// count (probe_cache.h), or the probe: a [1024,128] x [128,128] product and an
-// a^T b over 2048 rows of [*,128] and [*,128], float32, each timed on BLAS and
-// on the tiles (fastest of kProbeRuns, interleaved) at the current thread
-// count; and the same for the wide products (kWide). The tiles are taken for
-// each kind where they are at least kProbeMargin faster in all.
+// RNNKERN_GEMM, or the probe's verdict for this machine and build
+// (probe_cache.h), or the probe: for each kind of product, float32 products
+// of that kind timed on BLAS and on the tiles (fastest of kProbeRuns,
+// interleaved) at the current thread count. The tiles are taken for a kind
+// where they are faster by its margin: 5% for the small panels (on a Zen 4
+// the tiles ran the Elman `small` training step 1.1-1.2x faster with BLAS
+// within 15% in the old single probe), 25% for the large ones (BLAS's cache
+// blocking wins there over many rows on the Zen 4, 0.83-1.0x, though the
+// tiles led at 1024-2048 rows; the tiles must win clearly, as on a Zen 5).
 constexpr int kProbeRuns = 7;
-constexpr double kProbeMargin = 1.15;
+constexpr double kProbeMargin[kGemmKinds] = {1.05, 1.05, 1.25};
 
 void probe_fill(at::Tensor& t, uint32_t seed) {
   float* p = t.data_ptr<float>();
@@ -562,45 +559,43 @@ ProbeVerdict probe_gemm_backend() {
   ProbeVerdict r;
   const auto opts = at::TensorOptions().dtype(at::kFloat);
   const at::Tensor no_bias;
-  {  // a [1024,128] x [128,128] product and a 128 x 128 a^T b over 2048 rows
-    constexpr int64_t R = 1024, K = 128, N = 128, KA = 2048;
-    auto x = at::empty({R, K}, opts), w = at::empty({K, N}, opts);
-    auto da = at::empty({KA, N}, opts), xa = at::empty({KA, K}, opts);
-    probe_fill(x, 1), probe_fill(w, 2), probe_fill(da, 3), probe_fill(xa, 4);
-    auto out = at::empty({R, N}, opts), c = at::empty({N, K}, opts);
+  auto make = [&](int64_t rows, int64_t cols, uint32_t seed) {
+    auto t = at::empty({rows, cols}, opts);
+    probe_fill(t, seed);
+    return t;
+  };
+  auto decide = [&](GemmKind k, std::pair<double, double> times) {
+    auto& d = r.kind[k];
+    std::tie(d.tiles_s, d.blas_s) = times;
+    d.tiles = d.tiles_s * kProbeMargin[k] < d.blas_s;
+  };
+  {  // xw: [2048,128] x [128,256], an input projection at the `small` sizes
+    const auto x = make(2048, 128, 1), w = make(128, 256, 2);
+    auto out = at::empty({2048, 256}, opts);
     const auto wt = pack_row_operand(w);
-    std::tie(r.tiles_s, r.blas_s) = race(
-        [&] {
-          row_gemm_out<float>(out, x, wt, N, no_bias);
-          atb_impl<float>(c, false, da, xa, false);
-        },
-        [&] {
-          at::mm_out(out, x, w);
-          at::mm_out(c, da.t(), xa);
-        });
+    decide(kXw, race([&] { row_gemm_out<float>(out, x, wt, 256, no_bias); },
+                     [&] { at::mm_out(out, x, w); }));
   }
-  {  // wide: [256,256] x [256,2048], [256,2048] x [2048,256] and a 2048 x 256
-     // a^T b over 256 rows (a loss head's three products)
-    constexpr int64_t R = 256, H = 256, O = 2048;
-    auto h = at::empty({R, H}, opts), w = at::empty({H, O}, opts), d = at::empty({R, O}, opts);
-    auto wo = at::empty({O, H}, opts);
-    probe_fill(h, 5), probe_fill(w, 6), probe_fill(d, 7), probe_fill(wo, 8);
-    auto y = at::empty({R, O}, opts), dh = at::empty({R, H}, opts), dw = at::empty({O, H}, opts);
-    const auto wt = pack_row_operand(w), wot = pack_row_operand(wo);
-    std::tie(r.wide_tiles_s, r.wide_blas_s) = race(
-        [&] {
-          row_gemm_out<float>(y, h, wt, O, no_bias);
-          row_gemm_out<float>(dh, d, wot, H, no_bias);
-          atb_impl<float>(dw, false, d, h, false);
-        },
-        [&] {
-          at::mm_out(y, h, w);
-          at::mm_out(dh, d, wo);
-          at::mm_out(dw, d.t(), h);
-        });
+  {  // atb: a 256 x 128 a^T b over 2048 rows, a dW at the `small` sizes
+    const auto a = make(2048, 256, 3), b = make(2048, 128, 4);
+    auto c = at::empty({256, 128}, opts);
+    decide(kAtb, race([&] { atb_impl<float>(c, false, a, b, false); },
+                      [&] { at::mm_out(c, a.t(), b); }));
   }
-  r.tiles = r.tiles_s * kProbeMargin < r.blas_s;
-  r.tiles_wide = r.wide_tiles_s * kProbeMargin < r.wide_blas_s;
+  {  // large: [8192,256] x [256,512] and a 512 x 256 a^T b over the 8192 rows
+    const auto x = make(8192, 256, 5), w = make(256, 512, 6), d = make(8192, 512, 7);
+    auto y = at::empty({8192, 512}, opts), dw = at::empty({512, 256}, opts);
+    const auto wt = pack_row_operand(w);
+    decide(kLarge, race(
+                       [&] {
+                         row_gemm_out<float>(y, x, wt, 512, no_bias);
+                         atb_impl<float>(dw, false, d, x, false);
+                       },
+                       [&] {
+                         at::mm_out(y, x, w);
+                         at::mm_out(dw, d.t(), x);
+                       }));
+  }
   return r;
 }
 
@@ -611,7 +606,7 @@ GemmBackend choose_gemm_backend() {
               "RNNKERN_GEMM must be 'auto', 'blas' or 'rnnkern', got '", want, "'");
   GemmBackend r;
   if (want != "auto") {
-    r.verdict.tiles = r.verdict.tiles_wide = want == "rnnkern";
+    for (auto& d : r.verdict.kind) d.tiles = want == "rnnkern";
     r.source = "RNNKERN_GEMM";
     return r;
   }

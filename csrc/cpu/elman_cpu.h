@@ -32,12 +32,13 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 // order by one thread: the same bits at any thread count.
 //
 // Larger products run on those kernels too where they beat BLAS, which
-// depends on the CPU, not on the shapes: on AMD EPYC Zen 5 MKL's sgemm takes a
-// generic path at about 40% of the FMA peak, and the tiles ran the Elman
-// `small` training step 1.6x faster; on Zen 4 (measured earlier, for the
-// narrow rule above) BLAS was ahead beyond narrow sizes. The choice is made once
-// per process (gemm_backend()): RNNKERN_GEMM=blas or =rnnkern sets it, and by
-// default (auto) a probe at the first such product times both on it.
+// depends on the CPU and on the size of the panel a product reuses over its
+// rows: on AMD EPYC Zen 5 MKL's sgemm takes a generic path at about 40% of the
+// FMA peak, and the tiles ran the Elman `small` training step 1.6x faster; on
+// Zen 4 the tiles lead for small panels and BLAS for large ones over many
+// rows. The choice is made once per machine and build for each kind of
+// product (probe_cache.h's GemmKind; gemm_backend()): RNNKERN_GEMM=blas or
+// =rnnkern sets it, and by default (auto) a probe times both.
 //
 // out [R,N] (contiguous rows) = x [R,K] w [K,N] (+ bias [N], if defined);
 // x and w any strides with unit column stride for x.
@@ -65,8 +66,8 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
 
 // Who runs the products that are not narrow, decided once per process.
 struct GemmBackend {
-  // Which backend runs each kind of product (tiles / tiles_wide; else BLAS)
-  // and the probe's fastest times (0 when not probed).
+  // Which backend runs each kind of product (probe_cache.h's GemmKind) and
+  // the probe's fastest times (0 when not probed).
   ProbeVerdict verdict;
   // "RNNKERN_GEMM", "capability" (no vector unit), "probe" (timed in this
   // process) or "cache" (a verdict an earlier process stored).

@@ -77,14 +77,16 @@ std::string probe_cache_path(const char* capability) {
 
 std::optional<ProbeVerdict> read_probe_cache(const std::string& path) {
   std::ifstream f(path);
-  std::string who, wide;
   ProbeVerdict v;
-  if (!(f >> who >> v.tiles_s >> v.blas_s >> wide >> v.wide_tiles_s >> v.wide_blas_s) ||
-      (who != "rnnkern" && who != "blas") || (wide != "rnnkern" && wide != "blas")) {
-    return std::nullopt;
+  for (int k = 0; k < kGemmKinds; ++k) {
+    std::string kind, who;
+    auto& d = v.kind[k];
+    if (!(f >> kind >> who >> d.tiles_s >> d.blas_s) || kind != kGemmKindNames[k] ||
+        (who != "rnnkern" && who != "blas")) {
+      return std::nullopt;
+    }
+    d.tiles = who == "rnnkern";
   }
-  v.tiles = who == "rnnkern";
-  v.tiles_wide = wide == "rnnkern";
   return v;
 }
 
@@ -96,11 +98,16 @@ std::optional<ProbeVerdict> store_probe_cache(const std::string& path, const Pro
   {
     std::ofstream f(tmp);
     f.precision(9);
-    f << (v.tiles ? "rnnkern " : "blas ") << v.tiles_s << " " << v.blas_s << "\n"
-      << (v.tiles_wide ? "rnnkern " : "blas ") << v.wide_tiles_s << " " << v.wide_blas_s << "\n"
-      << "# rnnkern's gemm-backend probe: the verdict, tiles seconds and BLAS seconds, for the "
-         "products up to 1024 wide, then for the wider ones. Delete this file to probe again; "
-         "RNNKERN_GEMM=blas|rnnkern overrides it.\n";
+    for (int k = 0; k < kGemmKinds; ++k) {
+      const auto& d = v.kind[k];
+      f << kGemmKindNames[k] << (d.tiles ? " rnnkern " : " blas ") << d.tiles_s << " "
+        << d.blas_s << "\n";
+    }
+    f << "# rnnkern's gemm-backend probe: per kind of product (x w and a^T b with a panel of "
+         "at most "
+      << kSmallPanel
+      << " elements, and larger ones), the verdict, tiles seconds and BLAS seconds. Delete this "
+         "file to probe again; RNNKERN_GEMM=blas|rnnkern overrides it.\n";
     if (!f) {
       std::remove(tmp.c_str());
       return std::nullopt;

@@ -5,21 +5,33 @@
 // backends run close enough for a per-process probe to flip between them. No
 // torch headers: a small translation unit.
 
+#include <array>
 #include <optional>
 #include <string>
 
 namespace rnnkern::cpu {
 
-struct ProbeVerdict {
-  bool tiles = false;
-  double tiles_s = 0, blas_s = 0;
-  bool tiles_wide = false;  // the products with a side past 1024
-  double wide_tiles_s = 0, wide_blas_s = 0;
-  bool operator==(const ProbeVerdict& o) const {
-    return tiles == o.tiles && tiles_s == o.tiles_s && blas_s == o.blas_s &&
-           tiles_wide == o.tiles_wide && wide_tiles_s == o.wide_tiles_s &&
-           wide_blas_s == o.wide_blas_s;
+// The kinds of products the probe decides apart, by the size of the panel a
+// product reuses across its rows: x [R,K] w [K,N] with K*N, a^T b with the
+// M*N output, at most kSmallPanel elements ("xw", "atb": a panel that stays
+// in L2, where the register tiles' fixed cost is small), or more ("large":
+// the gated cells' projections at H = 512, a loss head over many classes,
+// where BLAS's cache blocking counts).
+enum GemmKind { kXw = 0, kAtb = 1, kLarge = 2, kGemmKinds = 3 };
+inline constexpr const char* kGemmKindNames[kGemmKinds] = {"xw", "atb", "large"};
+inline constexpr long kSmallPanel = 65536;
+
+struct KindVerdict {
+  bool tiles = false;  // else BLAS
+  double tiles_s = 0, blas_s = 0;  // the probe's fastest times (0 when not probed)
+  bool operator==(const KindVerdict& o) const {
+    return tiles == o.tiles && tiles_s == o.tiles_s && blas_s == o.blas_s;
   }
+};
+
+struct ProbeVerdict {
+  std::array<KindVerdict, kGemmKinds> kind;
+  bool operator==(const ProbeVerdict& o) const { return kind == o.kind; }
 };
 
 // The cache file for this CPU (/proc/cpuinfo's identity lines), this build of
