@@ -281,6 +281,8 @@ class _NoDoubleBackward(torch.autograd.Function):
     computed from so that create_graph=True works; differentiating them again
     raises, since the fused backward has no derivative of its own."""
 
+    generate_vmap_rule = True  # jacrev and vmap(grad) run backward under vmap
+
     @staticmethod
     def forward(name, n, *tensors):
         return tuple(t.clone() for t in tensors[:n])
@@ -298,9 +300,12 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 
 def _first_order(name: str, grads: tuple, anchors: tuple) -> tuple:
-    """grads as they are, unless backward runs under create_graph=True (grad
-    mode on, outside torch.func's transforms, which manage their own levels)."""
-    if not torch.is_grad_enabled() or torch._C._functorch.peek_interpreter_stack() is not None:
+    """grads linked to their anchors through _NoDoubleBackward when backward
+    runs with grad mode on (create_graph=True, and always under torch.func's
+    grad transforms, which run backward that way so that they can nest): a
+    second derivative then raises instead of reading the fused backward's
+    outputs as constants (torch.func's grad(grad(f)) got zeros)."""
+    if not torch.is_grad_enabled():
         return grads
     present = [g for g in grads if g is not None]
     linked = iter(_NoDoubleBackward.apply(name, len(present), *present,

@@ -505,6 +505,65 @@ def test_func_vmap_equals_a_loop():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+SECOND_ORDER = ["grad(grad)", "jacrev(jacrev)", "vjp(vjp)", "grad(penalty)", "grad then backward"]
+
+
+@pytest.mark.parametrize("case", product(cell=["RNN", "GRU", "LSTM", "rnn_loss"],
+                                         transform=SECOND_ORDER), ids=str)
+def test_func_second_order_is_refused_not_zero(case):
+    """torch.func's grad transforms run backward with grad mode on, so that
+    they nest; a second derivative through the fused backward must raise as
+    eager double backward does. It used to come back as zeros: the fused
+    backward's outputs were constants to the outer level (a client's
+    grad(grad(f)), a gradient penalty under func.grad, a MAML inner step)."""
+    torch.manual_seed(3)
+    dt = torch.float64
+    x = torch.randn(4, 3, 2, dtype=dt)
+    if case["cell"] == "rnn_loss":
+        tgt = torch.randint(0, 5, (4, 3))
+        ws = [torch.randn(12, 2, dtype=dt), torch.randn(12, 4, dtype=dt), torch.randn(12, dtype=dt),
+              torch.randn(12, dtype=dt), torch.randn(5, 4, dtype=dt), torch.randn(5, dtype=dt)]
+
+        def loss(x_, w_hh):
+            return functional.rnn_loss(x_, tgt, None, ws[0], w_hh, ws[2], ws[3], ws[4], ws[5],
+                                       mode="gru", loss="cross_entropy")
+    else:
+        m = getattr(rnnkern, case["cell"])(2, 3).to(dt)
+        w_name = "weight_hh_l0"
+
+        def loss(x_, w_hh):
+            params = {k: (w_hh if k == w_name else v.detach()) for k, v in m.named_parameters()}
+            return torch.func.functional_call(m, params, (x_,))[0].pow(2).sum()
+        ws = [None, getattr(m, w_name).detach()]
+    w = ws[1]
+    match = r"rnnkern: double backward through rnnkern\.functional\.\w+ is not supported"
+    g = torch.func.grad(loss)  # d loss / d x
+    # First order is fine and matches eager autograd.
+    x_req = x.clone().requires_grad_()
+    torch.testing.assert_close(g(x, w), torch.autograd.grad(loss(x_req, w), [x_req])[0],
+                               rtol=1e-12, atol=0)
+    with pytest.raises(RuntimeError, match=match):
+        t = case["transform"]
+        if t == "grad(grad)":
+            torch.func.grad(lambda x_: g(x_, w).sum())(x)
+        elif t == "jacrev(jacrev)":
+            torch.func.jacrev(torch.func.jacrev(lambda x_: loss(x_, w)))(x)
+        elif t == "vjp(vjp)":
+            _, inner = torch.func.vjp(lambda x_: loss(x_, w), x)
+            _, outer = torch.func.vjp(lambda v: inner(v)[0], torch.tensor(1.0, dtype=dt))
+            outer(torch.ones_like(x))
+        elif t == "grad(penalty)":
+            def penalty(x_):
+                xr = x_.requires_grad_() if not x_.requires_grad else x_
+                (gx,) = torch.autograd.grad(loss(xr, w), [xr], create_graph=True)
+                return gx.pow(2).sum()
+            torch.func.grad(penalty)(x)
+        else:  # a MAML-style inner step under func.grad, the outer step in eager autograd
+            w_req = w.clone().requires_grad_()
+            adapted = w_req - 0.1 * torch.func.grad(loss, argnums=1)(x, w_req)
+            loss(x, adapted).backward()
+
+
 @pytest.mark.parametrize("case", product(transform=["jvp", "jacfwd", "forward_ad"],
                                          fn=["rnn", "rnn_loss"]), ids=str)
 def test_func_forward_mode_is_refused_by_name(case):
