@@ -64,7 +64,9 @@ def autocast_up(device_type: str, *args):
     float32 and float64, so the layers and the loss take autocast's float32
     policy, as its numerically sensitive ops do: outputs are float32, and the
     casts' own backward brings the gradients down to their tensors' dtypes."""
-    if not torch.is_autocast_enabled(device_type):
+    # No autocast on a device without it (meta: shape inference runs the
+    # layers on meta tensors, as it runs nn's).
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return args
 
     def up(a):

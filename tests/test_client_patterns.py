@@ -283,3 +283,31 @@ def test_input_not_3d_without_hx_is_refused_by_the_op(cell, shape):
     with pytest.raises(ValueError, match=r"input must be 3-D \(T, B, I\)"):
         rnnkern.RNNLoss(rnn, nn.Linear(5, 7))(x, torch.randint(0, 7, shape[:-1]),
                                               return_details=True)
+
+
+@pytest.mark.parametrize("name,kw", [("RNN", {}), ("GRU", {}), ("LSTM", {}),
+                                     ("LSTM", {"proj_size": 3})], ids=str)
+def test_meta_tensors_give_nn_shapes_forward_and_backward(name, kw):
+    """Shape inference and deferred initialisation run models on the meta
+    device, as nn's modules allow; the layers used to fail there in the
+    autocast check ('unknown device type for autocast')."""
+    with torch.device("meta"):
+        ours = getattr(rnnkern, name)(5, 7, num_layers=2, bidirectional=True, batch_first=True, **kw)
+        theirs = getattr(nn, name)(5, 7, num_layers=2, bidirectional=True, batch_first=True, **kw)
+    x = torch.empty(2, 6, 5, device="meta", requires_grad=True)
+    got, want = ours(x), theirs(x)
+    flat = lambda r: [r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],))]  # noqa: E731
+    assert [(t.shape, t.device.type) for t in flat(got)] == [(t.shape, t.device.type) for t in flat(want)]
+    got[0].sum().backward()
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in ours.parameters())
+    # The functions and the fused loss too.
+    G = {"RNN": 1, "GRU": 3, "LSTM": 4}[name] * 7
+    w = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    layer = getattr(functional, name.lower())
+    assert layer(w(6, 2, 5), None, w(G, 5), w(G, 7), w(G), w(G))[0].shape == (6, 2, 7)
+    if not kw:
+        mode = {"RNN": "rnn_tanh", "GRU": "gru", "LSTM": "lstm"}[name]
+        loss = functional.rnn_loss(w(6, 2, 5), torch.empty(6, 2, dtype=torch.int64, device="meta"),
+                                   None, w(G, 5), w(G, 7), w(G), w(G), w(4, 7), w(4), mode=mode)
+        assert loss.shape == () and loss.device.type == "meta"
