@@ -31,13 +31,17 @@ def verdict_file(*names, times=((0.5, 0.25), (0.125, 0.0625), (2.0, 4.0))) -> st
     return "".join(f"{k} {n} {t} {b}\n" for k, n, (t, b) in zip(KINDS, names, times))
 
 
+def reported(names) -> str:
+    """What rnnkern.gemm_backend() says for these per-kind choices."""
+    return names[0] if len(set(names)) == 1 else ",".join(f"{k}={n}" for k, n in zip(KINDS, names))
+
+
 def test_the_choice_is_reported():
     source, cache, kinds = rnnkern._C.gemm_backend()
     assert tuple(k[0] for k in kinds) == KINDS
     names = [k[1] for k in kinds]
     assert set(names) <= {"rnnkern", "blas"}
-    want = names[0] if len(set(names)) == 1 else ",".join(f"{k}={n}" for k, n in zip(KINDS, names))
-    assert rnnkern.gemm_backend() == want
+    assert rnnkern.gemm_backend() == reported(names)
     assert source in ("probe", "cache", "RNNKERN_GEMM", "capability")
     if source in ("probe", "cache"):  # both were timed; the tiles win only by the kind's margin
         for kind, name, tiles_s, blas_s in kinds:
@@ -81,9 +85,7 @@ def test_the_probe_verdict_is_kept_for_later_processes(tmp_path):
                                                  ("atb", names[1], 0.125, 0.0625),
                                                  ("large", names[2], 2.0, 4.0)))
         r = run_python("import rnnkern; print(rnnkern.gemm_backend())", **env)
-        want = ("rnnkern" if len(set(names)) == 1 else
-                ",".join(f"{k}={n}" for k, n in zip(KINDS, names)))
-        assert r.stdout.strip() == want, r.stderr
+        assert r.stdout.strip() == reported(names), r.stderr
     # The stored verdict runs the products, a different backend per kind
     # within one layer: the grid agrees with the reference on it.
     mixed = tuple("blas" if k[1] == "rnnkern" else "rnnkern" for k in kinds)

@@ -520,11 +520,12 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
 // (probe_cache.h), or the probe: for each kind of product, float32 products
 // of that kind timed on BLAS and on the tiles (fastest of kProbeRuns,
 // interleaved) at the current thread count. The tiles are taken for a kind
-// where they are faster by its margin: 5% for the small panels (on a Zen 4
-// the tiles ran the Elman `small` training step 1.1-1.2x faster with BLAS
-// within 15% in the old single probe), 25% for the large ones (BLAS's cache
-// blocking wins there over many rows on the Zen 4, 0.83-1.0x, though the
-// tiles led at 1024-2048 rows; the tiles must win clearly, as on a Zen 5).
+// where they are faster by its margin: 5% for the small panels, 25% for the
+// large ones. On a Zen 4, products alone (BLAS time / tiles time): x w panels
+// up to 128 x 512 over 3200 rows 1.10-1.27, small a^T b 0.97-1.30; 512 x 512
+// panels over 12800 rows 0.84-1.01, though the tiles led at 1024-2048 rows,
+// hence the large probe's 8192 rows and a margin the tiles clear only where
+// they win outright (a Zen 5, 1.6x end to end).
 constexpr int kProbeRuns = 7;
 constexpr double kProbeMargin[kGemmKinds] = {1.05, 1.05, 1.25};
 

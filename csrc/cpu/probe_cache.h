@@ -6,6 +6,7 @@
 // torch headers: a small translation unit.
 
 #include <array>
+#include <cstdint>
 #include <optional>
 #include <string>
 
@@ -19,7 +20,7 @@ namespace rnnkern::cpu {
 // where BLAS's cache blocking counts).
 enum GemmKind { kXw = 0, kAtb = 1, kLarge = 2, kGemmKinds = 3 };
 inline constexpr const char* kGemmKindNames[kGemmKinds] = {"xw", "atb", "large"};
-inline constexpr long kSmallPanel = 65536;
+inline constexpr std::int64_t kSmallPanel = 65536;
 
 struct KindVerdict {
   bool tiles = false;  // else BLAS
