@@ -48,35 +48,102 @@ def _compiling() -> bool:
 # ---------------------------------------------------------------------------
 # 1. Conversions: the Python API's own arguments and the user's layout.
 
-_LOWER_PRECISION = (torch.bfloat16, torch.float16)
+LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype autocast_up gives a tensor of ``dtype``."""
-    up = dtype in _LOWER_PRECISION and torch.is_autocast_enabled(device_type)
+    up = (dtype in LOWER_PRECISION and torch.amp.is_autocast_available(device_type)
+          and torch.is_autocast_enabled(device_type))
     return torch.float32 if up else dtype
 
 
-def autocast_up(device_type: str, *args):
-    """Under torch.autocast on ``device_type``, args with their bfloat16 and
-    float16 tensors (nested in tuples or lists too) as float32; as they are
-    otherwise, where the ops refuse such tensors by name. The kernels run
-    float32 and float64, so the layers and the loss take autocast's float32
-    policy, as its numerically sensitive ops do: outputs are float32, and the
-    casts' own backward brings the gradients down to their tensors' dtypes."""
-    # No autocast on a device without it (meta: shape inference runs the
-    # layers on meta tensors, as it runs nn's).
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return args
+def _tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (tuple, list)):
+            yield from _tensors(a)
 
+
+def cast_up(args):
+    """args with their bfloat16 and float16 tensors (nested in tuples or lists
+    too) cast to float32."""
     def up(a):
         if isinstance(a, torch.Tensor):
-            return a.float() if a.dtype in _LOWER_PRECISION else a
+            return a.float() if a.dtype in LOWER_PRECISION else a
         if isinstance(a, (tuple, list)):
             return type(a)(up(b) for b in a)
         return a
 
     return tuple(up(a) for a in args)
+
+
+def autocast_up(device_type: str, *args):
+    """Under torch.autocast on ``device_type``, args with their bfloat16 and
+    float16 tensors (nested in tuples or lists too) as float32; as they are
+    otherwise. The kernels run float32 and float64, so the layers and the loss
+    take autocast's float32 policy, as its numerically sensitive ops do:
+    outputs are float32, and the casts' own backward brings the gradients down
+    to their tensors' dtypes."""
+    # No autocast on a device without it (meta: shape inference runs the
+    # layers on meta tensors, as it runs nn's).
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return args
+    return cast_up(args)
+
+
+# The tensors of the functions' calls that lower_precision_up sees, in order.
+LAYER_TENSORS = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+LOSS_TENSORS = ("input", "target", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                "weight_out", "bias_out", "weight_hr")
+
+
+def lower_precision_up(device_type: str, names: Sequence[str], *args):
+    """(args, low): the float32 form of a lower-precision call, and the dtype
+    to give its floating outputs back. ``names`` name args (the first is the
+    input), for the error below.
+
+    - Under torch.autocast on ``device_type``: autocast_up(args), low None
+      (the outputs stay float32: autocast's float32 policy).
+    - Outside it, with a bfloat16 or float16 input: every other floating tensor
+      of args (nested in tuples or lists too) must have the input's dtype
+      (a TypeError names the first that has not). args come back with those
+      tensors cast to float32, and low is the input's dtype. The kernels then
+      compute in float32 (every product summed in float32, the state carried
+      in float32 from step to step) and the caller rounds its outputs to
+      ``low``: what a bfloat16 or float16 model gets from torch.nn, with the
+      rounding once at the end rather than at every operation.
+    - Otherwise (a float32 or float64 input): args as they are, low None; the
+      ops refuse what they cannot take, by name.
+    The casts' own backward hands each tensor its gradient in its own dtype."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return cast_up(args), None
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dtype not in LOWER_PRECISION:
+        return args, None
+    for name, a in zip(names[1:], args[1:]):
+        for t in _tensors((a,)):
+            if t.is_floating_point() and t.dtype != x.dtype:
+                raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
+    return cast_up(args), x.dtype
+
+
+def cast_down(low: Optional[torch.dtype], *outputs):
+    """outputs with their floating tensors (nested in tuples too) cast to low;
+    as they are for low None."""
+    if low is None:
+        return outputs
+
+    def down(a):
+        if isinstance(a, torch.Tensor):
+            return a.to(low) if a.is_floating_point() else a
+        if isinstance(a, tuple):
+            items = [down(b) for b in a]
+            return type(a)(*items) if hasattr(a, "_fields") else tuple(items)
+        return a
+
+    return tuple(down(a) for a in outputs)
 
 
 def check_nonlinearity(nonlinearity) -> str:

@@ -16,7 +16,8 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from ._checks import LengthsLike, autocast_up, layer_api_args, loss_api_args, lstm_state
+from ._checks import (LAYER_TENSORS, LOSS_TENSORS, LengthsLike, cast_down, layer_api_args,
+                      loss_api_args, lower_precision_up, lstm_state)
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -45,9 +46,11 @@ def rnn(
 
     Args:
         input: (T, B, I), or (B, T, I) with ``batch_first``. float32 or float64;
-            any strides. Under torch.autocast, bfloat16 and float16 tensors
-            (input, hx, weights) are cast to float32 and the output is float32;
-            the same holds for lstm, gru and rnn_loss.
+            any strides. bfloat16 or float16, with hx and the weights of the
+            same dtype: computed in float32 on them cast up, the outputs
+            rounded back to that dtype. Under torch.autocast, bfloat16 and
+            float16 tensors (input, hx, weights) are cast to float32 and the
+            output is float32. The same holds for lstm, gru and rnn_loss.
         hx: (B, H) initial state, or None for zeros.
         weight_ih: (H, I).  weight_hh: (H, H).  bias_ih, bias_hh: (H,) or None.
         nonlinearity: 'tanh' or 'relu'.
@@ -69,8 +72,8 @@ def rnn(
 
     Double backward is not supported and raises.
     """
-    input, hx, weight_ih, weight_hh, bias_ih, bias_hh = autocast_up(
-        _device_type(input), input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    (input, hx, weight_ih, weight_hh, bias_ih, bias_hh), low = lower_precision_up(
+        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     output, h_n = _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -78,7 +81,7 @@ def rnn(
                                reverse=reverse)
     if batch_first:
         output = output.transpose(0, 1)
-    return output, h_n
+    return cast_down(low, output, h_n)
 
 
 def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity, lengths,
@@ -248,8 +251,9 @@ def _device_type(input) -> str:
 
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
            lengths, truncate, reverse):
-    input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = autocast_up(
-        _device_type(input), input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), low = lower_precision_up(
+        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+        weight_hr)
     x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     if mode == "lstm":
@@ -260,7 +264,7 @@ def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *
                                     reverse=reverse)
     if batch_first:
         output = output.transpose(0, 1)
-    return output, ((h_n, c_n) if mode == "lstm" else h_n)
+    return cast_down(low, output, ((h_n, c_n) if mode == "lstm" else h_n))
 
 
 def _gated_sizes(mode, weight_hh, weight_hr) -> tuple:
@@ -429,7 +433,9 @@ def rnn_loss(
     the forward sweep.
 
     Args:
-        input: (T, B, I), or (B, T, I) with ``batch_first``; float32 or float64.
+        input: (T, B, I), or (B, T, I) with ``batch_first``; float32 or float64,
+            or bfloat16 or float16 as in ``rnn`` (the loss, h_n and step_loss
+            then come back in that dtype; grad_norm stays float32).
         target: laid out like the steps. loss='cross_entropy': (T, B) int64 class
             indices in [0, O), or ignore_index. loss='mse': (T, B, O) of the
             input's dtype. Takes no gradient.
@@ -464,8 +470,29 @@ def rnn_loss(
     Double backward is not supported and raises.
     """
     (input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
-     weight_hr) = autocast_up(_device_type(input), input, target, hx, weight_ih, weight_hh,
-                              bias_ih, bias_hh, weight_out, bias_out, weight_hr)
+     weight_hr), low = lower_precision_up(_device_type(input), LOSS_TENSORS, input, target,
+                                          hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                          weight_out, bias_out, weight_hr)
+    result = _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
+                       bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,
+                       weight_hr=weight_hr, batch_first=batch_first, lengths=lengths,
+                       loss_mask=loss_mask, steps=steps, reduction=reduction,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       truncate=truncate, return_details=return_details,
+                       chunk_rows=_chunk_rows)
+    if low is None:
+        return result
+    if not return_details:
+        return result.to(low)
+    # grad_norm stays float32: backward fills that very tensor in.
+    value, state, step_loss = cast_down(low, result.loss, result.h_n, result.step_loss)
+    return RNNLossDetails(value, state, step_loss, result.grad_norm)
+
+
+def _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out, *,
+              loss, mode, nonlinearity, weight_hr, batch_first, lengths, loss_mask, steps,
+              reduction, ignore_index, label_smoothing, truncate, return_details, chunk_rows):
+    """rnn_loss in float32 or float64 (after lower_precision_up)."""
     mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
         input, target, weight_out, weight_hr, loss_mask, mode=mode, nonlinearity=nonlinearity,
         batch_first=batch_first, lengths=lengths, truncate=truncate,
@@ -477,7 +504,7 @@ def rnn_loss(
                            lengths=lengths, loss_mask=loss_mask, steps=steps,
                            reduction=reduction, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, truncate=truncate,
-                           return_details=return_details, chunk_rows=_chunk_rows)
+                           return_details=return_details, chunk_rows=chunk_rows)
     nonlinearity = mode[len("rnn_"):]
     args = (x, target, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh,
             weight_out, bias_out, lengths, loss_mask)
@@ -485,7 +512,7 @@ def rnn_loss(
     # too (a scalar reduction's are known then); in inference it runs once.
     needs_grad = _grad_ahead(args)
     inputs = (*args, nonlinearity, loss, steps, reduction, ignore_index, label_smoothing,
-              needs_grad, int(_chunk_rows), truncate or 0)
+              needs_grad, int(chunk_rows), truncate or 0)
     grad_norm = _nan_norms(x) if return_details else None  # [T,B]
     value, _, h_n, step_loss, *_ = _apply_elman_loss(grad_norm, *inputs)
     if reduction == "none" and batch_first:

@@ -21,8 +21,9 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-from ._checks import (LengthsLike, autocast_dtype, autocast_up, check_bool, check_nonlinearity,
-                      check_truncate, lengths_arg, lstm_state)
+from ._checks import (LOWER_PRECISION, LengthsLike, autocast_dtype, autocast_up, cast_down,
+                      cast_up, check_bool, check_nonlinearity, check_truncate, lengths_arg,
+                      lstm_state)
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -111,9 +112,17 @@ class _RecurrentBase(nn.RNNBase):
             input = PackedSequence(data, *input[1:])
         else:
             input, state = autocast_up(device_type, input, state)
+        # A bfloat16 or float16 model outside autocast runs float32 on its
+        # tensors cast up and gives its outputs back in its dtype, after the
+        # checks (made on the dtypes the caller gave).
+        w_dtype = self.weight_ih_l0.dtype
+        lower = w_dtype in LOWER_PRECISION and autocast_dtype(device_type, w_dtype) == w_dtype
+        low = w_dtype if lower else None
         if isinstance(input, PackedSequence):
-            output, state = self._forward_packed(input, state, lengths, truncate)
-            return output, self._hx_out(state)
+            output, state = self._forward_packed(input, state, lengths, truncate, low)
+            if low is not None:
+                output = PackedSequence(output.data.to(low), *output[1:])
+            return output, self._hx_out(cast_down(low, state)[0])
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor or a PackedSequence, "
                             f"got {type(input).__name__}")
@@ -137,7 +146,10 @@ class _RecurrentBase(nn.RNNBase):
         self._check_hx(state, B, x, batched)
         # Their dtype, shape and range are checked by each layer's op.
         lengths = lengths_arg(lengths)
-        output, state = self._layers(x, state, lengths, truncate, None)
+        if low is not None:
+            x, state = cast_up((x, state))
+        output, state = self._layers(x, state, lengths, truncate, None, low is not None)
+        output, state = cast_down(low, output, state)
         if not batched:
             return output.squeeze(1), self._hx_out(tuple(h.squeeze(1) for h in state))
         return (output.transpose(0, 1) if self.batch_first else output), self._hx_out(state)
@@ -148,6 +160,7 @@ class _RecurrentBase(nn.RNNBase):
         hx: Optional[State],  # [L*D,B,*] each, the user's batch order
         lengths: LengthsLike,
         truncate: Optional[int],
+        low: Optional[torch.dtype],  # the model's lower-precision dtype outside autocast
     ) -> tuple[PackedSequence, State]:  # output data [N,D*P], final states [L*D,B,*]
         if lengths is not None:
             raise ValueError("lengths must be None for a PackedSequence input, which carries "
@@ -163,6 +176,8 @@ class _RecurrentBase(nn.RNNBase):
             raise RuntimeError(f"hx must be 3-D (L*D, B, {self._feature_letter}) for a "
                                f"PackedSequence input, got {got}")
         self._check_hx(hx, B, data, True)
+        if low is not None:
+            data, hx = cast_up((data, hx))
         # Packed data is time-major over the batch sorted by decreasing length:
         # row t of the padded (sorted) batch holds its first batch_sizes[t] entries.
         valid = torch.arange(B) < batch_sizes[:, None]  # [T,B] bool, CPU
@@ -171,7 +186,7 @@ class _RecurrentBase(nn.RNNBase):
         x = data.new_zeros(T, B, data.shape[1]).index_put((valid_dev,), data)  # [T,B,I]
         if hx is not None and sorted_indices is not None:
             hx = tuple(h.index_select(1, sorted_indices) for h in hx)  # -> packed order
-        output, h_n = self._layers(x, hx, lengths, truncate, valid_dev)
+        output, h_n = self._layers(x, hx, lengths, truncate, valid_dev, low is not None)
         if unsorted_indices is not None:
             h_n = tuple(h.index_select(1, unsorted_indices) for h in h_n)
         return PackedSequence(output[valid_dev], batch_sizes, sorted_indices, unsorted_indices), h_n
@@ -183,6 +198,7 @@ class _RecurrentBase(nn.RNNBase):
         lengths: Optional[torch.Tensor],  # [B] int64, CPU
         truncate: Optional[int],
         packed: Optional[torch.Tensor],  # [T,B] bool: the valid steps of a packed input
+        up: bool,  # cast the model's bfloat16 or float16 weights to float32 (outside autocast)
     ) -> tuple[torch.Tensor, State]:  # output [T,B,D*P], final states [L*D,B,*]
         D = 2 if self.bidirectional else 1
         finals = []  # a state tuple per layer and direction
@@ -190,8 +206,8 @@ class _RecurrentBase(nn.RNNBase):
         for k in range(self.num_layers):
             outputs = []
             for d in range(D):
-                weights = autocast_up(x.device.type,
-                                      *(getattr(self, name) for name in self._all_weights[k * D + d]))
+                weights = tuple(getattr(self, name) for name in self._all_weights[k * D + d])
+                weights = cast_up(weights) if up else autocast_up(x.device.type, *weights)
                 state = None if hx is None else tuple(h[k * D + d] for h in hx)
                 out, final = self._run_layer(layer_input, state, weights, lengths, truncate,
                                              reverse=d == 1)
@@ -207,14 +223,9 @@ class _RecurrentBase(nn.RNNBase):
         w = self.weight_ih_l0
         w_dtype = autocast_dtype(w.device.type, w.dtype)  # the input's is cast already
         if input.dtype != w_dtype:
-            kernels = (torch.float32, torch.float64)
-            fix = (f"convert the input with input.to({w.dtype}) or the model with "
-                   f"model.to({input.dtype})" if input.dtype in kernels and w.dtype in kernels
-                   else "the kernels run float32 and float64: convert with input.float() and "
-                   "model.float(), or run under torch.autocast, where a bfloat16 or float16 "
-                   "input or model runs in float32")
             raise ValueError(f"input dtype ({input.dtype}) does not match the RNN's weight dtype "
-                             f"({w.dtype}): {fix}")
+                             f"({w.dtype}): convert the input with input.to({w.dtype}) or the "
+                             f"model with model.to({input.dtype})")
         if input.device != w.device:
             # RuntimeError, as nn.RNN's "Input and parameter tensors are not at the same device"
             raise RuntimeError(f"input must be on the device of the module's parameters "
@@ -281,6 +292,8 @@ class RNN(_RecurrentBase):
         bidirectional: D = 2; the reverse direction of layer k is
             ``weight_ih_l{k}_reverse`` etc.
         device, dtype: of the parameters. The kernels run float32 and float64;
+            a bfloat16 or float16 model on input of its dtype runs them in
+            float32 and returns its outputs in its dtype (gradients too);
             under torch.autocast a bfloat16 or float16 input or model runs in
             float32 and returns float32.
 

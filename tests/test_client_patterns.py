@@ -194,8 +194,10 @@ def test_autocast_lower_precision_input_runs_in_float32(name, low, packed):
 @pytest.mark.parametrize("name", CELLS)
 def test_autocast_bfloat16_model_runs_in_float32(name):
     """A model converted with .to(torch.bfloat16) runs under autocast (in
-    float32, its weights cast up; their gradients come back bfloat16), and is
-    refused outside it, with the way out named."""
+    float32, its weights cast up; their gradients come back bfloat16); a
+    float32 input to it outside autocast is refused, as nn refuses it, with
+    both ways out named (tests/test_lower_precision.py: the bfloat16 model on
+    bfloat16 input outside autocast)."""
     torch.manual_seed(2)
     ours = getattr(rnnkern, name)(4, 7).to(torch.bfloat16)
     x = torch.randn(5, 3, 4)
@@ -208,11 +210,11 @@ def test_autocast_bfloat16_model_runs_in_float32(name):
     out.sum().backward()
     assert all(p.grad.dtype == torch.bfloat16 for p in ours.parameters())
     with pytest.raises(ValueError, match=r"input dtype \(torch.float32\) does not match the RNN's "
-                                         r"weight dtype \(torch.bfloat16\): the kernels run "
-                                         r"float32 and float64"):
+                                         r"weight dtype \(torch.bfloat16\): convert the input "
+                                         r"with input.to\(torch.bfloat16\)"):
         ours(x)
     with pytest.raises(ValueError, match=r"input dtype \(torch.bfloat16\) does not match .*"
-                                         r"convert with input.float\(\)"):
+                                         r"model with model.to\(torch.bfloat16\)"):
         reference_model(x.bfloat16())
 
 
@@ -231,7 +233,8 @@ def test_autocast_functional_and_loss_take_lower_precision_tensors():
         value = loss(x.bfloat16(), target)
     assert value.dtype == torch.float32
     assert torch.equal(value, loss(x.bfloat16().float(), target))
-    with pytest.raises(TypeError, match=r"input must be float32 or float64, got torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"weight_ih must have the input's dtype torch.bfloat16, "
+                                        r"got torch.float32"):
         functional.gru(x.bfloat16(), None, w_ih, w_hh)
 
 

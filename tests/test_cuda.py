@@ -526,12 +526,14 @@ def test_second_gpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_is_a_clear_error(dtype):
+def test_half_precision_runs_in_float32_and_the_op_refuses_it(dtype):
     x = torch.randn(4, 2, 3, device=DEV, dtype=dtype)
     w_ih = torch.randn(5, 3, device=DEV, dtype=dtype)
     w_hh = torch.randn(5, 5, device=DEV, dtype=dtype)
-    with pytest.raises(TypeError, match=r"input must be float32 or float64, got torch\."):
-        functional.rnn(x, None, w_ih, w_hh)
+    out, h = functional.rnn(x, None, w_ih, w_hh)
+    want, want_h = functional.rnn(x.float(), None, w_ih.float(), w_hh.float())
+    assert out.dtype == h.dtype == dtype
+    assert torch.equal(out, want.to(dtype)) and torch.equal(h, want_h.to(dtype))
     with pytest.raises(TypeError, match=r"rnnkern.elman_fwd: input must be float32 or float64"):
         _ops.elman_fwd(x, torch.zeros(2, 5, device=DEV, dtype=dtype), w_ih, w_hh, None, None,
                        None, "tanh", False)
