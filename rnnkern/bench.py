@@ -97,26 +97,27 @@ class Problem:
     Drawn on the CPU (the same numbers for either device), then moved to
     `device`; lengths stay on the CPU, where packing and rnnkern take them."""
 
-    def __init__(self, cfg: Config, seed: int = 0, device: str = "cpu"):
+    def __init__(self, cfg: Config, seed: int = 0, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         g = torch.Generator().manual_seed(seed)
         self.cfg = cfg
         B, T, I, H = cfg.B, cfg.T, cfg.I, cfg.H
         torch.manual_seed(seed)
         rnn = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cfg.cell](
             I, H, num_layers=cfg.layers, bidirectional=cfg.bidirectional)
-        self.rnn = rnn.to(device)
-        self.head = torch.nn.Linear(H * (2 if cfg.bidirectional else 1), I).to(device)
+        self.rnn = rnn.to(device, dtype)
+        self.head = torch.nn.Linear(H * (2 if cfg.bidirectional else 1), I).to(device, dtype)
         self.params = [*self.rnn.parameters(), *self.head.parameters()]
         self.module = None  # rnnkern's module with the same weights, for a stacked config
         if cfg.stacked:
             import rnnkern
 
             self.module = getattr(rnnkern, type(rnn).__name__)(
-                I, H, num_layers=cfg.layers, bidirectional=cfg.bidirectional).to(device)
+                I, H, num_layers=cfg.layers, bidirectional=cfg.bidirectional).to(device, dtype)
             self.module.load_state_dict(self.rnn.state_dict())
             self.params += list(self.module.parameters())
-        self.x = torch.randn(T, B, I, generator=g).to(device)  # [T,B,I]
-        self.target = torch.randn(T, B, I, generator=g).to(device)  # [T,B,O]
+        self.x = torch.randn(T, B, I, generator=g).to(device, dtype)  # [T,B,I]
+        self.target = torch.randn(T, B, I, generator=g).to(device, dtype)  # [T,B,O]
         if cfg.lengths:
             self.lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
         else:
@@ -584,10 +585,11 @@ def autograd_floor(p: Problem) -> Callable[[], None]:
 
 def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
                progress: Callable[[str], None], device: str = "cpu",
-               quick: bool = False) -> dict:
+               quick: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     """Times every implementation on cfg. ``quick``: the baselines only (see
-    implementations) and no peak-memory column."""
-    problem = Problem(cfg, device=device)
+    implementations) and no peak-memory column. ``dtype``: of the problem's
+    data and parameters (bfloat16: each implementation's bfloat16 path)."""
+    problem = Problem(cfg, device=device, dtype=dtype)
     time_once = timer(device)
     peak_mb = peak_cuda_growth_mb if device == "cuda" else peak_rss_growth_mb
     impls = [(name, *make(problem))
@@ -648,14 +650,17 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
     rows = [row(name) for name, _, _ in impls]
     result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
               "rows": [dict(dataclasses.asdict(r), noisy=r.noisy) for r in rows]}
-    if device == "cpu" and cfg.name != "tiny" and not (cfg.stacked or cfg.lengths or cfg.truncate):
+    # The ceiling and the sgemm share are float32 figures (nn's bfloat16 paths
+    # may run bfloat16 GEMMs faster than any float32 one).
+    plain = not (cfg.stacked or cfg.lengths or cfg.truncate) and dtype == torch.float32
+    if device == "cpu" and cfg.name != "tiny" and plain:
         base = next(r for r in rows if r.impl == result["baseline"])
         result["ceiling"] = ceiling(cfg, base, peak_sgemm_gflops())
     if floor_times:
         result["autograd_floor"] = {"params": len(problem.params),
                                     "train_ms": statistics.median(floor_times) * 1e3,
                                     "train_min_ms": min(floor_times) * 1e3}
-    if cfg.name == "large":
+    if cfg.name == "large" and dtype == torch.float32:
         gf = sgemm_gflops(cfg, device=device)
         ours = next(r for r in rows if r.impl == "rnnkern")
         result["sgemm_gflops"] = gf
@@ -731,6 +736,9 @@ def main(args) -> int:
     configs = suite(args.cell or CELLS, args.config)
     if args.quick and not args.config:
         configs = [c for c in configs if c.name not in FULL_SUITE_ONLY]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(args, "dtype",
+                                                                           "float32")]
+    dtype_name = str(dtype).replace("torch.", "")
     with_reference = not args.no_reference
     if args.quick:
         # The autograd reference is the specification, not a baseline: at T=1000
@@ -742,14 +750,14 @@ def main(args) -> int:
               f"{MIN_TIMING_S * 1e3:.0f} ms timed in a loop of calls"
               + ("; quick suite: the baselines only, no peak memory" if args.quick else ""))
     if device == "cuda":
-        header = (f"rnnkern bench: torch {torch.__version__}, float32 on {gpu_name()} (CUDA "
+        header = (f"rnnkern bench: torch {torch.__version__}, {dtype_name} on {gpu_name()} (CUDA "
                   f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), rnnkern's "
                   f"CUDA kernels against torch.nn on cuDNN, timed with CUDA events, {timing}")
     else:
         malloc = steady_malloc()
         peak_sgemm_gflops()  # a first measurement before any configuration
         header = (f"rnnkern bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                  f"float32, CPU kernels for {cpu_capability()}, {gemm_backend_line()}, "
+                  f"{dtype_name}, CPU kernels for {cpu_capability()}, {gemm_backend_line()}, "
                   f"{os.cpu_count()} CPUs ({cpu_name()}), {timing}"
                   + (f", {malloc}" if malloc else ""))
     print(header, flush=True)
@@ -764,7 +772,7 @@ def main(args) -> int:
     for cfg in configs:
         progress(f"[{len(results) + 1}/{len(configs)}] {cfg.label}")
         result = run_config(cfg, repeats=repeats, warmup=warmup, with_reference=with_reference,
-                            progress=progress, device=device, quick=args.quick)
+                            progress=progress, device=device, quick=args.quick, dtype=dtype)
         results.append(result)
         print("\n" + format_table(result), flush=True)
     print("\nSpeedup of rnnkern over the baseline (the cell's torch.nn module; packed for "
@@ -781,7 +789,7 @@ def main(args) -> int:
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "machine_load": load,
+            json.dump({"header": header, "dtype": dtype_name, "machine_load": load,
                        "noisy_rows": noisy, "results": results}, f, indent=2)
     if args.plot:
         plot(results, args.plot)

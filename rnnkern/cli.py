@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu (default), or cuda: rnnkern's CUDA backend against torch.nn on "
                         "cuDNN, timed with CUDA events (needs a GPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="of the data and parameters (default float32); bfloat16 times each "
+                        "implementation's bfloat16 model (rnnkern's computes in float32)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("check", help="compare kernels with the autograd reference")
     p.add_argument("-T", type=int)

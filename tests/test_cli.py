@@ -100,6 +100,37 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
     assert text.count("ceiling: the step's GEMM work alone") == 2
 
 
+def test_bench_bfloat16_times_each_implementations_bfloat16_model(tmp_path, monkeypatch, capsys):
+    """--dtype bfloat16: the problem's data and parameters are bfloat16, every
+    implementation trains it (rnnkern's gradients are its float32 ones
+    rounded), the header and the JSON say so, and no float32 ceiling is
+    printed."""
+    monkeypatch.setattr(bench, "SUITE", [bench.Config("seed", 4, 6, 3, 5)])
+    out_json = tmp_path / "bench.json"
+    rc = cli.main(["bench", "--repeats", "2", "--threads", "1", "--json", str(out_json),
+                   "--no-progress", "--cell", "lstm", "--dtype", "bfloat16"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "1 threads, bfloat16, CPU kernels" in text and "ceiling" not in text
+    data = json.loads(out_json.read_text())
+    assert data["dtype"] == "bfloat16"
+    (r,) = data["results"]
+    assert {row["impl"] for row in r["rows"]} >= {"rnnkern", "nn.LSTM", "reference"}
+    assert all(row["train_ms"] > 0 for row in r["rows"])
+    cfg = bench.Config("seed", 4, 6, 3, 5, cell="gru")
+    low, f32 = bench.Problem(cfg, dtype=torch.bfloat16), bench.Problem(cfg)
+    assert all(q.dtype == torch.bfloat16 for q in low.params) and low.x.dtype == torch.bfloat16
+    with torch.no_grad():
+        for a, b in zip(f32.params, low.params):
+            a.copy_(b.float())
+    f32.x, f32.target = low.x.float(), low.target.float()
+    for p in (low, f32):
+        p.zero_grad()
+        dict(bench.implementations(cfg))["rnnkern"](p)[1]()
+    for a, b in zip(low.params, f32.params):
+        assert a.grad.dtype == torch.bfloat16 and torch.equal(a.grad, b.grad.bfloat16())
+
+
 def test_bench_tiny_reports_the_autograd_floor(monkeypatch, capsys, tmp_path):
     """The tiny configuration (per-call cost) reports torch's autograd alone on
     the step's parameters, timed with the implementations; no other does."""
