@@ -148,7 +148,7 @@ class _RecurrentBase(nn.RNNBase):
         lengths = lengths_arg(lengths)
         if low is not None:
             x, state = cast_up((x, state))
-        output, state = self._layers(x, state, lengths, truncate, None, low is not None)
+        output, state = self._layers(x, state, lengths, truncate, None, low)
         output, state = cast_down(low, output, state)
         if not batched:
             return output.squeeze(1), self._hx_out(tuple(h.squeeze(1) for h in state))
@@ -186,7 +186,7 @@ class _RecurrentBase(nn.RNNBase):
         x = data.new_zeros(T, B, data.shape[1]).index_put((valid_dev,), data)  # [T,B,I]
         if hx is not None and sorted_indices is not None:
             hx = tuple(h.index_select(1, sorted_indices) for h in hx)  # -> packed order
-        output, h_n = self._layers(x, hx, lengths, truncate, valid_dev, low is not None)
+        output, h_n = self._layers(x, hx, lengths, truncate, valid_dev, low)
         if unsorted_indices is not None:
             h_n = tuple(h.index_select(1, unsorted_indices) for h in h_n)
         return PackedSequence(output[valid_dev], batch_sizes, sorted_indices, unsorted_indices), h_n
@@ -198,7 +198,7 @@ class _RecurrentBase(nn.RNNBase):
         lengths: Optional[torch.Tensor],  # [B] int64, CPU
         truncate: Optional[int],
         packed: Optional[torch.Tensor],  # [T,B] bool: the valid steps of a packed input
-        up: bool,  # cast the model's bfloat16 or float16 weights to float32 (outside autocast)
+        low: Optional[torch.dtype],  # the model's bfloat16 or float16, outside autocast
     ) -> tuple[torch.Tensor, State]:  # output [T,B,D*P], final states [L*D,B,*]
         D = 2 if self.bidirectional else 1
         finals = []  # a state tuple per layer and direction
@@ -206,8 +206,16 @@ class _RecurrentBase(nn.RNNBase):
         for k in range(self.num_layers):
             outputs = []
             for d in range(D):
-                weights = tuple(getattr(self, name) for name in self._all_weights[k * D + d])
-                weights = cast_up(weights) if up else autocast_up(x.device.type, *weights)
+                names = self._all_weights[k * D + d]
+                weights = tuple(getattr(self, name) for name in names)
+                if low is not None:  # one dtype: a parameter left in another is a mistake
+                    for name, w in zip(names, weights):
+                        if w is not None and w.dtype != low:
+                            raise TypeError(f"{name} must have the model's dtype {low} (that of "
+                                            f"weight_ih_l0), got {w.dtype}")
+                    weights = cast_up(weights)
+                else:
+                    weights = autocast_up(x.device.type, *weights)
                 state = None if hx is None else tuple(h[k * D + d] for h in hx)
                 out, final = self._run_layer(layer_input, state, weights, lengths, truncate,
                                              reverse=d == 1)

@@ -283,6 +283,13 @@ def test_mixed_dtypes_are_refused_by_name(low):
     with pytest.raises(ValueError, match=rf"input dtype \({low}\) does not match the RNN's "
                                          rf"weight dtype \(torch.float32\)"):
         rnnkern.LSTM(5, 7)(x)
+    # A parameter left in another dtype is named, not run in float32 with the rest.
+    for other in (torch.float32, torch.float64):
+        mixed = rnnkern.GRU(5, 7, num_layers=2).to(low)
+        mixed.bias_hh_l1.data = mixed.bias_hh_l1.data.to(other)
+        with pytest.raises(TypeError, match=rf"^bias_hh_l1 must have the model's dtype {low} "
+                                            rf"\(that of weight_ih_l0\), got {other}$"):
+            mixed(x)
 
 
 @pytest.mark.parametrize("low", LOW)
