@@ -123,10 +123,26 @@ def lower_precision_up(device_type: str, names: Sequence[str], *args):
     if not isinstance(x, torch.Tensor) or x.dtype not in LOWER_PRECISION:
         return args, None
     for name, a in zip(names[1:], args[1:]):
+        if name == "target":  # loss_target_up's: its dtype depends on the loss
+            continue
         for t in _tensors((a,)):
             if t.is_floating_point() and t.dtype != x.dtype:
                 raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
-    return cast_up(args), x.dtype
+    return tuple(a if name == "target" else cast_up((a,))[0]
+                 for name, a in zip(names, args)), x.dtype
+
+
+def loss_target_up(target, loss, low: Optional[torch.dtype]):
+    """rnn_loss's target after lower_precision_up gave ``low``: an MSE target
+    must have the input's dtype and is cast up with it; a cross-entropy target
+    is left to the op's check (int64 class indices), which then names the
+    dtype the caller gave."""
+    if low is None or not isinstance(target, torch.Tensor) or loss != "mse":
+        return target
+    if target.dtype != low:
+        raise TypeError(f"target must have the input's dtype {low} for loss='mse', "
+                        f"got {target.dtype}")
+    return target.float()
 
 
 def cast_down(low: Optional[torch.dtype], *outputs):

@@ -17,7 +17,7 @@ import torch
 
 from . import _ops
 from ._checks import (LAYER_TENSORS, LOSS_TENSORS, LengthsLike, cast_down, layer_api_args,
-                      loss_api_args, lower_precision_up, lstm_state)
+                      loss_api_args, loss_target_up, lower_precision_up, lstm_state)
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -473,6 +473,7 @@ def rnn_loss(
      weight_hr), low = lower_precision_up(_device_type(input), LOSS_TENSORS, input, target,
                                           hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                           weight_out, bias_out, weight_hr)
+    target = loss_target_up(target, loss, low)
     result = _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                        bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,
                        weight_hr=weight_hr, batch_first=batch_first, lengths=lengths,

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (LAYER_TENSORS, LOSS_TENSORS, MODES, LengthsLike, cast_down,
-                      layer_api_args, loss_api_args, lower_precision_up, lstm_state,
-                      op_elman_checks, op_layer_checks, op_loss_checks)
+                      layer_api_args, loss_api_args, loss_target_up, lower_precision_up,
+                      lstm_state, op_elman_checks, op_layer_checks, op_loss_checks)
 from ._details import RNNLossDetails
 
 __all__ = ["MODES", "elman_cell", "lstm_cell", "gru_cell", "scan", "rnn", "lstm", "gru",
@@ -481,6 +481,7 @@ def rnn_loss(
      weight_hr), low = lower_precision_up(_device_type(input), LOSS_TENSORS, input, target,
                                           hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                           weight_out, bias_out, weight_hr)
+    target = loss_target_up(target, loss, low)
     if low is not None:  # bfloat16 / float16: the float32 call, its outputs rounded
         result = rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                           bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,

@@ -262,10 +262,17 @@ def test_mixed_dtypes_are_refused_by_name(low):
                                         rf"got {other}$"):
         functional.rnn_loss(x, torch.randint(0, 5, (6, 3)), None, w_ih, w_hh, b_ih, b_hh,
                             torch.randn(5, 7).to(other), mode="gru")
-    with pytest.raises(TypeError, match=rf"^target must have the input's dtype {low}, "
-                                        rf"got torch.float32$"):
-        functional.rnn_loss(x, torch.randn(6, 3, 5), None, w_ih, w_hh, b_ih, b_hh,
-                            torch.randn(5, 7).to(low), mode="gru", loss="mse")
+    # The target's rule depends on the loss; each message names the dtype given.
+    for fn in (functional.rnn_loss, reference.rnn_loss):
+        for bad in (torch.randn(6, 3, 5), torch.randint(0, 5, (6, 3, 5))):
+            with pytest.raises(TypeError, match=rf"^target must have the input's dtype {low} "
+                                                rf"for loss='mse', got {bad.dtype}$"):
+                fn(x, bad, None, w_ih, w_hh, b_ih, b_hh, torch.randn(5, 7).to(low), mode="gru",
+                   loss="mse")
+    with pytest.raises(TypeError, match=rf"target must be int64 class indices for "
+                                        rf"loss='cross_entropy', got {low}"):
+        functional.rnn_loss(x, torch.randn(6, 3).to(low), None, w_ih, w_hh, b_ih, b_hh,
+                            torch.randn(5, 7).to(low), mode="gru")
     # A float32 input with a lower-precision weight: the op names the weight.
     with pytest.raises(TypeError, match=rf"weight_ih must have the input's dtype torch.float32, "
                                         rf"got {low}"):
