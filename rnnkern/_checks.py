@@ -51,11 +51,15 @@ def _compiling() -> bool:
 LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _autocast_on(device_type: str) -> bool:
+    # No autocast on a device without it (meta: shape inference runs the
+    # layers on meta tensors, as it runs nn's).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     """The dtype autocast_up gives a tensor of ``dtype``."""
-    up = (dtype in LOWER_PRECISION and torch.amp.is_autocast_available(device_type)
-          and torch.is_autocast_enabled(device_type))
-    return torch.float32 if up else dtype
+    return torch.float32 if dtype in LOWER_PRECISION and _autocast_on(device_type) else dtype
 
 
 def _tensors(args):
@@ -86,25 +90,27 @@ def autocast_up(device_type: str, *args):
     take autocast's float32 policy, as its numerically sensitive ops do:
     outputs are float32, and the casts' own backward brings the gradients down
     to their tensors' dtypes."""
-    # No autocast on a device without it (meta: shape inference runs the
-    # layers on meta tensors, as it runs nn's).
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return args
-    return cast_up(args)
+    return cast_up(args) if _autocast_on(device_type) else args
 
 
-# The tensors of the functions' calls that lower_precision_up sees, in order.
+# The tensors of the functions' calls that lower_precision_up sees, in order
+# (rnn_loss's target has its own rule: loss_target_up).
 LAYER_TENSORS = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-LOSS_TENSORS = ("input", "target", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
-                "weight_out", "bias_out", "weight_hr")
+LOSS_TENSORS = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out",
+                "bias_out", "weight_hr")
 
 
-def lower_precision_up(device_type: str, names: Sequence[str], *args):
+def _device_type(x) -> str:
+    """x's device type ('cpu' for what is not a tensor: the op refuses it)."""
+    return x.device.type if isinstance(x, torch.Tensor) else "cpu"
+
+
+def lower_precision_up(names: Sequence[str], *args):
     """(args, low): the float32 form of a lower-precision call, and the dtype
     to give its floating outputs back. ``names`` name args (the first is the
     input), for the error below.
 
-    - Under torch.autocast on ``device_type``: autocast_up(args), low None
+    - Under torch.autocast on the input's device: autocast_up(args), low None
       (the outputs stay float32: autocast's float32 policy).
     - Outside it, with a bfloat16 or float16 input: every other floating tensor
       of args (nested in tuples or lists too) must have the input's dtype
@@ -117,32 +123,44 @@ def lower_precision_up(device_type: str, names: Sequence[str], *args):
     - Otherwise (a float32 or float64 input): args as they are, low None; the
       ops refuse what they cannot take, by name.
     The casts' own backward hands each tensor its gradient in its own dtype."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return cast_up(args), None
     x = args[0]
+    if _autocast_on(_device_type(x)):
+        return cast_up(args), None
     if not isinstance(x, torch.Tensor) or x.dtype not in LOWER_PRECISION:
         return args, None
     for name, a in zip(names[1:], args[1:]):
-        if name == "target":  # loss_target_up's: its dtype depends on the loss
-            continue
         for t in _tensors((a,)):
             if t.is_floating_point() and t.dtype != x.dtype:
                 raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
-    return tuple(a if name == "target" else cast_up((a,))[0]
-                 for name, a in zip(names, args)), x.dtype
+    return cast_up(args), x.dtype
 
 
-def loss_target_up(target, loss, low: Optional[torch.dtype]):
-    """rnn_loss's target after lower_precision_up gave ``low``: an MSE target
-    must have the input's dtype and is cast up with it; a cross-entropy target
-    is left to the op's check (int64 class indices), which then names the
-    dtype the caller gave."""
-    if low is None or not isinstance(target, torch.Tensor) or loss != "mse":
+def loss_target_up(target, loss: str, low: Optional[torch.dtype], input):
+    """rnn_loss's target beside lower_precision_up's (args, low) of the same
+    call (``input`` for its device): under autocast as autocast_up casts it; with a
+    lower-precision input, an MSE target must have the input's dtype and is
+    cast up with it, and a cross-entropy one is left to the op's check (int64
+    class indices), which then names the dtype the caller gave."""
+    if low is None:
+        return autocast_up(_device_type(input), target)[0]
+    if not isinstance(target, torch.Tensor) or loss != "mse":
         return target
     if target.dtype != low:
         raise TypeError(f"target must have the input's dtype {low} for loss='mse', "
                         f"got {target.dtype}")
     return target.float()
+
+
+def cast_loss_down(low: Optional[torch.dtype], result):
+    """rnn_loss's result (the loss, or RNNLossDetails) rounded to low: the loss,
+    h_n and step_loss; grad_norm stays float32 (backward fills that very
+    tensor in)."""
+    if low is None:
+        return result
+    if isinstance(result, torch.Tensor):
+        return result.to(low)
+    value, h_n, step_loss = cast_down(low, result.loss, result.h_n, result.step_loss)
+    return result._replace(loss=value, h_n=h_n, step_loss=step_loss)
 
 
 def cast_down(low: Optional[torch.dtype], *outputs):
@@ -155,8 +173,7 @@ def cast_down(low: Optional[torch.dtype], *outputs):
         if isinstance(a, torch.Tensor):
             return a.to(low) if a.is_floating_point() else a
         if isinstance(a, tuple):
-            items = [down(b) for b in a]
-            return type(a)(*items) if hasattr(a, "_fields") else tuple(items)
+            return tuple(down(b) for b in a)
         return a
 
     return tuple(down(a) for a in outputs)

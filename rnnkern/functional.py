@@ -16,8 +16,9 @@ from typing import Optional, Union
 import torch
 
 from . import _ops
-from ._checks import (LAYER_TENSORS, LOSS_TENSORS, LengthsLike, cast_down, layer_api_args,
-                      loss_api_args, loss_target_up, lower_precision_up, lstm_state)
+from ._checks import (LAYER_TENSORS, LOSS_TENSORS, LengthsLike, cast_down, cast_loss_down,
+                      layer_api_args, loss_api_args, loss_target_up, lower_precision_up,
+                      lstm_state)
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -73,7 +74,7 @@ def rnn(
     Double backward is not supported and raises.
     """
     (input, hx, weight_ih, weight_hh, bias_ih, bias_hh), low = lower_precision_up(
-        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+        LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
     output, h_n = _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -243,16 +244,10 @@ _apply_head_loss = _variants(_HeadLoss, "rnnkern.functional.rnn_loss",
                              torch.ops.rnnkern.head_loss_fwd.default)
 
 
-def _device_type(input) -> str:
-    """The input's device type, for autocast_up ('cpu' for what is not a
-    tensor: the op refuses it)."""
-    return input.device.type if isinstance(input, torch.Tensor) else "cpu"
-
-
 def _gated(mode, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, *, batch_first,
            lengths, truncate, reverse):
     (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), low = lower_precision_up(
-        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+        LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
         weight_hr)
     x, lengths, truncate = layer_api_args(input, batch_first=batch_first, lengths=lengths,
                                           truncate=truncate, reverse=reverse)  # x [T,B,I]
@@ -469,11 +464,10 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
-    (input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
-     weight_hr), low = lower_precision_up(_device_type(input), LOSS_TENSORS, input, target,
-                                          hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                          weight_out, bias_out, weight_hr)
-    target = loss_target_up(target, loss, low)
+    (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
+     weight_hr), low = lower_precision_up(LOSS_TENSORS, input, hx, weight_ih, weight_hh,
+                                          bias_ih, bias_hh, weight_out, bias_out, weight_hr)
+    target = loss_target_up(target, loss, low, input)
     result = _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                        bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,
                        weight_hr=weight_hr, batch_first=batch_first, lengths=lengths,
@@ -481,13 +475,7 @@ def rnn_loss(
                        ignore_index=ignore_index, label_smoothing=label_smoothing,
                        truncate=truncate, return_details=return_details,
                        chunk_rows=_chunk_rows)
-    if low is None:
-        return result
-    if not return_details:
-        return result.to(low)
-    # grad_norm stays float32: backward fills that very tensor in.
-    value, state, step_loss = cast_down(low, result.loss, result.h_n, result.step_loss)
-    return RNNLossDetails(value, state, step_loss, result.grad_norm)
+    return cast_loss_down(low, result)
 
 
 def _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out, *,

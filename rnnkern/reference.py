@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import (LAYER_TENSORS, LOSS_TENSORS, MODES, LengthsLike, cast_down,
-                      layer_api_args, loss_api_args, loss_target_up, lower_precision_up,
-                      lstm_state, op_elman_checks, op_layer_checks, op_loss_checks)
+                      cast_loss_down, layer_api_args, loss_api_args, loss_target_up,
+                      lower_precision_up, lstm_state, op_elman_checks, op_layer_checks,
+                      op_loss_checks)
 from ._details import RNNLossDetails
 
 __all__ = ["MODES", "elman_cell", "lstm_cell", "gru_cell", "scan", "rnn", "lstm", "gru",
@@ -277,7 +278,7 @@ def rnn(
     See ``scan`` for lengths, truncate and reverse in full.
     """
     (input, hx, weight_ih, weight_hh, bias_ih, bias_hh), low = lower_precision_up(
-        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+        LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if low is not None:  # bfloat16 / float16: the float32 call, its outputs rounded
         return cast_down(low, *rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                    nonlinearity=nonlinearity, batch_first=batch_first,
@@ -328,7 +329,7 @@ def lstm(
             (hx when len_b = 0).
     """
     (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), low = lower_precision_up(
-        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+        LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
         weight_hr)
     if low is not None:  # bfloat16 / float16: the float32 call, its outputs rounded
         return cast_down(low, *lstm(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
@@ -374,7 +375,7 @@ def gru(
         h_n: (B, H), the state after each sequence's last step (hx when len_b = 0).
     """
     (input, hx, weight_ih, weight_hh, bias_ih, bias_hh), low = lower_precision_up(
-        _device_type(input), LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+        LAYER_TENSORS, input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if low is not None:  # bfloat16 / float16: the float32 call, its outputs rounded
         return cast_down(low, *gru(input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                                    batch_first=batch_first, lengths=lengths, truncate=truncate,
@@ -386,10 +387,6 @@ def gru(
     return _layer("gru", x, hx, weight_ih, weight_hh, bias_ih, bias_hh, None, H=H, P=P,
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse,
                   _cut=_cut, _step=_step)
-
-
-def _device_type(input) -> str:
-    return input.device.type if isinstance(input, torch.Tensor) else "cpu"
 
 
 # ---------------------------------------------------------------------------
@@ -477,11 +474,10 @@ def rnn_loss(
     c_n) for 'lstm'); grad_norm (T, B) is ||dL/dh_t|| of the emitted state h_t
     (not c_t), filled in by backward. ``_cut`` is for tests, as in the layer.
     """
-    (input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
-     weight_hr), low = lower_precision_up(_device_type(input), LOSS_TENSORS, input, target,
-                                          hx, weight_ih, weight_hh, bias_ih, bias_hh,
-                                          weight_out, bias_out, weight_hr)
-    target = loss_target_up(target, loss, low)
+    (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
+     weight_hr), low = lower_precision_up(LOSS_TENSORS, input, hx, weight_ih, weight_hh,
+                                          bias_ih, bias_hh, weight_out, bias_out, weight_hr)
+    target = loss_target_up(target, loss, low, input)
     if low is not None:  # bfloat16 / float16: the float32 call, its outputs rounded
         result = rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                           bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,
@@ -489,10 +485,7 @@ def rnn_loss(
                           loss_mask=loss_mask, steps=steps, reduction=reduction,
                           ignore_index=ignore_index, label_smoothing=label_smoothing,
                           truncate=truncate, return_details=return_details, _cut=_cut)
-        if not return_details:
-            return result.to(low)
-        value, h_n, step_loss = cast_down(low, result.loss, result.h_n, result.step_loss)
-        return RNNLossDetails(value, h_n, step_loss, result.grad_norm)  # grad_norm float32
+        return cast_loss_down(low, result)
     # The API's conversions (functional.rnn_loss's), then the ops' checks.
     mode, x, target, loss_mask, lengths, truncate, label_smoothing = loss_api_args(
         input, target, weight_out, weight_hr, loss_mask, mode=mode, nonlinearity=nonlinearity,
