@@ -460,7 +460,9 @@ def rnn_loss(
     Returns:
         the loss; or RNNLossDetails(loss, h_n, step_loss, grad_norm) with per-step
         tensors laid out like the steps. grad_norm is NaN until backward through
-        this loss, which fills in ||dL/dh_t|| per sequence.
+        this loss, which fills in ||dL/dh_t|| per sequence. Under torch.compile
+        a call with return_details runs eagerly (a graph break; fullgraph=True
+        raises), since a compiled graph cannot have backward fill in an output.
 
     Double backward is not supported and raises.
     """
@@ -468,7 +470,7 @@ def rnn_loss(
      weight_hr), low = lower_precision_up(LOSS_TENSORS, input, hx, weight_ih, weight_hh,
                                           bias_ih, bias_hh, weight_out, bias_out, weight_hr)
     target = loss_target_up(target, loss, low, input)
-    result = _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
+    result = (_rnn_loss_details if return_details else _rnn_loss)(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
                        bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,
                        weight_hr=weight_hr, batch_first=batch_first, lengths=lengths,
                        loss_mask=loss_mask, steps=steps, reduction=reduction,
@@ -511,6 +513,16 @@ def _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_
     if batch_first:
         step_loss, grad_norm = step_loss.transpose(0, 1), grad_norm.transpose(0, 1)
     return RNNLossDetails(value, h_n, step_loss, grad_norm)
+
+
+# grad_norm is written by backward into a tensor that forward returned. A
+# compiled graph cannot express that (AOTAutograd would have a forward output
+# depend on the backward graph), so with details rnn_loss runs eagerly: a graph
+# break under torch.compile, and under fullgraph=True Dynamo's error with this reason.
+_rnn_loss_details = torch.compiler.disable(
+    _rnn_loss, reason="rnnkern.rnn_loss(return_details=True) runs eagerly: its grad_norm is "
+    "filled in by backward, which a compiled graph cannot express; compile the call "
+    "without return_details, or without fullgraph=True")
 
 
 def _nan_norms(x):

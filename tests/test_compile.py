@@ -104,3 +104,64 @@ def test_nn_rnn_cannot_compile_fullgraph():
     compiled = torch.compile(Tagger(nn.RNN), fullgraph=True, backend="eager")
     with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN"):
         compiled(torch.randn(5, 2, I))
+
+
+CELLS = [rnnkern.RNN, rnnkern.LSTM, rnnkern.GRU]
+
+
+def loss_run(loss_fn, x, target, lengths, **kw):
+    """rnn_loss through RNNLoss, then backward: the result (and details) and
+    every gradient."""
+    loss_fn.zero_grad()
+    x.grad = None
+    result = loss_fn(x, target, lengths=lengths, loss_mask=None, **kw)
+    value = result.loss if kw.get("return_details") else result
+    (value * 1.5).backward()
+    return result, [x.grad] + [p.grad for p in loss_fn.parameters()]
+
+
+def loss_model(cls):
+    return rnnkern.RNNLoss(cls(I, H), nn.Linear(H, O), reduction="seq_mean")
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=["rnn", "lstm", "gru"])
+def test_rnn_loss_trains_fullgraph(cls):
+    """RNNLoss compiles fullgraph for training, with lengths, as eager computes it."""
+    model = loss_model(cls)
+    compiled = torch.compile(model, fullgraph=True)
+    T, B = 7, 3
+    x = torch.randn(T, B, I, requires_grad=True)
+    target = torch.randint(0, O, (T, B))
+    lengths = torch.tensor([7, 1, 4])
+    got, got_grads = loss_run(compiled, x, target, lengths)
+    want, want_grads = loss_run(model, x, target, lengths)
+    assert_close(got, want, TOL[torch.float32], "loss")
+    names = ["grad input"] + [f"grad {n}" for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, got_grads, want_grads, strict=True):
+        assert_close(a, b, TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=["rnn", "lstm", "gru"])
+def test_rnn_loss_details_run_eagerly_under_compile(cls):
+    """return_details: grad_norm is filled in by backward, which a compiled
+    graph cannot express, so the call runs eagerly (a graph break) and gives
+    eager's details, grad_norm included; fullgraph=True refuses it by name."""
+    model = loss_model(cls)
+    T, B = 6, 4
+    x = torch.randn(T, B, I, requires_grad=True)
+    target = torch.randint(0, O, (T, B))
+    lengths = torch.tensor([6, 2, 5, 1])
+    got, got_grads = loss_run(torch.compile(model), x, target, lengths, return_details=True)
+    want, want_grads = loss_run(model, x, target, lengths, return_details=True)
+    assert not got.grad_norm.isnan().any()
+    assert (got.grad_norm[1:, 3] == 0).all() and (got.grad_norm[0] > 0).all()
+    for name in rnnkern.RNNLossDetails._fields:
+        a, b = getattr(got, name), getattr(want, name)
+        for i, (a_i, b_i) in enumerate(zip(*((t if isinstance(t, tuple) else (t,)) for t in (a, b)),
+                                         strict=True)):  # the LSTM's h_n is (h, c)
+            assert_close(a_i, b_i, TOL[torch.float32], f"{name}[{i}]")
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert_close(a, b, TOL[torch.float32], "grad")
+    with pytest.raises(torch._dynamo.exc.Unsupported,
+                       match=r"return_details=True\) runs eagerly: its grad_norm is filled in"):
+        torch.compile(model, fullgraph=True)(x, target, return_details=True)
