@@ -6,11 +6,25 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 #include <c10/util/string_view.h>
+#include <c10/util/strides.h>
 
 #include "loss.h"
 #include "params.h"
 
 namespace rnnkern {
+
+// t.contiguous() with row-major strides on every axis. contiguous() keeps the
+// stride of a size-1 axis as the caller gave it (any value is legal there, and
+// views such as a one-channel Conv1d output's transpose make them), while the
+// kernels read strides: leading dimensions and their layout asserts. The
+// elements of a contiguous tensor are already in place, so as_strided fixes
+// the strides without a copy.
+inline at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  const auto want = c10::contiguous_strides(c.sizes());
+  if (c.strides().equals(want)) return c;
+  return c.as_strided(c.sizes(), want, c.storage_offset());
+}
 
 Activation parse_activation(const char* op, c10::string_view nonlinearity);
 

@@ -314,3 +314,68 @@ def test_meta_tensors_give_nn_shapes_forward_and_backward(name, kw):
         loss = functional.rnn_loss(w(6, 2, 5), torch.empty(6, 2, dtype=torch.int64, device="meta"),
                                    None, w(G, 5), w(G, 7), w(G), w(G), w(4, 7), w(4), mode=mode)
         assert loss.shape == () and loss.device.type == "meta"
+
+
+def odd_size1_strides(t):
+    """t's values in a view torch calls contiguous whose size-1 axes carry
+    stride 5 (legal there, and what permutes and slices make)."""
+    strides, step = [], 1
+    for d in reversed(t.shape):
+        strides.append(5 if d == 1 else step)
+        step *= d
+    strides.reverse()
+    size = 1 + sum((d - 1) * s for d, s in zip(t.shape, strides))
+    view = torch.empty(size + 8, dtype=t.dtype).as_strided(t.shape, strides)
+    view.copy_(t.detach())
+    assert view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (4, 1, 1, 3), (4, 3, 1, 3), (3, 2, 4, 1)],
+                         ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+def test_size1_axes_with_any_stride_match_nn(name, shape):
+    """A contiguous tensor may carry any stride on a size-1 axis (a one-channel
+    Conv1d output transposed to (B, T, 1) has one): the kernels must not read
+    it as a layout, in forward or backward, for input, hx and every weight."""
+    T, B, I, H = shape
+    torch.manual_seed(7)
+    ours = getattr(rnnkern, name)(I, H, dtype=torch.float64)
+    theirs = getattr(nn, name)(I, H, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x, h0, c0 = (torch.randn(*s, dtype=torch.float64) for s in ((T, B, I), (1, B, H), (1, B, H)))
+    grads = []
+    for module, view in ((theirs, lambda t: t.clone()), (ours, odd_size1_strides)):
+        for pname in module._flat_weights_names:  # the weights as odd-strided non-leaf views
+            raw = nn.Parameter(view(getattr(module, pname)))
+            del module._parameters[pname]
+            module.register_parameter(pname + "_raw", raw)
+            setattr(module, pname, raw.view(raw.shape))
+        xx, hh, cc = (view(t).requires_grad_() for t in (x, h0, c0))
+        out, h_n = module(xx, (hh, cc) if name == "LSTM" else hh)
+        states = h_n if isinstance(h_n, tuple) else (h_n,)
+        (out.sin().sum() + sum(s.square().sum() for s in states)).backward()
+        grads.append([out, *states, xx.grad, hh.grad] + (([cc.grad] if name == "LSTM" else [])) +
+                     [p.grad for p in module.parameters()])
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert_close(got, want, TOL[torch.float64], name)
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_size1_axes_with_any_stride_in_rnn_loss(mode):
+    """rnn_loss (layer and head ops) on odd-strided size-1 axes: h of one unit,
+    one sequence, one class, as the reference computes it."""
+    T, B, I, H, O = 5, 1, 1, 1, 1
+    G = {"rnn_tanh": 1, "lstm": 4, "gru": 3}[mode] * H
+    tensors = [torch.randn(*s, dtype=torch.float64) for s in
+               ((T, B, I), (B, H), (G, I), (G, H), (G,), (G,), (O, H), (O,))]
+    target = torch.randn(T, B, O, dtype=torch.float64)
+    results = []
+    for fn, view in ((reference.rnn_loss, lambda t: t.clone()), (functional.rnn_loss, odd_size1_strides)):
+        args = [view(t).requires_grad_() for t in tensors]
+        hx = (args[1], view(args[1].detach() * 0.5)) if mode == "lstm" else args[1]
+        value = fn(args[0], view(target), hx, *args[2:], loss="mse", mode=mode)
+        value.backward()
+        results.append([value] + [a.grad for a in args])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert_close(got, want, TOL[torch.float64], mode)

@@ -675,7 +675,7 @@ void SmallMatmul::mm_out(at::Tensor& out, const at::Tensor& x) const {
     return;
   }
   if (x.size(0) == 0) return;
-  const auto xc = x.stride(1) == 1 ? x : x.contiguous();
+  const auto xc = x.stride(1) == 1 ? x : dense(x);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_mm_out",
                              [&] { row_gemm_out<scalar_t>(out, xc, wt_, w_.size(1), bp_); });
 }
@@ -709,9 +709,9 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
                                                  const at::Tensor& bias) {
   // Every operand in the one layout the GEMMs see, so a strided view gives the
   // same bits as its contiguous copy (BLAS may round differently per layout).
-  const auto h0 = hx.contiguous();  // [B,H]
-  const auto w_hh = weight_hh.contiguous();
-  const auto w_ih = weight_ih.contiguous();
+  const auto h0 = dense(hx);  // [B,H]
+  const auto w_hh = dense(weight_hh);
+  const auto w_ih = dense(weight_ih);
   auto out = at::empty({s.T, s.B, s.H}, x.options());  // [T,B,H]
   auto h_n = at::empty({s.B, s.H}, x.options());        // [B,H]
   if (s.T * s.B == 0) {
@@ -721,7 +721,7 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
   // The input projection of every step, bias included, as one GEMM.
   const auto x2 = x.view({s.T * s.B, s.I});
   auto out2 = out.view({s.T * s.B, s.H});
-  small_mm_out(out2, x2, w_ih.t(), bias.defined() ? bias.contiguous() : bias);
+  small_mm_out(out2, x2, w_ih.t(), bias.defined() ? dense(bias) : bias);
 
   at::Tensor state, gemm_buf;
   if (s.lengths) {
@@ -747,13 +747,13 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
                           const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                           const at::Tensor& output, const at::Tensor& grad_h_norm,
                           bool grad_input) {
-  const auto h0 = hx.contiguous();
-  const auto w_hh = weight_hh.contiguous();
-  const auto w_ih = weight_ih.contiguous();
-  const auto out = output.contiguous();
-  const auto g_out = grad_output.contiguous();
+  const auto h0 = dense(hx);
+  const auto w_hh = dense(weight_hh);
+  const auto w_ih = dense(weight_ih);
+  const auto out = dense(output);
+  const auto g_out = dense(grad_output);
   const int64_t T = s.T, B = s.B, H = s.H, I = s.I;
-  auto carry = grad_h_n.contiguous().clone();         // [B,H] -> dL/dh0
+  auto carry = dense(grad_h_n).clone();  // [B,H] -> dL/dh0
   auto grad_z = at::empty({T, B, H}, x.options());     // [T,B,H]
   auto grad_z_first = at::empty({B, H}, x.options());  // [B,H]
   auto gemm_buf = at::empty({B, H}, x.options());      // [B,H]
@@ -816,8 +816,8 @@ std::tuple<at::Tensor, at::Tensor> elman_fwd_cpu(
     c10::string_view nonlinearity, bool reverse, int64_t truncate) {
   ElmanShape s = check_elman_args("rnnkern.elman_fwd", input, hx, weight_ih, weight_hh, bias_ih,
                                   bias_hh, lengths, nonlinearity, reverse, truncate);
-  const auto x = input.contiguous();  // [T,B,I]
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const auto x = dense(input);  // [T,B,I]
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   return elman_forward(s, x, hx, weight_ih, weight_hh, bias_sum(bias_ih, bias_hh));
 }
@@ -831,8 +831,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> elman_bwd
                                   c10::nullopt, c10::nullopt, lengths, nonlinearity, reverse,
                                   truncate);
   check_elman_bwd_args(s, input, grad_output, grad_h_n, output);
-  const auto x = input.contiguous();
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const auto x = dense(input);
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   ElmanGrads g = elman_backward(s, grad_output, grad_h_n, x, hx, weight_ih, weight_hh, output,
                                 at::Tensor(), grad_input);

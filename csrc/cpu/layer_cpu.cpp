@@ -555,22 +555,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   bias_ih, bias_hh, weight_hr, lengths, mode, reverse, truncate);
   const bool lstm = s.cell == CellKind::kLstm;
   const auto opts = input.options();
-  const auto x = input.contiguous();
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const auto x = dense(input);
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   // Every operand in the one layout the GEMMs read (a view gives its copy's bits).
-  const auto w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
-  const at::Tensor w_hr = s.proj ? weight_hr->contiguous() : at::Tensor();
-  const auto hx = h0.contiguous();
-  const at::Tensor cx = lstm ? c0->contiguous() : at::Tensor();
+  const auto w_ih = dense(weight_ih), w_hh = dense(weight_hh);
+  const at::Tensor w_hr = s.proj ? dense(*weight_hr) : at::Tensor();
+  const auto hx = dense(h0);
+  const at::Tensor cx = lstm ? dense(*c0) : at::Tensor();
   // The LSTM adds both biases before the loop; the GRU's b_hh stays inside r * (.)
   const at::Tensor b_x = lstm ? bias_sum(bias_ih, bias_hh)
                               : (bias_ih.has_value() ? *bias_ih : at::Tensor());
-  const at::Tensor b_h = !lstm && bias_hh.has_value() ? bias_hh->contiguous() : at::Tensor();
+  const at::Tensor b_h = !lstm && bias_hh.has_value() ? dense(*bias_hh) : at::Tensor();
 
   const bool fuse_x = fused_input(s, int64_t(input.element_size()));
   auto ax = fuse_x ? empty0(input) : at::empty({s.T, s.B, s.G}, opts);  // [T,B,G]
-  const at::Tensor b_xc = b_x.defined() ? b_x.contiguous() : b_x;
+  const at::Tensor b_xc = b_x.defined() ? dense(b_x) : b_x;
   if (s.T * s.B > 0 && !fuse_x) {
     auto ax2 = ax.view({s.T * s.B, s.G});
     small_mm_out(ax2, x.view({s.T * s.B, s.I}), w_ih.t(), b_xc);
@@ -625,18 +625,18 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const bool lstm = s.cell == CellKind::kLstm;
   const int64_t T = s.T, B = s.B, I = s.I, H = s.H, P = s.P, G = s.G;
   const auto opts = input.options();
-  const auto x = input.contiguous();
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const auto x = dense(input);
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  const auto w_ih = weight_ih.contiguous(), w_hh = weight_hh.contiguous();
-  const at::Tensor w_hr = s.proj ? weight_hr->contiguous() : at::Tensor();
-  const auto hx = h0.contiguous();
-  const at::Tensor cx = lstm ? c0->contiguous() : at::Tensor();
-  const auto out = output.contiguous(), g_out = grad_output.contiguous();
-  const auto gts = gates.contiguous(), cl = cell.contiguous(), pin = proj_in.contiguous();
+  const auto w_ih = dense(weight_ih), w_hh = dense(weight_hh);
+  const at::Tensor w_hr = s.proj ? dense(*weight_hr) : at::Tensor();
+  const auto hx = dense(h0);
+  const at::Tensor cx = lstm ? dense(*c0) : at::Tensor();
+  const auto out = dense(output), g_out = dense(grad_output);
+  const auto gts = dense(gates), cl = dense(cell), pin = dense(proj_in);
 
-  auto dh = grad_h_n.contiguous().clone();                                  // [B,P] -> dL/dh0
-  auto dc = lstm ? grad_c_n->contiguous().clone() : empty0(input);          // [B,H] -> dL/dc0
+  auto dh = dense(grad_h_n).clone();                              // [B,P] -> dL/dh0
+  auto dc = lstm ? dense(*grad_c_n).clone() : empty0(input);      // [B,H] -> dL/dc0
   // dax and dah must be zero where no step writes them: the steps a sequence
   // does not reach. Without lengths every step writes every row, so a [T,B,G]
   // fill would be dead work (tests/test_uninitialized.py holds both cases).

@@ -67,9 +67,9 @@ at::Tensor loss_weights(const LossSpec& spec, const ElmanShape& s, const at::Ten
                         const at::TensorOptions& opts) {
   auto w = at::empty({s.T, s.B}, opts);
   const at::Tensor mask =
-      loss_mask.has_value() ? loss_mask->to(opts.dtype()).contiguous() : at::Tensor();
+      loss_mask.has_value() ? dense(loss_mask->to(opts.dtype())) : at::Tensor();
   const bool ce = spec.kind == LossKind::kCrossEntropy;
-  const at::Tensor tgt = ce ? target.contiguous() : at::Tensor();  // [T,B]
+  const at::Tensor tgt = ce ? dense(target) : at::Tensor();  // [T,B]
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "loss_weights", [&] {
     scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* mp = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
@@ -268,9 +268,9 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
 
 // The head's inputs in the layout head_loss reads.
 at::Tensor head_target(const LossSpec& spec, const at::Tensor& target) {
-  if (spec.kind == LossKind::kCrossEntropy) return target.contiguous();
+  if (spec.kind == LossKind::kCrossEntropy) return dense(target);
   // An mse target is as large as the logits: read it in place when each row is contiguous.
-  return target.stride(2) == 1 ? target : target.contiguous();
+  return target.stride(2) == 1 ? target : dense(target);
 }
 
 void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& output,
@@ -279,8 +279,8 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
               const at::Tensor& step_loss, HeadGrads* grads) {
   const auto h = output.view({s.T * s.B, s.H});
   const auto tgt = head_target(spec, target);
-  const auto w = w_out.contiguous();
-  const at::Tensor b = b_out.has_value() ? b_out->contiguous() : at::Tensor();
+  const auto w = dense(w_out);
+  const at::Tensor b = b_out.has_value() ? dense(*b_out) : at::Tensor();
   // An ignored target is never a row of the sweep, whatever weight a direct
   // call of the backward op passes: it is no class index to read. One scan
   // (an eq and a masked_fill would build two TensorIterators).
@@ -288,7 +288,7 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
   if (spec.kind == LossKind::kCrossEntropy) {
     TORCH_INTERNAL_ASSERT(coef.numel() == tgt.numel() && tgt.scalar_type() == at::kLong);
     c = at::empty({tgt.numel()}, coef.options());
-    const auto cc = coef.contiguous();
+    const auto cc = dense(coef);
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "head_coefs", [&] {
       const scalar_t* src = cc.const_data_ptr<scalar_t>();
       const int64_t* y = tgt.const_data_ptr<int64_t>();
@@ -297,7 +297,7 @@ void run_head(const LossSpec& spec, const ElmanShape& s, const at::Tensor& outpu
         dst[i] = y[i] == spec.ignore_index ? scalar_t(0) : src[i];
     });
   } else {
-    c = coef.contiguous().view({-1});
+    c = dense(coef).view({-1});
   }
   const at::Tensor l = step_loss.defined() ? step_loss.view({-1}) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "elman_loss_head", [&] {
@@ -344,8 +344,8 @@ elman_loss_fwd_cpu(const at::Tensor& input, const at::Tensor& target, const at::
   const LossSpec spec =
       check_loss_args(op, s, input, target, weight_out, bias_out, lengths, loss_mask, loss, steps,
                       reduction, ignore_index, label_smoothing, chunk_rows);
-  const auto x = input.contiguous();  // [T,B,I]
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const auto x = dense(input);  // [T,B,I]
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
 
   auto [output, h_n] = elman_forward(s, x, hx, weight_ih, weight_hh, bias_sum(bias_ih, bias_hh));
@@ -376,8 +376,8 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
                       "all", reduction, ignore_index, label_smoothing, chunk_rows);
   check_loss_bwd_args(op, s, spec, input, grad_loss, grad_h_n, output, weight, grad_output,
                       grad_weight_out, grad_bias_out, bias_out.has_value());
-  const auto x = input.contiguous();  // [T,B,I]
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const auto x = dense(input);  // [T,B,I]
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
   const auto opts = input.options();
 
@@ -419,9 +419,9 @@ head_loss_fwd_cpu(const at::Tensor& h, const at::Tensor& target, const at::Tenso
   const LossSpec spec = check_loss_args(op, s, h, target, weight_out, bias_out, lengths,
                                         loss_mask, loss, steps, reduction, ignore_index,
                                         label_smoothing, chunk_rows);
-  const at::Tensor len = lengths.has_value() ? lengths->contiguous() : at::Tensor();
+  const at::Tensor len = lengths.has_value() ? dense(*lengths) : at::Tensor();
   s.lengths = len.defined() ? len.const_data_ptr<int64_t>() : nullptr;
-  HeadSweep r = head_sweep(kHead, spec, s, h.contiguous(), target, weight_out, bias_out, loss_mask,
+  HeadSweep r = head_sweep(kHead, spec, s, dense(h), target, weight_out, bias_out, loss_mask,
                            compute_grad);
   return {r.value, r.step_loss, r.weight, r.grads.output, r.grads.weight_out, r.grads.bias_out};
 }
@@ -450,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_bwd_cpu(
   const auto coef = scalar ? reduction_coefs(spec, s, weight).mul_(grad_loss)  // [T,B]
                            : grad_loss.mul(weight);
   HeadGrads grads = new_head_grads(spec, s, bias_out.has_value(), opts);
-  run_head(spec, s, h.contiguous(), target, weight_out, bias_out, coef, at::Tensor(), &grads);
+  run_head(spec, s, dense(h), target, weight_out, bias_out, coef, at::Tensor(), &grads);
   return {grads.output.view({s.T, s.B, s.H}), grads.weight_out, grads.bias_out};
 }
 
