@@ -170,20 +170,16 @@ class _RecurrentBase(nn.RNNBase):
             raise RuntimeError(f"a PackedSequence's data must be 2-D (N, I), "
                                f"got shape {tuple(data.shape)}")
         self._check_input(data)
-        T, B = batch_sizes.shape[0], int(batch_sizes[0])
+        x, lengths, valid = _padded(data, batch_sizes)
+        B = x.shape[1]
         if hx is not None and any(h.dim() != 3 for h in hx):
             got = ", ".join(f"{h.dim()}-D of shape {tuple(h.shape)}" for h in hx)
             raise RuntimeError(f"hx must be 3-D (L*D, B, {self._feature_letter}) for a "
                                f"PackedSequence input, got {got}")
         self._check_hx(hx, B, data, True)
         if low is not None:
-            data, hx = cast_up((data, hx))
-        # Packed data is time-major over the batch sorted by decreasing length:
-        # row t of the padded (sorted) batch holds its first batch_sizes[t] entries.
-        valid = torch.arange(B) < batch_sizes[:, None]  # [T,B] bool, CPU
-        lengths = valid.sum(0)  # [B] int64, decreasing
+            x, hx = cast_up((x, hx))
         valid_dev = valid.to(data.device)
-        x = data.new_zeros(T, B, data.shape[1]).index_put((valid_dev,), data)  # [T,B,I]
         if hx is not None and sorted_indices is not None:
             hx = tuple(h.index_select(1, sorted_indices) for h in hx)  # -> packed order
         output, h_n = self._layers(x, hx, lengths, truncate, valid_dev, low)
@@ -271,6 +267,24 @@ class _RecurrentBase(nn.RNNBase):
             if h.device != like.device:
                 raise RuntimeError(f"{name} must be on the input's device {like.device}, "
                                    f"got {h.device}")
+
+
+def _padded(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple:
+    """A PackedSequence's data [N,I] padded to x [T,B,I] in its packed (sorted)
+    order, with lengths [B] int64 and the valid steps [T,B] bool, both on the
+    CPU. Packed data is time-major over the batch sorted by decreasing length:
+    row t of the padded batch holds its first batch_sizes[t] entries."""
+    T = batch_sizes.size(0)
+    if torch.jit.is_tracing():
+        # torch.jit.trace records torch's op (called as pad_packed_sequence
+        # calls it, which keeps T a traced size), and B stays a traced size,
+        # where int(batch_sizes[0]) below would be a constant of the trace.
+        # Dynamo cannot run that op on fake tensors, so only tracing takes it.
+        x, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, T)
+        return x, lengths, torch.arange(T)[:, None] < lengths
+    valid = torch.arange(int(batch_sizes[0])) < batch_sizes[:, None]
+    x = data.new_zeros(T, valid.shape[1], data.shape[1]).index_put((valid.to(data.device),), data)
+    return x, valid.sum(0), valid
 
 
 _ABSENT = object()  # a keyword not given

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnnkern
 from rnnkern import functional, reference
@@ -145,6 +145,45 @@ def test_jit_trace_runs_in_both_grad_modes(name, grad):
     ours(x)[0].square().sum().backward()
     for a, p in zip(traced_grads, ours.parameters()):
         assert torch.equal(a, p.grad)
+
+
+class PackedTagger(nn.Module):
+    """pack (unsorted or sorted), the RNN, pad back: the serving idiom."""
+
+    def __init__(self, rnn, sort: bool):
+        super().__init__()
+        self.rnn, self.sort = rnn, sort
+
+    def forward(self, x, lengths):
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=self.sort)
+        out, h_n = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out, h_n[0] if isinstance(h_n, tuple) else h_n
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("sort", [False, True], ids=["unsorted", "sorted"])
+def test_jit_trace_of_packed_input_follows_new_batch_and_lengths(name, sort):
+    """A trace of PackedSequence input holds no batch size or length of the
+    tracing call: larger and smaller B, new T and lengths give nn's results."""
+    ours, theirs = pair(name, batch_first=True, num_layers=2)
+    traced_at = (torch.randn(4, 6, 4, dtype=torch.float64), torch.tensor([6, 2, 5, 1]))
+    if sort:
+        traced_at = (traced_at[0], traced_at[1].sort(descending=True).values)
+    traced = torch.jit.trace(PackedTagger(ours, sort), traced_at, check_trace=False)
+    for B, T in ((6, 6), (2, 9), (4, 3), (1, 1)):
+        x = torch.randn(B, T, 4, dtype=torch.float64, requires_grad=True)
+        lengths = torch.randint(1, T + 1, (B,))
+        lengths[0] = T
+        if sort:
+            lengths = lengths.sort(descending=True).values
+        got = traced(x, lengths)
+        want = PackedTagger(theirs, sort)(x, lengths)
+        for a, b, what in zip(got, want, ("output", "h_n"), strict=True):
+            assert_close(a, b, TOL[torch.float64], f"{name} B={B} T={T} {what}")
+        (g,) = torch.autograd.grad(got[0].sum() + got[1].sum(), x)
+        (h,) = torch.autograd.grad(want[0].sum() + want[1].sum(), x)
+        assert_close(g, h, TOL[torch.float64], f"{name} B={B} T={T} grad input")
 
 
 @pytest.mark.parametrize("name", CELLS)
