@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
@@ -67,17 +68,20 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, cell: str = "r
     cell: 'rnn' (Elman, with ``nonlinearity``), 'lstm' or 'gru'.
     lengths: None (all T), 'random' (uniform in [0, T]) or B ints.
     loss: None compares output and the final state under a random linear loss; 'mse' or
-        'cross_entropy' compares rnnkern.functional.rnn_loss (head with O = I,
-        reduction 'seq_mean'), where that op is available.
+        'cross_entropy' compares rnnkern.functional.rnn_loss with the cell (head
+        with O = I, reduction 'seq_mean'; its loss, final state and every
+        gradient). It runs the layer forward in time: not with ``reverse``.
     Returns a CheckResult; ``.passed`` is False if any tensor's relative error
     (max abs error / max abs value) exceeds ``tol`` (default 1e-10 in float64,
     1e-4 in float32).
     """
     if cell not in ("rnn", "lstm", "gru"):
         raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
-    if cell != "rnn" and loss is not None:
-        raise ValueError(f"loss= runs the fused per-step loss, which takes the Elman cell only; "
-                         f"got cell={cell!r}")
+    if loss not in (None, "mse", "cross_entropy"):
+        raise ValueError(f"loss must be None, 'mse' or 'cross_entropy', got {loss!r}")
+    if loss is not None and reverse:
+        raise ValueError(f"loss={loss!r} runs rnn_loss, whose layer runs forward in time: "
+                         f"reverse must be False with it, got True")
     g = torch.Generator().manual_seed(seed)
     tol = TOLERANCE[dtype] if tol is None else tol
 
@@ -134,17 +138,23 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, cell: str = "r
         target = (torch.randn(*tshape, O, generator=g, dtype=dtype) if loss == "mse"
                   else torch.randint(0, O, tshape, generator=g))
 
+        mode = {} if cell == "rnn" else {"mode": cell}
+
         def run(impl):
             d = impl.rnn_loss(args[0], target, *args[1:], tensors["weight_out"],
                               tensors["bias_out"], loss=loss, reduction="seq_mean",
-                              return_details=True, **opts)
-            return {"loss": d.loss, "h_n": d.h_n}, d.loss + d.h_n.sum()
+                              return_details=True, **mode, **opts)
+            states = ({"h_n": d.h_n[0], "c_n": d.h_n[1]} if cell == "lstm"
+                      else {"h_n": d.h_n})
+            return {"loss": d.loss, **states}, d.loss + sum(h.sum() for h in states.values())
 
     results = {}
     for impl in (functional, reference):
         outs, objective = run(impl)
         names = list(tensors)
-        grads = torch.autograd.grad(objective, [tensors[n] for n in names])
+        # T = 0: the reference's graph never reaches the input (zeros, as the kernel's)
+        grads = torch.autograd.grad(objective, [tensors[n] for n in names], allow_unused=True,
+                                    materialize_grads=True)
         results[impl] = {**{k: v.detach() for k, v in outs.items()},
                          **{f"d_{n}": gr for n, gr in zip(names, grads)}}
     errors = [_error(name, results[functional][name], results[reference][name], tol)
@@ -157,10 +167,9 @@ def grid(dtype: torch.dtype, losses: Sequence[Optional[str]], cells: Sequence[st
     for cell in cells:
         nonlinearities = ("tanh", "relu") if cell == "rnn" else ("tanh",)
         for nl, lengths, truncate, loss, reverse in itertools.product(
-                nonlinearities, (None, "random"), (None, 5),
-                losses if cell == "rnn" else [None], (False, True)):
+                nonlinearities, (None, "random"), (None, 5), losses, (False, True)):
             if loss is not None and reverse:
-                continue  # the fused loss runs one forward layer
+                continue  # rnn_loss runs its layer forward in time
             yield dict(T=23, B=6, I=5, H=9, cell=cell, nonlinearity=nl, lengths=lengths,
                        truncate=truncate, loss=loss, reverse=reverse, dtype=dtype, seed=1)
 
@@ -175,19 +184,34 @@ def main(args) -> int:
         if single:
             lengths = args.lengths
             if lengths not in (None, "random"):
-                lengths = [int(v) for v in lengths.split(",")]
-            runs.append(dict(T=args.T or 20, B=args.B or 5, I=args.I or 4, H=args.H or 7,
-                             cell=(args.cell or ["rnn"])[0],
-                             nonlinearity=args.nonlinearity or "tanh", lengths=lengths,
-                             truncate=args.truncate, loss=args.loss, reverse=args.reverse,
-                             dtype=dtype, seed=args.seed))
+                try:
+                    lengths = [int(v) for v in lengths.split(",")]
+                except ValueError:
+                    return _usage_error(f"--lengths must be 'random' or comma-separated ints, "
+                                        f"got {lengths!r}")
+            given = {k: v for k, v in dict(T=args.T, B=args.B, I=args.I, H=args.H).items()
+                     if v is not None}  # 0 is a size too
+            for cell in args.cell or ["rnn"]:
+                runs.append(dict(dict(T=20, B=5, I=4, H=7), **given, cell=cell,
+                                 nonlinearity=args.nonlinearity or "tanh", lengths=lengths,
+                                 truncate=args.truncate, loss=args.loss, reverse=args.reverse,
+                                 dtype=dtype, seed=args.seed))
         else:
             losses = [None] + (["mse", "cross_entropy"] if hasattr(functional, "rnn_loss") else [])
             runs.extend(grid(dtype, losses, args.cell or CELLS))
     failed = 0
     for kw in runs:
-        result = gradcheck(**kw)
+        try:
+            result = gradcheck(**kw)
+        except ValueError as e:  # a bad option (a size, lengths, truncate): no traceback
+            return _usage_error(str(e))
         failed += not result.passed
         print(result.format(), flush=True)
     print(f"{len(runs) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _usage_error(message: str) -> int:
+    """As argparse reports a bad option: the message on stderr, exit status 2."""
+    print(f"rnnkern check: error: {message}", file=sys.stderr)
+    return 2

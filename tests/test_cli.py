@@ -30,6 +30,49 @@ def test_check_single_config_passes():
     assert "d_weight_hh" in r.stdout and "max rel err" in r.stdout
 
 
+def test_check_single_config_keeps_zero_sizes_and_runs_every_cell():
+    """-T 0 -B 0 checks T = B = 0 (not the defaults); --cell twice, both cells."""
+    r = run_module("check", "-T", "0", "-B", "0", "--cell", "lstm", "--cell", "gru",
+                   "--dtype", "float64")
+    assert r.returncode == 0, r.stdout + r.stderr
+    heads = [line for line in r.stdout.splitlines() if line.startswith("PASS")]
+    assert [line.split()[1:4] for line in heads] == [["cell=lstm", "T=0", "B=0"],
+                                                     ["cell=gru", "T=0", "B=0"]]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--truncate", "0"], "truncate must be an int >= 1 or None, got 0"),
+    (["--lengths", "3,x"], "--lengths must be 'random' or comma-separated ints, got '3,x'"),
+    (["--lengths", "1,2"], "lengths must have shape (B,) = (5,), got (2,)"),
+    (["--loss", "mse", "--reverse"], "reverse must be False with it, got True"),
+])
+def test_check_bad_option_is_a_usage_error(argv, message):
+    r = run_module("check", "--dtype", "float64", *argv)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "rnnkern check: error:" in r.stderr and message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_gradcheck_of_the_per_step_loss_for_every_cell(cell, loss):
+    res = rnnkern.gradcheck(T=7, B=3, I=5, H=6, cell=cell, loss=loss, lengths=[7, 0, 3],
+                            truncate=2)
+    assert res.passed, res.format()
+    names = [e.name for e in res.errors]
+    states = ["h_n", "c_n"] if cell == "lstm" else ["h_n"]
+    tensors = ["input", "hx"] + (["cx"] if cell == "lstm" else []) + [
+        "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out", "bias_out"]
+    assert names == ["loss", *states] + [f"d_{n}" for n in tensors]
+
+
+def test_check_default_grid_covers_every_cells_loss():
+    rows = list(check.grid(torch.float64, [None, "mse", "cross_entropy"]))
+    for cell in check.CELLS:
+        assert {r["loss"] for r in rows if r["cell"] == cell} == {None, "mse", "cross_entropy"}
+    assert not any(r["loss"] is not None and r["reverse"] for r in rows)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_gradcheck_api_reports_every_tensor(dtype):
     res = rnnkern.gradcheck(T=9, B=4, I=3, H=7, lengths="random", truncate=3, dtype=dtype)
