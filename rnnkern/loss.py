@@ -80,10 +80,19 @@ class RNNLoss(nn.Module):
                 return_details: bool = False):
         rnn = self.rnn
 
-        def strip(h):  # torch.nn's (num_layers=1, B, *) -> (B, *)
-            return h[0] if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[0] == 1 else h
+        def strip(h, name, letter="H"):  # torch.nn's (num_layers=1, B, *) -> (B, *)
+            if not (isinstance(h, torch.Tensor) and h.dim() == 3):
+                return h  # the op checks the rest
+            if h.shape[0] != 1:
+                raise RuntimeError(f"{name} must have shape (1, B, {letter}) (the rnn's one "
+                                   f"layer) or (B, {letter}), got {tuple(h.shape)}")
+            return h[0]
 
-        hx = tuple(strip(h) for h in hx) if isinstance(hx, (tuple, list)) else strip(hx)
+        if isinstance(hx, (tuple, list)):  # the LSTM's (h_0 [*,B,P], c_0 [*,B,H])
+            hx = tuple(strip(h, f"hx[{i}]", "P" if i == 0 and getattr(rnn, "proj_size", 0)
+                             else "H") for i, h in enumerate(hx))
+        else:
+            hx = strip(hx, "hx")
         return functional.rnn_loss(
             input, target, hx, rnn.weight_ih_l0, rnn.weight_hh_l0,
             rnn.bias_ih_l0 if rnn.bias else None, rnn.bias_hh_l0 if rnn.bias else None,

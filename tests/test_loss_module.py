@@ -1,6 +1,8 @@
 """rnnkern.RNNLoss: the fused loss as a module over nn.RNN (or any nn.RNNBase of
 mode RNN_TANH / RNN_RELU) and nn.Linear."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,27 @@ def test_module_over_rnnkern_rnn(batch_first):
         assert_close(a, b, TOL[torch.float64], "grad")
     with pytest.raises(ValueError, match="num_layers=1, got 2"):
         RNNLoss(rnnkern.RNN(I, H, num_layers=2), torch.nn.Linear(H, O))
+
+
+@pytest.mark.parametrize("cell, proj", [("RNN", 0), ("GRU", 0), ("LSTM", 0), ("LSTM", 3)])
+def test_hx_of_more_than_one_layer_is_refused_by_name(cell, proj):
+    """hx in torch.nn's (num_layers, B, *) form must have num_layers = 1."""
+    H, P, B = 5, proj or 5, 3
+    rnn = getattr(torch.nn, cell)(4, H, **({"proj_size": proj} if proj else {}))
+    model = RNNLoss(rnn, torch.nn.Linear(P, 3))
+    x, y = torch.randn(6, B, 4), torch.randint(0, 3, (6, B))
+    if cell == "LSTM":
+        good = (torch.randn(1, B, P), torch.randn(1, B, H))
+        for i, letter, size in ((0, "P" if proj else "H", P), (1, "H", H)):
+            bad = list(good)
+            bad[i] = torch.randn(2, B, size)
+            with pytest.raises(RuntimeError, match=re.escape(
+                    f"hx[{i}] must have shape (1, B, {letter}) (the rnn's one layer) or "
+                    f"(B, {letter}), got (2, {B}, {size})")):
+                model(x, y, tuple(bad))
+        assert torch.isfinite(model(x, y, good))
+        return
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"hx must have shape (1, B, H) (the rnn's one layer) or (B, H), got (2, {B}, {H})")):
+        model(x, y, torch.randn(2, B, H))
+    assert torch.isfinite(model(x, y, torch.randn(1, B, H)))
