@@ -165,3 +165,22 @@ def test_rnn_loss_details_run_eagerly_under_compile(cls):
     with pytest.raises(torch._dynamo.exc.Unsupported,
                        match=r"return_details=True\) runs eagerly: its grad_norm is filled in"):
         torch.compile(model, fullgraph=True)(x, target, return_details=True)
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU], ids=["rnn", "lstm", "gru"])
+def test_rnn_loss_over_a_torch_nn_module_compiles_with_a_graph_break(cls):
+    """Dynamo refuses nn.RNN/LSTM/GRU instances: RNNLoss over one compiles
+    (not fullgraph) and trains as eager; fullgraph names the module."""
+    model = loss_model(cls)
+    T, B = 5, 3
+    x = torch.randn(T, B, I, requires_grad=True)
+    target = torch.randint(0, O, (T, B))
+    lengths = torch.tensor([5, 2, 4])
+    got, got_grads = loss_run(torch.compile(model), x, target, lengths)
+    want, want_grads = loss_run(model, x, target, lengths)
+    assert_close(got, want, TOL[torch.float32], "loss")
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert_close(a, b, TOL[torch.float32], "grad")
+    torch._dynamo.reset()  # else the graph-broken frames above are reused
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
+        torch.compile(model, fullgraph=True)(x, target)
