@@ -393,6 +393,12 @@ class LSTM(_RecurrentBase):
 
     _feature_letter = "*"  # h has P features, c has H
 
+    # nn.LSTM's public helpers for its (h, c) state, which RNNBase's versions
+    # (for one tensor) do not take; they read only what nn.RNNBase holds.
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
     def _state_sizes(self) -> tuple:
         return (self.proj_size or self.hidden_size, self.hidden_size)
 

@@ -485,3 +485,36 @@ def test_float16_model_runs_in_float32_and_returns_float16():
     out32, h32 = m32(x.float())
     assert out.dtype == h.dtype == torch.float16
     assert torch.equal(out, out32.half()) and torch.equal(h, h32.half())
+
+
+@pytest.mark.parametrize("name, kw", [("RNN", {}), ("GRU", {"batch_first": True}),
+                                      ("LSTM", {}), ("LSTM", {"proj_size": 2, "num_layers": 2})],
+                         ids=["rnn", "gru", "lstm", "lstm-proj"])
+def test_nn_state_helpers_answer_as_nn(name, kw):
+    """nn's public helpers that client code calls on the module
+    (check_forward_args, permute_hidden, get_expected_*) on its state form."""
+    ours, theirs = getattr(rnnkern, name)(I, H, **kw), getattr(nn, name)(I, H, **kw)
+    P = kw.get("proj_size") or H
+    L = kw.get("num_layers", 1)
+    x = torch.randn(B, T, I) if kw.get("batch_first") else torch.randn(T, B, I)
+    h = torch.randn(L, B, P)
+    hidden = (h, torch.randn(L, B, H)) if name == "LSTM" else h
+    perm = torch.tensor([2, 0, 1])
+    for m in (ours, theirs):
+        m.check_forward_args(x, hidden, None)
+        got = m.permute_hidden(hidden, perm)
+        for a, b in zip(got if name == "LSTM" else (got,),
+                        hidden if name == "LSTM" else (hidden,), strict=True):
+            assert torch.equal(a, b.index_select(1, perm))
+        assert m.get_expected_hidden_size(x, None) == (L, B, P)
+    if name == "LSTM":
+        assert ours.get_expected_cell_size(x, None) == theirs.get_expected_cell_size(x, None)
+        bad = (hidden[0], torch.randn(L, B + 1, H))
+    else:
+        bad = torch.randn(L, B + 1, P)
+    errors = []
+    for m in (ours, theirs):
+        with pytest.raises(RuntimeError) as info:
+            m.check_forward_args(x, bad, None)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
