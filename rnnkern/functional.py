@@ -11,6 +11,7 @@ convert (rnnkern/_checks.py).
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Union
 
 import torch
@@ -466,6 +467,10 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
+    if return_details and _exporting():
+        raise RuntimeError("rnn_loss(return_details=True) cannot be exported: its grad_norm is "
+                           "filled in by backward, which an exported program does not run; "
+                           "export the call without return_details")
     (input, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
      weight_hr), low = lower_precision_up(LOSS_TENSORS, input, hx, weight_ih, weight_hh,
                                           bias_ih, bias_hh, weight_out, bias_out, weight_hr)
@@ -518,11 +523,37 @@ def _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_
 # grad_norm is written by backward into a tensor that forward returned. A
 # compiled graph cannot express that (AOTAutograd would have a forward output
 # depend on the backward graph), so with details rnn_loss runs eagerly: a graph
-# break under torch.compile, and under fullgraph=True Dynamo's error with this reason.
-_rnn_loss_details = torch.compiler.disable(
-    _rnn_loss, reason="rnnkern.rnn_loss(return_details=True) runs eagerly: its grad_norm is "
-    "filled in by backward, which a compiled graph cannot express; compile the call "
-    "without return_details, or without fullgraph=True")
+# break under torch.compile, and under fullgraph=True (or a strict
+# torch.export) Dynamo's error with this reason.
+_EAGER_REASON = ("rnnkern.rnn_loss(return_details=True) runs eagerly: its grad_norm is filled "
+                 "in by backward, which a compiled graph cannot express; compile the call "
+                 "without return_details, or without fullgraph=True")
+
+
+def _eager(fn):
+    """torch.compiler.disable(fn), with the reason where this torch takes one (2.8+)."""
+    try:
+        return torch.compiler.disable(fn, reason=_EAGER_REASON)
+    except TypeError:
+        return torch.compiler.disable(fn)
+
+
+# torch.compiler.disable imports Dynamo (about 1.2 s), which a process that
+# never compiles (or builds no optimizer, which imports it too) need not pay:
+# the wrapper is made at import only where Dynamo is loaded already, else at
+# the first call with details. A first call traced by Dynamo still runs
+# eagerly (Dynamo breaks the graph at torch.compiler.disable itself).
+_rnn_loss_eager = _eager(_rnn_loss) if "torch._dynamo" in sys.modules else None
+
+
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch 2.5+
+
+
+def _rnn_loss_details(*args, **kwargs):
+    global _rnn_loss_eager
+    if _rnn_loss_eager is None:
+        _rnn_loss_eager = _eager(_rnn_loss)
+    return _rnn_loss_eager(*args, **kwargs)
 
 
 def _nan_norms(x):

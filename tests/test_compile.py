@@ -2,6 +2,9 @@
 dynamic T and B, packed input, all against eager; nn.RNN itself cannot compile
 fullgraph."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -184,3 +187,48 @@ def test_rnn_loss_over_a_torch_nn_module_compiles_with_a_graph_break(cls):
     torch._dynamo.reset()  # else the graph-broken frames above are reused
     with pytest.raises(torch._dynamo.exc.Unsupported, match="RNN, GRU, or LSTM"):
         torch.compile(model, fullgraph=True)(x, target)
+
+
+def test_import_leaves_dynamo_unloaded_and_a_first_details_call_may_be_compiled():
+    """import rnnkern does not import Dynamo (1.2 s); the eager wrapper of a
+    details call is then made at its first call, which may be inside a
+    compiled function: it runs eagerly there, as eager computes it."""
+    script = """
+import sys, torch, rnnkern
+assert "torch._dynamo" not in sys.modules
+torch.manual_seed(0)
+loss = rnnkern.RNNLoss(rnnkern.GRU(4, 6), torch.nn.Linear(6, 3))
+x, t = torch.randn(5, 2, 4), torch.randint(0, 3, (5, 2))
+d = torch.compile(loss)(x, t, return_details=True)
+d.loss.backward()
+e = loss(x, t, return_details=True)
+e.loss.backward()
+assert torch.allclose(d.loss, e.loss) and torch.allclose(d.grad_norm, e.grad_norm)
+assert not d.grad_norm.isnan().any()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_rnn_loss_details_refuse_export(strict):
+    """An exported program never runs the backward that fills grad_norm in: a
+    details call raises when exported (it would return NaN forever), one
+    without details exports."""
+    model = loss_model(rnnkern.GRU)
+
+    class Wrap(nn.Module):
+        def __init__(self, details):
+            super().__init__()
+            self.loss, self.details = model, details
+
+        def forward(self, x, target):
+            d = self.loss(x, target, return_details=self.details)
+            return (d.loss, d.grad_norm) if self.details else d
+
+    x, target = torch.randn(5, 2, I), torch.randint(0, O, (5, 2))
+    with pytest.raises(Exception, match=r"return_details=True\) cannot be exported"):
+        torch.export.export(Wrap(True), (x, target), strict=strict)
+    ep = torch.export.export(Wrap(False), (x, target), strict=strict)
+    assert_close(ep.module()(x, target), model(x, target), TOL[torch.float32], "loss")
