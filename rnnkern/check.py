@@ -73,24 +73,18 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, cell: str = "r
         gradient). It runs the layer forward in time: not with ``reverse``.
     Returns a CheckResult; ``.passed`` is False if any tensor's relative error
     (max abs error / max abs value) exceeds ``tol`` (default 1e-10 in float64,
-    1e-4 in float32).
+    1e-4 in float32). An option it cannot take (T or B < 0, I or H < 1,
+    lengths not B ints in [0, T], ...) raises ValueError before anything runs.
     """
-    if cell not in ("rnn", "lstm", "gru"):
-        raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
-    if loss not in (None, "mse", "cross_entropy"):
-        raise ValueError(f"loss must be None, 'mse' or 'cross_entropy', got {loss!r}")
-    if loss is not None and reverse:
-        raise ValueError(f"loss={loss!r} runs rnn_loss, whose layer runs forward in time: "
-                         f"reverse must be False with it, got True")
+    check_options(T=T, B=B, I=I, H=H, cell=cell, nonlinearity=nonlinearity, lengths=lengths,
+                  truncate=truncate, loss=loss, reverse=reverse)
     g = torch.Generator().manual_seed(seed)
     tol = TOLERANCE[dtype] if tol is None else tol
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
 
-    if isinstance(lengths, str):
-        if lengths != "random":
-            raise ValueError(f"lengths must be None, 'random' or B ints, got {lengths!r}")
+    if isinstance(lengths, str):  # 'random'
         lengths = torch.randint(0, T + 1, (B,), generator=g)
     elif lengths is not None:
         lengths = torch.as_tensor(lengths, dtype=torch.int64)
@@ -162,7 +156,39 @@ def gradcheck(T: int = 20, B: int = 5, I: int = 4, H: int = 7, *, cell: str = "r
     return CheckResult(config, errors)
 
 
-def grid(dtype: torch.dtype, losses: Sequence[Optional[str]], cells: Sequence[str] = CELLS):
+def check_options(*, T, B, I, H, cell, nonlinearity, lengths, truncate, loss, reverse) -> None:
+    """gradcheck's own options, checked before anything runs: ValueError
+    naming the option, the value expected and the value given."""
+    for name, value, least in (("T", T, 0), ("B", B, 0), ("I", I, 1), ("H", H, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if cell not in CELLS:
+        raise ValueError(f"cell must be 'rnn', 'lstm' or 'gru', got {cell!r}")
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    if cell != "rnn" and nonlinearity != "tanh":
+        raise ValueError(f"nonlinearity is the Elman cell's ('rnn'): it must be 'tanh' (the "
+                         f"default) with cell={cell!r}, got {nonlinearity!r}")
+    if isinstance(lengths, str) and lengths != "random":
+        raise ValueError(f"lengths must be None, 'random' or B ints, got {lengths!r}")
+    if lengths is not None and not isinstance(lengths, str):
+        given = torch.as_tensor(lengths).tolist()
+        if (not isinstance(given, list) or len(given) != B or
+                any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= T
+                    for v in given)):
+            raise ValueError(f"lengths must be B = {B} ints in [0, T = {T}], got {given}")
+    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
+                                 or truncate < 1):
+        raise ValueError(f"truncate must be None or an int >= 1, got {truncate!r}")
+    if loss not in (None, "mse", "cross_entropy"):
+        raise ValueError(f"loss must be None, 'mse' or 'cross_entropy', got {loss!r}")
+    if loss is not None and reverse:
+        raise ValueError(f"loss={loss!r} runs rnn_loss, whose layer runs forward in time: "
+                         f"reverse must be False with it, got True")
+
+
+def grid(dtype: torch.dtype, losses: Sequence[Optional[str]], cells: Sequence[str] = CELLS,
+         seed: int = 1):
     """The default grid of `python -m rnnkern check`."""
     for cell in cells:
         nonlinearities = ("tanh", "relu") if cell == "rnn" else ("tanh",)
@@ -171,7 +197,7 @@ def grid(dtype: torch.dtype, losses: Sequence[Optional[str]], cells: Sequence[st
             if loss is not None and reverse:
                 continue  # rnn_loss runs its layer forward in time
             yield dict(T=23, B=6, I=5, H=9, cell=cell, nonlinearity=nl, lengths=lengths,
-                       truncate=truncate, loss=loss, reverse=reverse, dtype=dtype, seed=1)
+                       truncate=truncate, loss=loss, reverse=reverse, dtype=dtype, seed=seed)
 
 
 def main(args) -> int:
@@ -195,16 +221,20 @@ def main(args) -> int:
                 runs.append(dict(dict(T=20, B=5, I=4, H=7), **given, cell=cell,
                                  nonlinearity=args.nonlinearity or "tanh", lengths=lengths,
                                  truncate=args.truncate, loss=args.loss, reverse=args.reverse,
-                                 dtype=dtype, seed=args.seed))
+                                 dtype=dtype, seed=0 if args.seed is None else args.seed))
         else:
             losses = [None] + (["mse", "cross_entropy"] if hasattr(functional, "rnn_loss") else [])
-            runs.extend(grid(dtype, losses, args.cell or CELLS))
+            runs.extend(grid(dtype, losses, args.cell or CELLS,
+                             1 if args.seed is None else args.seed))
+    for kw in runs:  # a bad option is the user's: no traceback, before anything runs
+        try:
+            check_options(**{k: kw[k] for k in ("T", "B", "I", "H", "cell", "nonlinearity",
+                                                 "lengths", "truncate", "loss", "reverse")})
+        except ValueError as e:
+            return _usage_error(str(e))
     failed = 0
     for kw in runs:
-        try:
-            result = gradcheck(**kw)
-        except ValueError as e:  # a bad option (a size, lengths, truncate): no traceback
-            return _usage_error(str(e))
+        result = gradcheck(**kw)
         failed += not result.passed
         print(result.format(), flush=True)
     print(f"{len(runs) - failed} passed, {failed} failed")

@@ -125,14 +125,15 @@ def main(argv=None) -> int:
     p.add_argument("-I", type=int)
     p.add_argument("-H", type=int)
     p.add_argument("--cell", action="append", choices=["rnn", "lstm", "gru"],
-                   help="the cell (repeatable for the grid; default: all three)")
-    p.add_argument("--nonlinearity", choices=["tanh", "relu"])
+                   help="the cell (repeatable: the grid, or the configuration, for each; "
+                        "default: all three for the grid, rnn for a configuration)")
+    p.add_argument("--nonlinearity", choices=["tanh", "relu"], help="the rnn cell's")
     p.add_argument("--lengths", help="'random' or comma-separated B ints")
     p.add_argument("--truncate", type=int)
     p.add_argument("--loss", choices=["mse", "cross_entropy"])
     p.add_argument("--reverse", action="store_true")
     p.add_argument("--dtype", choices=["float64", "float32", "both"], default="both")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="of the random inputs (default 0; the grid's 1)")
     p.set_defaults(func=_check)
     p = sub.add_parser("demo", help="train a small model and compare gradients with the reference")
     p.add_argument("--steps", type=int, default=200)

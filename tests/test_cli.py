@@ -41,10 +41,15 @@ def test_check_single_config_keeps_zero_sizes_and_runs_every_cell():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--truncate", "0"], "truncate must be an int >= 1 or None, got 0"),
+    (["--truncate", "0"], "truncate must be None or an int >= 1, got 0"),
     (["--lengths", "3,x"], "--lengths must be 'random' or comma-separated ints, got '3,x'"),
-    (["--lengths", "1,2"], "lengths must have shape (B,) = (5,), got (2,)"),
+    (["--lengths", "1,2"], "lengths must be B = 5 ints in [0, T = 20], got [1, 2]"),
+    (["-T", "3", "-B", "2", "--lengths", "1,4"], "lengths must be B = 2 ints in [0, T = 3], got [1, 4]"),
     (["--loss", "mse", "--reverse"], "reverse must be False with it, got True"),
+    (["-H", "0"], "H must be an int >= 1, got 0"),
+    (["-T", "-1"], "T must be an int >= 0, got -1"),
+    (["--cell", "gru", "--nonlinearity", "relu"],
+     "it must be 'tanh' (the default) with cell='gru', got 'relu'"),
 ])
 def test_check_bad_option_is_a_usage_error(argv, message):
     r = run_module("check", "--dtype", "float64", *argv)
@@ -64,6 +69,17 @@ def test_gradcheck_of_the_per_step_loss_for_every_cell(cell, loss):
     tensors = ["input", "hx"] + (["cx"] if cell == "lstm" else []) + [
         "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out", "bias_out"]
     assert names == ["loss", *states] + [f"d_{n}" for n in tensors]
+
+
+def test_check_lets_a_kernels_value_error_through(monkeypatch):
+    """Only the options are usage errors: a ValueError raised while the
+    kernels run is a failure to see, with its traceback."""
+    def broken(*args, **kw):
+        raise ValueError("the kernel broke")
+
+    monkeypatch.setattr(functional, "gru", broken)
+    with pytest.raises(ValueError, match="the kernel broke"):
+        cli.main(["check", "--cell", "gru", "-T", "4", "--dtype", "float64"])
 
 
 def test_check_default_grid_covers_every_cells_loss():
