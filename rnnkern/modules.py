@@ -170,7 +170,7 @@ class _RecurrentBase(nn.RNNBase):
             raise RuntimeError(f"a PackedSequence's data must be 2-D (N, I), "
                                f"got shape {tuple(data.shape)}")
         self._check_input(data)
-        x, lengths, valid = _padded(data, batch_sizes)
+        x, lengths, valid = _padded(data, batch_sizes)  # valid on data's device
         B = x.shape[1]
         if hx is not None and any(h.dim() != 3 for h in hx):
             got = ", ".join(f"{h.dim()}-D of shape {tuple(h.shape)}" for h in hx)
@@ -179,13 +179,12 @@ class _RecurrentBase(nn.RNNBase):
         self._check_hx(hx, B, data, True)
         if low is not None:
             x, hx = cast_up((x, hx))
-        valid_dev = valid.to(data.device)
         if hx is not None and sorted_indices is not None:
             hx = tuple(h.index_select(1, sorted_indices) for h in hx)  # -> packed order
-        output, h_n = self._layers(x, hx, lengths, truncate, valid_dev, low)
+        output, h_n = self._layers(x, hx, lengths, truncate, valid, low)
         if unsorted_indices is not None:
             h_n = tuple(h.index_select(1, unsorted_indices) for h in h_n)
-        return PackedSequence(output[valid_dev], batch_sizes, sorted_indices, unsorted_indices), h_n
+        return PackedSequence(output[valid], batch_sizes, sorted_indices, unsorted_indices), h_n
 
     def _layers(
         self,
@@ -271,8 +270,8 @@ class _RecurrentBase(nn.RNNBase):
 
 def _padded(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple:
     """A PackedSequence's data [N,I] padded to x [T,B,I] in its packed (sorted)
-    order, with lengths [B] int64 and the valid steps [T,B] bool, both on the
-    CPU. Packed data is time-major over the batch sorted by decreasing length:
+    order, with lengths [B] int64 on the CPU and the valid steps [T,B] bool on
+    the data's device. Packed data is time-major over the batch sorted by decreasing length:
     row t of the padded batch holds its first batch_sizes[t] entries."""
     T = batch_sizes.size(0)
     if torch.jit.is_tracing():
@@ -281,10 +280,11 @@ def _padded(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple:
         # where int(batch_sizes[0]) below would be a constant of the trace.
         # Dynamo cannot run that op on fake tensors, so only tracing takes it.
         x, lengths = torch._VF._pad_packed_sequence(data, batch_sizes, False, 0.0, T)
-        return x, lengths, torch.arange(T)[:, None] < lengths
+        return x, lengths, (torch.arange(T)[:, None] < lengths).to(data.device)
     valid = torch.arange(int(batch_sizes[0])) < batch_sizes[:, None]
-    x = data.new_zeros(T, valid.shape[1], data.shape[1]).index_put((valid.to(data.device),), data)
-    return x, valid.sum(0), valid
+    valid_dev = valid.to(data.device)
+    x = data.new_zeros(T, valid.shape[1], data.shape[1]).index_put((valid_dev,), data)
+    return x, valid.sum(0), valid_dev
 
 
 _ABSENT = object()  # a keyword not given
