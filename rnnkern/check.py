@@ -228,8 +228,7 @@ def main(args) -> int:
                              1 if args.seed is None else args.seed))
     for kw in runs:  # a bad option is the user's: no traceback, before anything runs
         try:
-            check_options(**{k: kw[k] for k in ("T", "B", "I", "H", "cell", "nonlinearity",
-                                                 "lengths", "truncate", "loss", "reverse")})
+            check_options(**{k: v for k, v in kw.items() if k not in ("dtype", "seed")})
         except ValueError as e:
             return _usage_error(str(e))
     failed = 0

@@ -475,13 +475,13 @@ def rnn_loss(
      weight_hr), low = lower_precision_up(LOSS_TENSORS, input, hx, weight_ih, weight_hh,
                                           bias_ih, bias_hh, weight_out, bias_out, weight_hr)
     target = loss_target_up(target, loss, low, input)
-    result = (_rnn_loss_details if return_details else _rnn_loss)(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out,
-                       bias_out, loss=loss, mode=mode, nonlinearity=nonlinearity,
-                       weight_hr=weight_hr, batch_first=batch_first, lengths=lengths,
-                       loss_mask=loss_mask, steps=steps, reduction=reduction,
-                       ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       truncate=truncate, return_details=return_details,
-                       chunk_rows=_chunk_rows)
+    run = _rnn_loss_details if return_details else _rnn_loss
+    result = run(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_out, bias_out,
+                 loss=loss, mode=mode, nonlinearity=nonlinearity, weight_hr=weight_hr,
+                 batch_first=batch_first, lengths=lengths, loss_mask=loss_mask, steps=steps,
+                 reduction=reduction, ignore_index=ignore_index,
+                 label_smoothing=label_smoothing, truncate=truncate,
+                 return_details=return_details, chunk_rows=_chunk_rows)
     return cast_loss_down(low, result)
 
 
@@ -523,8 +523,8 @@ def _rnn_loss(input, target, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_
 # grad_norm is written by backward into a tensor that forward returned. A
 # compiled graph cannot express that (AOTAutograd would have a forward output
 # depend on the backward graph), so with details rnn_loss runs eagerly: a graph
-# break under torch.compile, and under fullgraph=True (or a strict
-# torch.export) Dynamo's error with this reason.
+# break under torch.compile, and under fullgraph=True Dynamo's error with this
+# reason. An export never runs that backward: rnn_loss refuses it first.
 _EAGER_REASON = ("rnnkern.rnn_loss(return_details=True) runs eagerly: its grad_norm is filled "
                  "in by backward, which a compiled graph cannot express; compile the call "
                  "without return_details, or without fullgraph=True")
