@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import _ops
+from . import _fx, _ops
 from ._checks import (LAYER_TENSORS, LOSS_TENSORS, LengthsLike, cast_down, cast_loss_down,
                       layer_api_args, loss_api_args, loss_target_up, lower_precision_up,
                       lstm_state)
@@ -28,6 +28,7 @@ HxLike = Union[torch.Tensor, LSTMState, None]  # the cell's hx: h, or (h, c) for
 __all__ = ["rnn", "lstm", "gru", "rnn_loss", "RNNLossDetails"]
 
 
+@_fx.leaf_function
 def rnn(
     input: torch.Tensor,
     hx: Optional[torch.Tensor],
@@ -300,6 +301,7 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     return output, h_n, c_n
 
 
+@_fx.leaf_function
 def lstm(
     input: torch.Tensor,
     hx: Optional[LSTMState],
@@ -332,6 +334,7 @@ def lstm(
                   batch_first=batch_first, lengths=lengths, truncate=truncate, reverse=reverse)
 
 
+@_fx.leaf_function
 def gru(
     input: torch.Tensor,
     hx: Optional[torch.Tensor],
@@ -395,6 +398,7 @@ _apply_elman_loss = _variants(_ElmanLoss, "rnnkern.functional.rnn_loss",
                               torch.ops.rnnkern.elman_loss_fwd.default, side_output=True)
 
 
+@_fx.leaf_function
 def rnn_loss(
     input: torch.Tensor,
     target: torch.Tensor,

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional
+from . import _fx, functional
 from ._checks import LengthsLike, check_loss_options
 
 __all__ = ["RNNLoss"]
@@ -78,6 +78,14 @@ class RNNLoss(nn.Module):
                 hx: Optional[torch.Tensor] = None, *, lengths: LengthsLike = None,
                 loss_mask: Optional[torch.Tensor] = None, truncate: Optional[int] = None,
                 return_details: bool = False):
+        kwargs = {"lengths": lengths, "loss_mask": loss_mask, "truncate": truncate}
+        tracer = _fx.tracer_of((input, target, hx), kwargs)
+        if tracer is not None:  # torch.fx: one call_module node, as for torch.nn's modules
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            if return_details:
+                kwargs["return_details"] = return_details
+            args = (input, target) if hx is None else (input, target, hx)
+            return _fx.module_node(self, tracer, args, kwargs)
         rnn = self.rnn
 
         def strip(h, name, letter="H"):  # torch.nn's (num_layers=1, B, *) -> (B, *)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import _fx, functional
 from ._checks import (LOWER_PRECISION, LengthsLike, autocast_dtype, autocast_up, cast_down,
                       cast_up, check_bool, check_nonlinearity, check_truncate, lengths_arg,
                       lstm_state)
@@ -104,6 +104,10 @@ class _RecurrentBase(nn.RNNBase):
             PackedSequence with the input's batch_sizes and indices; each final
             state (L*D, B, *), or (L*D, *) unbatched.
         """
+        tracer = _fx.tracer_of((input, hx), {"lengths": lengths, "truncate": truncate})
+        if tracer is not None:  # torch.fx: one call_module node, as for torch.nn's modules
+            return _fx.module_node(self, tracer, (input,) if hx is None else (input, hx),
+                                   _given(lengths=lengths, truncate=truncate))
         truncate = check_truncate(truncate)
         state = self._hx_in(hx)
         device_type = self.weight_ih_l0.device.type
@@ -266,6 +270,11 @@ class _RecurrentBase(nn.RNNBase):
             if h.device != like.device:
                 raise RuntimeError(f"{name} must be on the input's device {like.device}, "
                                    f"got {h.device}")
+
+
+def _given(**kwargs) -> dict:
+    """The keyword arguments that are not None."""
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _padded(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple:
