@@ -1,0 +1,179 @@
+"""torch.onnx.export of models holding rnnkern's modules (rnnkern/_onnx.py):
+each layer and direction becomes ONNX's own RNN, GRU or LSTM operator, and
+the exported model, run in onnxruntime, gives the module's outputs."""
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rnnkern
+from rnnkern import functional
+
+onnx = pytest.importorskip("onnx")  # requirements-dev.txt installs all three
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+ONNX_OP = {"RNN": "RNN", "GRU": "GRU", "LSTM": "LSTM"}
+
+
+@pytest.fixture(autouse=True)
+def quiet_exporter():
+    # The exporter reports each step (and onnxscript each optimisation pass).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+class Wrap(nn.Module):
+    """The module's outputs flattened: output, then each final state."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, hx, lengths):
+        out, h = self.rnn(x, hx, lengths=lengths)
+        return (out, *h) if isinstance(h, tuple) else (out, h)
+
+
+def export(model, args, tmp_path, **kw):
+    program = torch.onnx.export(model, args, dynamo=True, verbose=False, **kw)
+    path = str(tmp_path / "model.onnx")
+    program.save(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    op_types = {n.op_type for n in onnx.load(path).graph.node}
+    return session, op_types
+
+
+def run(session, *tensors):
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: t.numpy() for n, t in zip(names, tensors)})
+
+
+def state(name, L, B, H, g):
+    h = torch.randn(L, B, H, generator=g)
+    return (h, torch.randn(L, B, H, generator=g)) if name == "LSTM" else h
+
+
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM"])
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True},
+                                {"bias": False}],
+                         ids=["one-layer", "two-layer-bidirectional-batch_first", "no-bias"])
+def test_exported_model_runs_in_onnxruntime_as_the_module(name, kw, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    rnn = getattr(rnnkern, name)(4, 7, **kw).eval()
+    L = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    B, T = 3, 6
+    x = torch.randn((B, T, 4) if kw.get("batch_first") else (T, B, 4), generator=g)
+    hx = state(name, L, B, 7, g)
+    lengths = torch.tensor([6, 1, 4])
+    model = Wrap(rnn)
+    session, op_types = export(model, (x, hx, lengths), tmp_path)
+    # An empty sequence (which nn cannot pack): output 0, final state hx.
+    empty = torch.tensor([6, 0, 4])
+    hx_in = hx if isinstance(hx, tuple) else (hx,)
+    with torch.no_grad():
+        want = model(x, hx, empty)
+    for a, b in zip(run(session, x, *hx_in, empty), want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+    assert ONNX_OP[name] in op_types  # ONNX's own operator, no custom op
+    with torch.no_grad():
+        want = model(x, hx, lengths)
+    got = run(session, x, *hx_in, lengths)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+    # And torch.nn's module with the same weights, on the same batch packed.
+    theirs = getattr(nn, name)(4, 7, **kw).eval()
+    theirs.load_state_dict(rnn.state_dict())
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=rnn.batch_first,
+                                               enforce_sorted=False)
+    with torch.no_grad():
+        out, h = theirs(packed, hx)
+    out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=rnn.batch_first, total_length=T)
+    for a, b in zip(got, (out, *(h if isinstance(h, tuple) else (h,)))):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_relu_without_state_or_lengths_and_dynamic_sizes(tmp_path):
+    torch.manual_seed(1)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnnkern.RNN(3, 5, nonlinearity="relu", bidirectional=True)
+            self.fc = nn.Linear(10, 2)
+
+        def forward(self, x):
+            out, h = self.rnn(x)
+            return self.fc(out[-1]), h
+
+    model = M().eval()
+    x = torch.randn(4, 2, 3)
+    session, op_types = export(model, (x,), tmp_path, dynamic_shapes=({0: "T", 1: "B"},))
+    assert "RNN" in op_types
+    for T, B in ((4, 2), (9, 5), (1, 1)):
+        x = torch.randn(T, B, 3)
+        with torch.no_grad():
+            want = model(x)
+        for a, b in zip(run(session, x), want):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_functional_layers_and_new_lengths_in_the_exported_graph(tmp_path):
+    torch.manual_seed(2)
+    w = [torch.randn(12, 4) * 0.4, torch.randn(12, 3) * 0.4, torch.randn(12) * 0.1, None]
+    u = [torch.randn(9, 4) * 0.4, torch.randn(9, 3) * 0.4, None, torch.randn(9) * 0.1]
+
+    class M(nn.Module):
+        def forward(self, x, lengths):
+            a, (h, c) = functional.lstm(x, None, *w, lengths=lengths, reverse=True)
+            b, hg = functional.gru(x, h, *u, lengths=lengths)
+            return a + b, c, hg
+
+    model = M()
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 2, 3])
+    session, op_types = export(model, (x, lengths), tmp_path,
+                               dynamic_shapes=({0: "T", 1: "B"}, {0: "B"}))
+    assert {"LSTM", "GRU"} <= op_types
+    for x, lengths in ((x, lengths), (torch.randn(8, 4, 4), torch.tensor([8, 0, 3, 1]))):
+        want = model(x, lengths)
+        for a, b in zip(run(session, x, lengths), want):
+            np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_projection_is_refused_by_name(tmp_path):
+    model = Wrap(rnnkern.LSTM(4, 6, proj_size=2)).eval()
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(Exception, match="proj_size cannot be exported to ONNX"):
+        torch.onnx.export(model, (x, None, None), dynamo=True, verbose=False)
+
+
+def test_torchscript_exporter_is_refused_with_the_fix(tmp_path):
+    model = Wrap(rnnkern.GRU(4, 6)).eval()
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(RuntimeError, match=r"dynamo=True.*not supported"):
+        torch.onnx.export(model, (x, None, None), str(tmp_path / "m.onnx"), dynamo=False)
+
+
+def test_compiled_module_after_importing_torch_onnx_is_unchanged():
+    # The export check reads torch.onnx's flags; compiled code folds them (fullgraph).
+    import torch.onnx  # noqa: F401
+
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    m = rnnkern.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    a, (h, c) = m(x)
+    b, (h2, c2) = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert torch.equal(a, b) and torch.equal(h, h2) and torch.equal(c, c2)
+    torch._dynamo.reset()
