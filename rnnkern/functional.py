@@ -477,6 +477,9 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
+    if _onnx.exporting():
+        raise RuntimeError("rnn_loss (and RNNLoss) cannot be exported to ONNX: it is a "
+                           "training loss; export the model's forward without it")
     if return_details and _exporting():
         raise RuntimeError("rnn_loss(return_details=True) cannot be exported: its grad_norm is "
                            "filled in by backward, which an exported program does not run; "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _fx, functional
+from . import _fx, _onnx, functional
 from ._checks import (LOWER_PRECISION, LengthsLike, autocast_dtype, autocast_up, cast_down,
                       cast_up, check_bool, check_nonlinearity, check_truncate, lengths_arg,
                       lstm_state)
@@ -169,6 +169,9 @@ class _RecurrentBase(nn.RNNBase):
         if lengths is not None:
             raise ValueError("lengths must be None for a PackedSequence input, which carries "
                              f"its own lengths; got {type(lengths).__name__}")
+        if _onnx.exporting():  # its batch sizes are data, which torch.export cannot trace
+            raise RuntimeError("a PackedSequence input cannot be exported to ONNX; pass the "
+                               "padded batch with lengths= instead")
         data, batch_sizes, sorted_indices, unsorted_indices = input
         if data.dim() != 2:
             raise RuntimeError(f"a PackedSequence's data must be 2-D (N, I), "

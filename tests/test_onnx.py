@@ -158,6 +158,25 @@ def test_projection_is_refused_by_name(tmp_path):
         torch.onnx.export(model, (x, None, None), dynamo=True, verbose=False)
 
 
+def test_packed_input_and_the_loss_are_refused_with_the_fix():
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnnkern.GRU(4, 6)
+
+        def forward(self, x, lengths):
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+            return self.rnn(packed)[1]
+
+    x, lengths = torch.randn(5, 3, 4), torch.tensor([5, 2, 3])
+    with pytest.raises(Exception, match="PackedSequence input cannot be exported to ONNX.*lengths="):
+        torch.onnx.export(Packed().eval(), (x, lengths), dynamo=True, verbose=False)
+    loss = rnnkern.RNNLoss(rnnkern.LSTM(4, 6), nn.Linear(6, 3))
+    target = torch.randint(0, 3, (5, 3))
+    with pytest.raises(Exception, match="rnn_loss .and RNNLoss. cannot be exported to ONNX"):
+        torch.onnx.export(loss, (x, target), dynamo=True, verbose=False)
+
+
 def test_torchscript_exporter_is_refused_with_the_fix(tmp_path):
     model = Wrap(rnnkern.GRU(4, 6)).eval()
     x = torch.randn(5, 3, 4)
