@@ -11,9 +11,11 @@ all of these (GRU with ``linear_before_reset=1``; padded steps are 0, the
 reverse direction starts at each sequence's last valid step). Training-only
 arguments (truncate) do not change the forward and are dropped.
 
-Not exported: the LSTM's projection (ONNX's LSTM has none; nn.LSTM's fails
-too), the TorchScript-based exporter (``dynamo=False``), and ``rnn_loss`` (a
-training loss).
+Refused by name: the LSTM's projection (ONNX's LSTM has none; nn.LSTM's
+fails too), the TorchScript-based exporter (``dynamo=False``), a
+PackedSequence input (its batch sizes are data; ``lengths=`` exports) and
+``rnn_loss`` (a training loss). The ops' argument checks do not run on this
+path; the modules check their inputs and states before it.
 """
 
 from __future__ import annotations
