@@ -9,8 +9,8 @@ reaches it: a module as ``call_module``, as the tracer does for nn's modules,
 and a function as ``call_function``, as ``torch.fx.wrap`` does. The traced
 GraphModule then calls the module or the function itself, on real tensors.
 
-Outside ``torch.fx`` tracing the check is one flag read (Dynamo folds it to
-False).
+Outside ``torch.fx`` tracing the check is a call that reads torch.fx's flag
+(Dynamo folds it to False).
 """
 
 from __future__ import annotations
@@ -50,13 +50,19 @@ def tracer_of(args: tuple, kwargs: dict):
 
 
 def module_node(module, tracer, args: tuple, kwargs: dict):
-    """module(*args, **kwargs) as one call_module node of tracer's graph."""
+    """module(*args, **kwargs) as one call_module node of tracer's graph,
+    without the trailing None arguments and the None keywords (the call as
+    the user would write it)."""
     if module is tracer.root:
         raise RuntimeError(
-            f"torch.fx cannot trace rnnkern.{type(module).__name__} as the root module (nor "
-            f"torch.nn's recurrent modules): trace a module that holds it, where it becomes one "
-            f"call_module node")
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
+            f"torch.fx cannot trace rnnkern.{type(module).__name__} as the root module: trace a "
+            f"module that holds it, where it becomes one call_module node (torch.nn's recurrent "
+            f"modules cannot be the root either)")
+    args = list(args)
+    while args and args[-1] is None:
+        args.pop()
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), tuple(args), kwargs)
 
 
 def leaf_function(fn):

@@ -14,8 +14,14 @@ arguments (truncate) do not change the forward and are dropped.
 Refused by name: the LSTM's projection (ONNX's LSTM has none; nn.LSTM's
 fails too), the TorchScript-based exporter (``dynamo=False``), a
 PackedSequence input (its batch sizes are data; ``lengths=`` exports) and
-``rnn_loss`` (a training loss). The ops' argument checks do not run on this
-path; the modules check their inputs and states before it.
+``rnn_loss`` (a training loss). The kernels' op does not run on this path,
+so its shape and dtype checks are made here (``_check``), in its words.
+
+The ONNXProgram's own ExportedProgram holds the ONNX operators, whose torch
+implementation is a placeholder (zeros): run the ONNX model, not
+``onnx_program.exported_program``, and ``verify=True`` compares against those
+placeholders. An ExportedProgram made beforehand (``torch.export.export``)
+holds rnnkern's ops, for which ONNX has no translation: export the module.
 """
 
 from __future__ import annotations
@@ -25,16 +31,27 @@ import sys
 import torch
 
 
-def exporting() -> bool:
-    """True while torch.onnx.export traces (never where torch.onnx was not
-    imported: the check costs no import; Dynamo folds it to False)."""
-    onnx = sys.modules.get("torch.onnx")
-    if onnx is None:
+def exporting(x) -> bool:
+    """True while torch.onnx.export traces this call (x: the call's input).
+
+    The exporter's flag is the process's, set for the whole export, so the
+    call must also be one being traced (x a fake tensor, or under Dynamo, the
+    exporter's strict fallback): an eager call in another thread meanwhile
+    runs the kernels. The flag is read as an attribute, which Dynamo reads
+    too (it folds is_in_onnx_export() to False, and that function imports at
+    each call); where torch.onnx was never imported the check is one dict
+    lookup. The TorchScript exporter traces with torch.jit.trace."""
+    if "torch.onnx" not in sys.modules:
         return False
-    # The exporter's own flag, read directly: Dynamo, which the exporter falls
-    # back on (torch.export's strict mode), folds is_in_onnx_export() to False.
+    if torch.jit.is_tracing():
+        return sys.modules["torch.onnx"].is_in_onnx_export()
     flags = sys.modules.get("torch.onnx._internal.exporter._flags")
-    return bool(getattr(flags, "_is_onnx_exporting", False)) or onnx.is_in_onnx_export()
+    if not getattr(flags, "_is_onnx_exporting", False):
+        return False
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(x, FakeTensor)
 
 
 # PyTorch's gate blocks in ONNX's order: LSTM (i, f, g, o) -> (i, o, f, c=g),
@@ -46,6 +63,40 @@ def _onnx_gates(w: torch.Tensor, mode: str) -> torch.Tensor:
     order = _GATE_ORDER[mode]
     blocks = w.chunk(len(order), 0)
     return torch.cat([blocks[i] for i in order], 0)
+
+
+def _check(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths) -> None:
+    """The shapes and dtypes the kernels' op would check (the op does not run
+    on this path), in its words: an inconsistent call must not export."""
+    G = len(_GATE_ORDER[mode])
+    g = {1: "", 3: "3", 4: "4"}[G]
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+        raise ValueError(f"input must be 3-D (T, B, I), got {getattr(x, 'shape', type(x))}")
+    H = weight_hh.shape[1] if weight_hh.dim() == 2 else -1
+    want = {"weight_hh": (G * H, H), "weight_ih": (G * H, x.shape[2]), "bias_ih": (G * H,),
+            "bias_hh": (G * H,)}
+    for name, t in (("weight_ih", weight_ih), ("weight_hh", weight_hh), ("bias_ih", bias_ih),
+                    ("bias_hh", bias_hh)):
+        if t is None:
+            continue
+        letters = f"({g}H,)" if name.startswith("bias") else f"({g}H, {name[-2:] == 'hh' and 'H' or 'I'})"
+        if tuple(t.shape) != want[name]:
+            raise ValueError(f"{name} must have shape {letters} = {want[name]}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
+    states = () if hx is None else (tuple(hx) if mode == "lstm" else (hx,))
+    for i, h in enumerate(states):
+        name = "hx" if len(states) == 1 else f"hx[{i}]"
+        torch._check(h.dim() == 2 and h.shape[0] == x.shape[1] and h.shape[1] == H,
+                     lambda: f"{name} must have shape (B, H) = {(x.shape[1], H)}, "
+                             f"got {tuple(h.shape)}")
+    if lengths is not None:
+        if lengths.dtype != torch.int64:
+            raise TypeError(f"lengths must be an int64 tensor, got {lengths.dtype}")
+        torch._check(lengths.dim() == 1 and lengths.shape[0] == x.shape[1],
+                     lambda: f"lengths must have shape (B,) = {(x.shape[1],)}, "
+                             f"got {tuple(lengths.shape)}")
 
 
 def layer(mode: str, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
@@ -64,6 +115,7 @@ def layer(mode: str, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, l
     if not hasattr(onnx, "ops"):
         raise RuntimeError(f"rnnkern's ONNX export needs torch >= 2.8 (torch.onnx.ops), "
                            f"got {torch.__version__}")
+    _check(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths)
     H = weight_hh.shape[1]
     T, B = x.shape[0], x.shape[1]
     W = _onnx_gates(weight_ih, mode)[None]  # [1, G, I]

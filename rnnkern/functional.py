@@ -92,7 +92,7 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
     """One Elman layer, time-major, x [T,B,I] -> output [T,B,H], h_n [B,H]. The
     arguments are the op's to check (the modules call this directly: their
     parameters have the right shapes, and the op checks every call anyway)."""
-    if _onnx.exporting():  # torch.onnx.export: ONNX's RNN operator
+    if _onnx.exporting(x):  # torch.onnx.export: ONNX's RNN operator
         return _onnx.layer(f"rnn_{nonlinearity}", x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                            None, lengths, reverse)[:2]
     inputs = (x, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, lengths,
@@ -295,7 +295,7 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     the cell's state ((h_0, c_0) for the LSTM) or None for zeros (H or P None:
     left to the op to refuse). The op checks the arguments (the modules call
     this directly, as _elman_layer)."""
-    if _onnx.exporting():  # torch.onnx.export: ONNX's LSTM or GRU operator
+    if _onnx.exporting(x):  # torch.onnx.export: ONNX's LSTM or GRU operator
         return _onnx.layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                            lengths, reverse)
     h0, c0 = _gated_state(mode, x, hx, H, P)
@@ -477,7 +477,7 @@ def rnn_loss(
 
     Double backward is not supported and raises.
     """
-    if _onnx.exporting():
+    if _onnx.exporting(input):
         raise RuntimeError("rnn_loss (and RNNLoss) cannot be exported to ONNX: it is a "
                            "training loss; export the model's forward without it")
     if return_details and _exporting():

@@ -81,11 +81,9 @@ class RNNLoss(nn.Module):
         kwargs = {"lengths": lengths, "loss_mask": loss_mask, "truncate": truncate}
         tracer = _fx.tracer_of((input, target, hx), kwargs)
         if tracer is not None:  # torch.fx: one call_module node, as for torch.nn's modules
-            kwargs = {k: v for k, v in kwargs.items() if v is not None}
-            if return_details:
+            if return_details is not False:  # (an identity test: it may be a Proxy)
                 kwargs["return_details"] = return_details
-            args = (input, target) if hx is None else (input, target, hx)
-            return _fx.module_node(self, tracer, args, kwargs)
+            return _fx.module_node(self, tracer, (input, target, hx), kwargs)
         rnn = self.rnn
 
         def strip(h, name, letter="H"):  # torch.nn's (num_layers=1, B, *) -> (B, *)

@@ -106,8 +106,8 @@ class _RecurrentBase(nn.RNNBase):
         """
         tracer = _fx.tracer_of((input, hx), {"lengths": lengths, "truncate": truncate})
         if tracer is not None:  # torch.fx: one call_module node, as for torch.nn's modules
-            return _fx.module_node(self, tracer, (input,) if hx is None else (input, hx),
-                                   _given(lengths=lengths, truncate=truncate))
+            return _fx.module_node(self, tracer, (input, hx),
+                                   {"lengths": lengths, "truncate": truncate})
         truncate = check_truncate(truncate)
         state = self._hx_in(hx)
         device_type = self.weight_ih_l0.device.type
@@ -169,7 +169,7 @@ class _RecurrentBase(nn.RNNBase):
         if lengths is not None:
             raise ValueError("lengths must be None for a PackedSequence input, which carries "
                              f"its own lengths; got {type(lengths).__name__}")
-        if _onnx.exporting():  # its batch sizes are data, which torch.export cannot trace
+        if _onnx.exporting(input.data):  # its batch sizes are data, which torch.export cannot trace
             raise RuntimeError("a PackedSequence input cannot be exported to ONNX; pass the "
                                "padded batch with lengths= instead")
         data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -273,11 +273,6 @@ class _RecurrentBase(nn.RNNBase):
             if h.device != like.device:
                 raise RuntimeError(f"{name} must be on the input's device {like.device}, "
                                    f"got {h.device}")
-
-
-def _given(**kwargs) -> dict:
-    """The keyword arguments that are not None."""
-    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def _padded(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple:

@@ -128,17 +128,18 @@ def test_traced_rnn_loss_function_and_details():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("name", CELLS + ("RNNLoss",))
 def test_tracing_the_module_itself_names_the_fix(name):
     # torch.nn's modules cannot be the root of a trace either (their forward
     # branches on the input); rnnkern's say what to do.
+    module = (rnnkern.RNNLoss(rnnkern.GRU(3, 4), nn.Linear(4, 2)) if name == "RNNLoss"
+              else getattr(rnnkern, name)(3, 4))
     with pytest.raises(RuntimeError, match=f"rnnkern.{name} as the root module.*holds it"):
-        symbolic_trace(getattr(rnnkern, name)(3, 4))
+        symbolic_trace(module)
 
 
-def test_eager_and_compiled_calls_do_not_see_the_tracer_hook():
-    # Outside a trace nothing changes: a Proxy check costs one flag read, and
-    # Dynamo folds it away (fullgraph compiles).
+def test_fullgraph_compile_traces_the_fx_check():
+    # Dynamo must fold the torch.fx check (no graph break under fullgraph).
     torch._dynamo.reset()
     torch.manual_seed(3)
     m = rnnkern.GRU(3, 4)
