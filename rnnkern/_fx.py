@@ -49,10 +49,14 @@ def tracer_of(args: tuple, kwargs: dict):
     return None if p is None else p.tracer
 
 
-def module_node(module, tracer, args: tuple, kwargs: dict):
-    """module(*args, **kwargs) as one call_module node of tracer's graph,
-    without the trailing None arguments and the None keywords (the call as
-    the user would write it)."""
+def module_node(module, args: tuple, kwargs: dict):
+    """Under a torch.fx trace (a Proxy among the arguments), module(*args,
+    **kwargs) as one call_module node of its graph, without the trailing None
+    arguments and the None keywords (the call as the user would write it);
+    else None."""
+    tracer = tracer_of(args, kwargs)
+    if tracer is None:
+        return None
     if module is tracer.root:
         raise RuntimeError(
             f"torch.fx cannot trace rnnkern.{type(module).__name__} as the root module: trace a "

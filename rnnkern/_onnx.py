@@ -73,16 +73,17 @@ def _check(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths) -> None
     if not (isinstance(x, torch.Tensor) and x.dim() == 3):
         raise ValueError(f"input must be 3-D (T, B, I), got {getattr(x, 'shape', type(x))}")
     H = weight_hh.shape[1] if weight_hh.dim() == 2 else -1
-    want = {"weight_hh": (G * H, H), "weight_ih": (G * H, x.shape[2]), "bias_ih": (G * H,),
-            "bias_hh": (G * H,)}
-    for name, t in (("weight_ih", weight_ih), ("weight_hh", weight_hh), ("bias_ih", bias_ih),
-                    ("bias_hh", bias_hh)):
+    expected = {  # name: (tensor, shape in letters, shape)
+        "weight_ih": (weight_ih, f"({g}H, I)", (G * H, x.shape[2])),
+        "weight_hh": (weight_hh, f"({g}H, H)", (G * H, H)),
+        "bias_ih": (bias_ih, f"({g}H,)", (G * H,)),
+        "bias_hh": (bias_hh, f"({g}H,)", (G * H,)),
+    }
+    for name, (t, letters, shape) in expected.items():
         if t is None:
             continue
-        letters = f"({g}H,)" if name.startswith("bias") else f"({g}H, {name[-2:] == 'hh' and 'H' or 'I'})"
-        if tuple(t.shape) != want[name]:
-            raise ValueError(f"{name} must have shape {letters} = {want[name]}, "
-                             f"got {tuple(t.shape)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {letters} = {shape}, got {tuple(t.shape)}")
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
     states = () if hx is None else (tuple(hx) if mode == "lstm" else (hx,))

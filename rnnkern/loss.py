@@ -79,11 +79,11 @@ class RNNLoss(nn.Module):
                 loss_mask: Optional[torch.Tensor] = None, truncate: Optional[int] = None,
                 return_details: bool = False):
         kwargs = {"lengths": lengths, "loss_mask": loss_mask, "truncate": truncate}
-        tracer = _fx.tracer_of((input, target, hx), kwargs)
-        if tracer is not None:  # torch.fx: one call_module node, as for torch.nn's modules
-            if return_details is not False:  # (an identity test: it may be a Proxy)
-                kwargs["return_details"] = return_details
-            return _fx.module_node(self, tracer, (input, target, hx), kwargs)
+        if return_details is not False:  # an identity test: under torch.fx it may be a Proxy
+            kwargs["return_details"] = return_details
+        node = _fx.module_node(self, (input, target, hx), kwargs)
+        if node is not None:  # torch.fx: one call_module node, as for torch.nn's modules
+            return node
         rnn = self.rnn
 
         def strip(h, name, letter="H"):  # torch.nn's (num_layers=1, B, *) -> (B, *)

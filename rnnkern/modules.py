@@ -104,10 +104,9 @@ class _RecurrentBase(nn.RNNBase):
             PackedSequence with the input's batch_sizes and indices; each final
             state (L*D, B, *), or (L*D, *) unbatched.
         """
-        tracer = _fx.tracer_of((input, hx), {"lengths": lengths, "truncate": truncate})
-        if tracer is not None:  # torch.fx: one call_module node, as for torch.nn's modules
-            return _fx.module_node(self, tracer, (input, hx),
-                                   {"lengths": lengths, "truncate": truncate})
+        node = _fx.module_node(self, (input, hx), {"lengths": lengths, "truncate": truncate})
+        if node is not None:  # torch.fx: one call_module node, as for torch.nn's modules
+            return node
         truncate = check_truncate(truncate)
         state = self._hx_in(hx)
         device_type = self.weight_ih_l0.device.type
