@@ -30,7 +30,7 @@ import torch
 
 NONLINEARITIES = ("tanh", "relu")
 
-LengthsLike = Union[torch.Tensor, Sequence[int], None]
+LengthsLike = Union[torch.Tensor, Sequence[int], np.ndarray, None]
 
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
@@ -218,19 +218,32 @@ def check_truncate(truncate) -> Optional[int]:
 
 
 def lengths_arg(lengths: LengthsLike) -> Optional[torch.Tensor]:
-    """lengths as the ops take them: a list of ints becomes an int64 tensor; a
-    tensor on an accelerator is brought to the CPU once (nn.RNN's packing keeps
-    lengths there too, and each layer's op then reads them without a copy).
-    Everything else about them (dtype, shape, device, range) is the op's check."""
+    """lengths as the ops take them, an int64 tensor: a list of ints, a tensor of
+    another integer dtype (int32 from a collate function) or a numpy integer
+    array is converted, as ``pack_padded_sequence`` converts them; a float or
+    bool tensor is refused, not truncated. A tensor on an accelerator is brought
+    to the CPU once (nn.RNN's packing keeps lengths there too, and each layer's
+    op then reads them without a copy). Everything else about them (shape,
+    device, range) is the op's check."""
     if lengths is None:
         return None
     if isinstance(lengths, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
             raise TypeError(f"lengths given as a list must hold ints, got {lengths!r}")
         return torch.tensor(lengths, dtype=torch.int64)
+    if isinstance(lengths, np.ndarray):
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths given as a numpy array must have an integer dtype, "
+                            f"got {lengths.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
     if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"lengths must be an int64 tensor, a list of ints or None, "
+        raise TypeError(f"lengths must be an integer tensor, a list of ints or None, "
                         f"got {type(lengths).__name__}")
+    if lengths.dtype != torch.int64:
+        if lengths.dtype == torch.bool or lengths.dtype.is_floating_point or lengths.dtype.is_complex:
+            raise TypeError(f"lengths must be an integer tensor, a list of ints or None, "
+                            f"got a {lengths.dtype} tensor")
+        lengths = lengths.to(torch.int64)
     if lengths.device.type not in ("cpu", "meta"):
         return lengths.cpu()
     return lengths

@@ -57,7 +57,8 @@ def rnn(
         hx: (B, H) initial state, or None for zeros.
         weight_ih: (H, I).  weight_hh: (H, H).  bias_ih, bias_hh: (H,) or None.
         nonlinearity: 'tanh' or 'relu'.
-        lengths: (B,) int64 (or a list of ints), 0 <= len <= T, in any order.
+        lengths: (B,) int64, 0 <= len <= T, in any order. A list of ints, another
+            integer dtype or a numpy integer array is converted to int64.
             The semantics of nn.RNN on a PackedSequence with enforce_sorted=False,
             without sorting or packing: output is 0 for t >= len_b, the state is
             frozen there, h_n[b] is the state after step len_b - 1 (hx[b] if

@@ -89,7 +89,8 @@ class _RecurrentBase(nn.RNNBase):
             hx: the initial state as torch.nn's module takes it: (L*D, B, H)
                 for RNN and GRU, the tuple ((L*D, B, P), (L*D, B, H)) for LSTM;
                 without the B axis for unbatched input; None for zeros.
-            lengths: padded input only: (B,) int64 (or a list of ints),
+            lengths: padded input only: (B,) int64 (a list of ints, another
+                integer dtype or a numpy integer array is converted),
                 0 <= len <= T, in any order; (1,) for unbatched input. Gives the
                 PackedSequence semantics without packing: output is 0 for
                 t >= len_b, the final state of b is its state after step

@@ -259,7 +259,8 @@ def rnn(
         hx: (B, H) initial state, or None for zeros.
         weight_ih: (H, I).  weight_hh: (H, H).  bias_ih, bias_hh: (H,) or None.
         nonlinearity: 'tanh' or 'relu'.
-        lengths: (B,) int64, 0 <= len <= T, any order, or None (all T). Step t of
+        lengths: (B,) int64 (converted as ``functional.rnn`` converts it),
+            0 <= len <= T, any order, or None (all T). Step t of
             sequence b runs only for t < len_b; beyond it the output is 0 and the
             state is frozen, as nn.RNN does on a PackedSequence.
         truncate: K >= 1 cuts the gradient through the hidden state between step

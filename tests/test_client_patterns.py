@@ -287,10 +287,43 @@ def test_proj_size_refused_as_nn_refuses_it(name):
         assert str(ours.value) == str(theirs.value)
 
 
-def test_lengths_of_another_type_refused_by_name():
-    with pytest.raises(TypeError, match=r"lengths must be an int64 tensor, a list of ints or "
-                                        r"None, got ndarray"):
-        rnnkern.GRU(4, 7)(torch.randn(5, 3, 4), lengths=np.array([5, 2, 4]))
+@pytest.mark.parametrize("name", CELLS)
+def test_lengths_of_any_integer_type_as_pack_padded_sequence_takes_them(name):
+    """Lengths from a collate function are often int32 tensors or numpy arrays;
+    pack_padded_sequence takes them, and so does lengths=: the same outputs and
+    gradients as int64 lengths, bit for bit. Floats and bools are refused."""
+    torch.manual_seed(11)
+    rnn = getattr(rnnkern, name)(4, 7)
+    x = torch.randn(5, 3, 4)
+    want = torch.tensor([5, 2, 4])
+
+    def run(lengths):
+        xg = x.clone().requires_grad_()
+        rnn.zero_grad()
+        out, _ = rnn(xg, lengths=lengths)
+        out.square().sum().backward()
+        return [out, xg.grad] + [p.grad for p in rnn.parameters()]
+
+    expected = run(want)
+    for given in (want.int(), want.short(), want.to(torch.uint8), np.array([5, 2, 4], dtype=np.int32),
+                  np.array([5, 2, 4]), np.array([5, 2, 4], dtype=np.uint16), (5, 2, 4)):
+        for a, b in zip(run(given), expected):
+            assert torch.equal(a, b), given
+    for bad, words in ((want.float(), r"got a torch.float32 tensor"),
+                       (torch.tensor([True, True, False]), r"got a torch.bool tensor"),
+                       (np.array([5.0, 2.0, 4.0]), r"numpy array must have an integer dtype, got float64"),
+                       ("5,2,4", r"lengths must be an integer tensor, a list of ints or None, got str")):
+        with pytest.raises(TypeError, match=words):
+            rnn(x, lengths=bad)
+    # the loss takes them alike, and the reference (the specification) too
+    head = torch.nn.Linear(7, 6)
+    target = torch.randint(0, 6, (5, 3))
+    loss = rnnkern.RNNLoss(rnn, head)
+    assert torch.equal(loss(x, target, lengths=np.array([5, 2, 4], dtype=np.int32)),
+                       loss(x, target, lengths=want))
+    fn = getattr(reference, name.lower())
+    ws = [p.detach() for p in rnn.parameters()]
+    assert torch.equal(fn(x, None, *ws, lengths=want.int())[0], fn(x, None, *ws, lengths=want)[0])
 
 
 @pytest.mark.parametrize("name", CELLS)

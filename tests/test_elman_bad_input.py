@@ -1,6 +1,7 @@
 """Every wrong argument raises a clear error (argument, expected, given) before
 any kernel runs, from the API, the reference and the raw ops alike."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,8 +35,9 @@ BAD = {
     "bias shape": (dict(bias_hh=lambda kw: torch.randn(1, H)), ValueError, r"bias_hh must have shape \(H,\) = \(5,\), got \(1, 5\)"),
     "bias type": (dict(bias_ih=[0.0] * H), RuntimeError, r"Expected a value of type 'Optional\[Tensor\]' for argument 'bias_ih' but instead found type 'list'"),
 
-    "lengths dtype": (dict(lengths=torch.tensor([1.0, 2.0, 3.0])), TypeError, r"lengths must be an int64 tensor, got torch.float32"),
-    "lengths int32": (dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), TypeError, r"lengths must be an int64 tensor, got torch.int32"),
+    "lengths dtype": (dict(lengths=torch.tensor([1.0, 2.0, 3.0])), TypeError, r"lengths must be an integer tensor, a list of ints or None, got a torch.float32 tensor"),
+    "lengths bool": (dict(lengths=torch.tensor([True, True, False])), TypeError, r"lengths must be an integer tensor, a list of ints or None, got a torch.bool tensor"),
+    "lengths numpy float": (dict(lengths=np.array([1.0, 2.0, 3.0])), TypeError, r"lengths given as a numpy array must have an integer dtype, got float64"),
     "lengths shape": (dict(lengths=torch.tensor([1, 2, 3, 4])), ValueError, r"lengths must have shape \(B,\) = \(3,\), got \(4,\)"),
     "lengths 2-D": (dict(lengths=torch.tensor([[1, 2, 3]])), ValueError, r"lengths must have shape \(B,\) = \(3,\), got \(1, 3\)"),
     "lengths > T": (dict(lengths=torch.tensor([1, 7, 3])), ValueError, r"lengths must be in \[0, T=6\], got min 1 and max 7"),

@@ -452,8 +452,9 @@ BAD_OURS_ONLY = {
     "lengths shape": (lambda: (torch.randn(T, B, I), None, dict(lengths=torch.tensor([1, 2]))),
                       ValueError, r"lengths must have shape \(B,\) = \(3,\), got \(2,\)"),
     "lengths dtype": (lambda: (torch.randn(T, B, I), None,
-                               dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32))),
-                      TypeError, r"lengths must be an int64 tensor, got torch.int32"),
+                               dict(lengths=torch.tensor([1.0, 2.0, 3.0]))),
+                      TypeError, r"lengths must be an integer tensor, a list of ints or None, "
+                                 r"got a torch.float32 tensor"),
     "lengths unbatched": (lambda: (torch.randn(T, I), None, dict(lengths=torch.tensor(3))),
                           ValueError, r"lengths must have shape \(B,\) = \(1,\), got \(\)"),
     "lengths with packed": (lambda: (packed(torch.randn(T, B, I)), None, dict(lengths=[7, 2, 5])),

@@ -56,7 +56,6 @@ ELMAN_BAD = {
     "hx meta": (dict(hx=torch.empty(B, H, dtype=torch.float64, device="meta")), r"hx must be on the input's device cpu, got meta"),
     "bias_ih shape": (dict(bias_ih=torch.randn(H + 1, dtype=torch.float64)), r"bias_ih must have shape \(H,\) = \(7,\), got \(8,\)"),
     "bias_hh 2-D": (dict(bias_hh=torch.randn(1, H, dtype=torch.float64)), r"bias_hh must have shape \(H,\) = \(7,\), got \(1, 7\)"),
-    "lengths int32": (dict(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), r"lengths must be an int64 tensor, got torch.int32"),
     "lengths shape": (dict(lengths=torch.tensor([1, 2, 3, 4])), r"lengths must have shape \(B,\) = \(3,\), got \(4,\)"),
     "lengths > T": (dict(lengths=torch.tensor([1, 6, 2])), r"lengths must be in \[0, T=5\], got min 1 and max 6"),
     "lengths < 0": (dict(lengths=torch.tensor([1, -2, 2])), r"lengths must be in \[0, T=5\], got min -2 and max 2"),
