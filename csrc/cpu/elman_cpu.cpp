@@ -501,16 +501,25 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
   T* cp = c.data_ptr<T>();
   const int64_t ldc = c.stride(0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    // A block's sums over the chunks, chunk by chunk over the whole block (the
+    // same order per element as a loop over chunks per element, whose strided
+    // loads do not vectorise).
+    AlignedVector<T> buf(static_cast<size_t>(block_size));
+    T* __restrict sum = buf.data();
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = (blk / nb) * MR, n0 = (blk % nb) * NR;
       const int64_t ml = std::min(MR, M - i0), nl = std::min(NR, N - n0);
+      const T* first = sp + blk * block_size;
+      std::copy(first, first + block_size, sum);
+      for (int64_t ch = 1; ch < fold; ++ch) {
+        const T* __restrict part = first + ch * per_chunk;
+        for (int64_t e = 0; e < block_size; ++e) sum[e] += part[e];
+      }
       for (int64_t n = 0; n < nl; ++n)
         for (int64_t i = 0; i < ml; ++i) {
-          const int64_t e = blk * block_size + n * MR + i;
-          T sum = sp[e];
-          for (int64_t ch = 1; ch < fold; ++ch) sum += sp[ch * per_chunk + e];
+          const T v = sum[n * MR + i];
           T& dst = trans_c ? cp[(n0 + n) * ldc + i0 + i] : cp[(i0 + i) * ldc + n0 + n];
-          dst = accumulate ? dst + sum : sum;
+          dst = accumulate ? dst + v : v;
         }
     }
   });
