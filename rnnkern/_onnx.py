@@ -15,7 +15,7 @@ Refused by name: the LSTM's projection (ONNX's LSTM has none; nn.LSTM's
 fails too), the TorchScript-based exporter (``dynamo=False``), a
 PackedSequence input (its batch sizes are data; ``lengths=`` exports) and
 ``rnn_loss`` (a training loss). The kernels' op does not run on this path,
-so its shape and dtype checks are made here (``_check``), in its words.
+so the callers make its checks through ``check``, in its words.
 
 The ONNXProgram's own ExportedProgram holds the ONNX operators, whose torch
 implementation is a placeholder (zeros): run the ONNX model, not
@@ -65,39 +65,17 @@ def _onnx_gates(w: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.cat([blocks[i] for i in order], 0)
 
 
-def _check(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths) -> None:
-    """The shapes and dtypes the kernels' op would check (the op does not run
-    on this path), in its words: an inconsistent call must not export."""
-    G = len(_GATE_ORDER[mode])
-    g = {1: "", 3: "3", 4: "4"}[G]
-    if not (isinstance(x, torch.Tensor) and x.dim() == 3):
-        raise ValueError(f"input must be 3-D (T, B, I), got {getattr(x, 'shape', type(x))}")
-    H = weight_hh.shape[1] if weight_hh.dim() == 2 else -1
-    expected = {  # name: (tensor, shape in letters, shape)
-        "weight_ih": (weight_ih, f"({g}H, I)", (G * H, x.shape[2])),
-        "weight_hh": (weight_hh, f"({g}H, H)", (G * H, H)),
-        "bias_ih": (bias_ih, f"({g}H,)", (G * H,)),
-        "bias_hh": (bias_hh, f"({g}H,)", (G * H,)),
-    }
-    for name, (t, letters, shape) in expected.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {letters} = {shape}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the input's dtype {x.dtype}, got {t.dtype}")
-    states = () if hx is None else (tuple(hx) if mode == "lstm" else (hx,))
-    for i, h in enumerate(states):
-        name = "hx" if len(states) == 1 else f"hx[{i}]"
-        torch._check(h.dim() == 2 and h.shape[0] == x.shape[1] and h.shape[1] == H,
-                     lambda: f"{name} must have shape (B, H) = {(x.shape[1], H)}, "
-                             f"got {tuple(h.shape)}")
-    if lengths is not None:
-        if lengths.dtype != torch.int64:
-            raise TypeError(f"lengths must be an int64 tensor, got {lengths.dtype}")
-        torch._check(lengths.dim() == 1 and lengths.shape[0] == x.shape[1],
-                     lambda: f"lengths must have shape (B,) = {(x.shape[1],)}, "
-                             f"got {tuple(lengths.shape)}")
+def check(op: str, checks, *args) -> None:
+    """The op's own argument checks, which the op cannot make on this path (it
+    does not run): their mirror in rnnkern._checks (the one the reference
+    runs), with the op's name before the words, so that an export refuses a
+    call with the error the eager call gets."""
+    try:
+        checks(*args)
+    except (TypeError, ValueError, RuntimeError) as e:
+        if type(e) not in (TypeError, ValueError, RuntimeError):
+            raise  # torch's own (a guard, say), not a check's
+        raise type(e)(f"{op}: {e}") from None
 
 
 def layer(mode: str, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
@@ -116,7 +94,6 @@ def layer(mode: str, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, l
     if not hasattr(onnx, "ops"):
         raise RuntimeError(f"rnnkern's ONNX export needs torch >= 2.8 (torch.onnx.ops), "
                            f"got {torch.__version__}")
-    _check(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, lengths)
     H = weight_hh.shape[1]
     T, B = x.shape[0], x.shape[1]
     W = _onnx_gates(weight_ih, mode)[None]  # [1, G, I]

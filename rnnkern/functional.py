@@ -19,7 +19,7 @@ import torch
 from . import _fx, _onnx, _ops
 from ._checks import (LAYER_TENSORS, LOSS_TENSORS, LengthsLike, cast_down, cast_loss_down,
                       layer_api_args, loss_api_args, loss_target_up, lower_precision_up,
-                      lstm_state)
+                      lstm_state, op_elman_checks, op_layer_checks)
 from ._details import RNNLossDetails
 
 LSTMState = tuple  # (h (B, P), c (B, H))
@@ -94,6 +94,8 @@ def _elman_layer(x, hx, weight_ih, weight_hh, bias_ih, bias_hh, *, nonlinearity,
     arguments are the op's to check (the modules call this directly: their
     parameters have the right shapes, and the op checks every call anyway)."""
     if _onnx.exporting(x):  # torch.onnx.export: ONNX's RNN operator
+        _onnx.check("rnnkern.elman_fwd", op_elman_checks, x, _elman_state(x, hx, weight_hh),
+                    weight_ih, weight_hh, bias_ih, bias_hh, lengths, nonlinearity, truncate or 0)
         return _onnx.layer(f"rnn_{nonlinearity}", x, hx, weight_ih, weight_hh, bias_ih, bias_hh,
                            None, lengths, reverse)[:2]
     inputs = (x, _elman_state(x, hx, weight_hh), weight_ih, weight_hh, bias_ih, bias_hh, lengths,
@@ -296,10 +298,12 @@ def _gated_layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
     the cell's state ((h_0, c_0) for the LSTM) or None for zeros (H or P None:
     left to the op to refuse). The op checks the arguments (the modules call
     this directly, as _elman_layer)."""
+    h0, c0 = _gated_state(mode, x, hx, H, P)
     if _onnx.exporting(x):  # torch.onnx.export: ONNX's LSTM or GRU operator
+        _onnx.check("rnnkern.layer_fwd", op_layer_checks, mode, x, h0, c0, weight_ih, weight_hh,
+                    bias_ih, bias_hh, weight_hr, lengths, truncate or 0)
         return _onnx.layer(mode, x, hx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                            lengths, reverse)
-    h0, c0 = _gated_state(mode, x, hx, H, P)
     # Without a backward to come, the op saves no state for it (gates, cell).
     train = _grad_ahead((x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr))
     inputs = (x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, mode, reverse,
