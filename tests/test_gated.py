@@ -5,6 +5,7 @@ and option; bad input."""
 
 import copy
 import io
+import zlib
 
 import pytest
 import torch
@@ -390,7 +391,10 @@ MODULE_AXES = dict(dtype=[torch.float64, torch.float32], layers=[1, 2],
                          + product(cell=["gru"], proj=[0], **MODULE_AXES), ids=str)
 def test_module_matches_nn(case):
     cell, dtype = case["cell"], case["dtype"]
-    torch.manual_seed(hash(str(case)) % 2**31)
+    # A seed per case that is the same in every process: hash() of a str is
+    # salted per process, which drew new inputs each run and, about once in a
+    # few thousand, a float32 outlier (1.3e-5 on a (1, 2) grad of h0).
+    torch.manual_seed(zlib.crc32(str(case).encode()))
     ours, theirs = module_pair(cell, case["layers"], case["bias"], case["batch_first"],
                                case["bidirectional"], case["proj"], dtype)
     x, inp = make_input(case["form"], case["batch_first"], dtype)
