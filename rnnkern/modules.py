@@ -13,7 +13,7 @@ if ``bidirectional`` else 1), N the number of valid steps in a PackedSequence
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,12 +75,11 @@ class _RecurrentBase(nn.RNNBase):
 
     def forward(
         self,
-        input: Union[torch.Tensor, PackedSequence],
-        hx=None,
-        *,
-        lengths: LengthsLike = None,
+        input: torch.Tensor,
+        hx: Optional[torch.Tensor] = None,
+        lengths: Optional[torch.Tensor] = None,
         truncate: Optional[int] = None,
-    ):
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Runs the L layers, both directions of each when bidirectional.
 
         Args:
@@ -105,6 +104,20 @@ class _RecurrentBase(nn.RNNBase):
             PackedSequence with the input's batch_sizes and indices; each final
             state (L*D, B, *), or (L*D, *) unbatched.
         """
+        if not torch.jit.is_scripting():
+            return self._forward(input, hx, lengths=lengths, truncate=truncate)
+        output, state = self._scripted(input, [] if hx is None else [hx], lengths, truncate)
+        return output, state[0]
+
+    def _forward(
+        self,
+        input: Union[torch.Tensor, PackedSequence],
+        hx=None,
+        *,
+        lengths: LengthsLike = None,
+        truncate: Optional[int] = None,
+    ):
+        """forward in eager code (and under torch.compile, torch.fx, torch.onnx)."""
         node = _fx.module_node(self, (input, hx), {"lengths": lengths, "truncate": truncate})
         if node is not None:  # torch.fx: one call_module node, as for torch.nn's modules
             return node
@@ -228,6 +241,114 @@ class _RecurrentBase(nn.RNNBase):
                 layer_input = _dropout(layer_input, self.dropout, packed)
         return layer_input, tuple(torch.stack(states) for states in zip(*finals))
 
+    # -- torch.jit.script --------------------------------------------------------
+    # forward's branch under torch.jit.is_scripting(), which TorchScript
+    # compiles (the eager branch it skips): padded or unbatched input, hx,
+    # lengths and truncate, every layer and direction, dropout, a bfloat16 or
+    # float16 model, through the ops the eager path calls, with the same
+    # arguments, so with the same bits. A PackedSequence input and autocast
+    # are eager only (forward's annotations are TorchScript's and say Tensor).
+    # The module's own checks are the eager ones, in the same words, where
+    # TorchScript can say them (it prints a dtype as a number): the dtype and
+    # device checks are the ops'.
+
+    def _scripted(
+        self,
+        input: torch.Tensor,
+        hx: List[torch.Tensor],  # the state tensors, (h,) or (h, c); empty for zeros
+        lengths: Optional[torch.Tensor],
+        truncate: Optional[int],
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        K = 0
+        if truncate is not None:
+            if truncate < 1:
+                raise ValueError(f"truncate must be an int >= 1 or None, got {truncate}")
+            K = truncate
+        if input.dim() != 2 and input.dim() != 3:
+            layout = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            raise ValueError(f"input must be 3-D {layout} or 2-D unbatched (T, I), "
+                             f"got {input.dim()}-D of shape {_shape_text(input.shape)}")
+        batched = input.dim() == 3
+        f = "*" if self.mode == "LSTM" else "H"
+        for h in hx:
+            if h.dim() != input.dim():
+                expected = f"3-D (L*D, B, {f})" if batched else f"2-D (L*D, {f}) for unbatched 2-D input"
+                got = ", ".join([f"{v.dim()}-D of shape {_shape_text(v.shape)}" for v in hx])
+                raise RuntimeError(f"hx must be {expected}, got {got}")
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size: expected "
+                               f"I={self.input_size}, got {input.shape[-1]} (input shape "
+                               f"{_shape_text(input.shape)})")
+        if not batched:
+            x = input.unsqueeze(1)
+            hx = [h.unsqueeze(1) for h in hx]
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input
+        T, B = x.shape[0], x.shape[1]
+        D = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H
+        sizes = [P, H] if self.mode == "LSTM" else [H]
+        for i in range(len(hx)):
+            h = hx[i]
+            if list(h.shape) != [self.num_layers * D, B, sizes[i]]:
+                name = "hx" if len(hx) == 1 else f"hx[{i}]"
+                letters = f"(L*D, B, {f})" if batched else f"(L*D, {f})"
+                want = [self.num_layers * D, B, sizes[i]] if batched else [self.num_layers * D, sizes[i]]
+                given = h.shape if batched else [h.shape[0], h.shape[2]]
+                raise RuntimeError(f"{name} must have shape {letters} = {_shape_text(want)} "
+                                   f"(num_layers={self.num_layers}, D={D}), got {_shape_text(given)}")
+        if lengths is not None:
+            if lengths.dtype in [torch.int32, torch.int16, torch.int8, torch.uint8]:
+                lengths = lengths.to(torch.int64)
+            if lengths.device.type != "cpu" and lengths.device.type != "meta":
+                lengths = lengths.cpu()
+        low = self._flat_weights[0].dtype
+        lower = low == torch.bfloat16 or low == torch.float16
+        if lower:
+            x = x.float()
+            hx = [h.float() for h in hx]
+        n = len(self._flat_weights) // (self.num_layers * D)  # weights per layer and direction
+        finals: List[List[torch.Tensor]] = [[] for _ in sizes]
+        for k in range(self.num_layers):
+            outputs: List[torch.Tensor] = []
+            for d in range(D):
+                j = k * D + d
+                w = [v.float() if lower else v for v in self._flat_weights[j * n:(j + 1) * n]]
+                b_ih: Optional[torch.Tensor] = None
+                b_hh: Optional[torch.Tensor] = None
+                if self.bias:
+                    b_ih, b_hh = w[2], w[3]
+                h0 = hx[0][j] if len(hx) > 0 else x.new_zeros(B, P)
+                if self.mode == "LSTM" or self.mode == "GRU":
+                    c0: Optional[torch.Tensor] = None
+                    if self.mode == "LSTM":
+                        c0 = hx[1][j] if len(hx) > 0 else x.new_zeros(B, H)
+                    w_hr: Optional[torch.Tensor] = None
+                    if self.proj_size > 0:
+                        w_hr = w[n - 1]
+                    r = torch.ops.rnnkern.layer_fwd(x, h0, c0, w[0], w[1], b_ih, b_hh, w_hr,
+                                                    lengths, self.mode.lower(), d == 1, K, False)
+                    out, states = r[0], [r[1], r[2]]
+                else:
+                    nonlinearity = "tanh" if self.mode == "RNN_TANH" else "relu"
+                    r = torch.ops.rnnkern.elman_fwd(x, h0, w[0], w[1], b_ih, b_hh, lengths,
+                                                    nonlinearity, d == 1, K)
+                    out, states = r[0], [r[1]]
+                outputs.append(out)
+                for i in range(len(sizes)):
+                    finals[i].append(states[i])
+            x = outputs[0] if D == 1 else torch.cat(outputs, 2)
+            if self.dropout > 0 and self.training and k < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        state = [torch.stack(v) for v in finals]
+        if lower:
+            x = x.to(low)
+            state = [h.to(low) for h in state]
+        if not batched:
+            return x.squeeze(1), [h.squeeze(1) for h in state]
+        return (x.transpose(0, 1) if self.batch_first else x), state
+
     def _check_input(self, input: torch.Tensor) -> None:
         """The checks nn.RNN makes first (dtype, then input_size), with its exception types."""
         w = self.weight_ih_l0
@@ -273,6 +394,13 @@ class _RecurrentBase(nn.RNNBase):
             if h.device != like.device:
                 raise RuntimeError(f"{name} must be on the input's device {like.device}, "
                                    f"got {h.device}")
+
+
+def _shape_text(shape: List[int]) -> str:
+    """A shape as Python prints a tuple of it, (3, 4) or (5,), in TorchScript too."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ", ".join([str(v) for v in shape]) + ")"
 
 
 def _padded(data: torch.Tensor, batch_sizes: torch.Tensor) -> tuple:
@@ -359,7 +487,7 @@ class GRU(_RecurrentBase):
 
     Args: as torch.nn.GRU (input_size, hidden_size, num_layers=1, bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, device, dtype).
-    forward(input, hx=None, *, lengths=None, truncate=None): as rnnkern.RNN.
+    forward(input, hx=None, lengths=None, truncate=None): as rnnkern.RNN.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -388,7 +516,7 @@ class LSTM(_RecurrentBase):
 
     Args: as torch.nn.LSTM (input_size, hidden_size, num_layers=1, bias=True,
     batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device,
-    dtype). forward(input, hx=None, *, lengths=None, truncate=None): as
+    dtype). forward(input, hx=None, lengths=None, truncate=None): as
     rnnkern.RNN, with hx = (h_0, c_0).
     """
 
@@ -405,6 +533,20 @@ class LSTM(_RecurrentBase):
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        lengths: Optional[torch.Tensor] = None,
+        truncate: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """As rnnkern.RNN's forward, with hx and the final state the tuple (h, c)."""
+        if not torch.jit.is_scripting():
+            return self._forward(input, hx, lengths=lengths, truncate=truncate)
+        output, state = self._scripted(input, [] if hx is None else [hx[0], hx[1]], lengths,
+                                       truncate)
+        return output, (state[0], state[1])
 
     def _state_sizes(self) -> tuple:
         return (self.proj_size or self.hidden_size, self.hidden_size)
