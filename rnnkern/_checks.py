@@ -228,14 +228,18 @@ def lengths_arg(lengths: LengthsLike) -> Optional[torch.Tensor]:
     if lengths is None:
         return None
     if isinstance(lengths, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
+        # ints, numpy's included (a list of a numpy array's items); not bools
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                   for v in lengths):
             raise TypeError(f"lengths given as a list must hold ints, got {lengths!r}")
-        return torch.tensor(lengths, dtype=torch.int64)
+        return torch.tensor([int(v) for v in lengths], dtype=torch.int64)
     if isinstance(lengths, np.ndarray):
         if lengths.dtype.kind not in "iu":
             raise TypeError(f"lengths given as a numpy array must have an integer dtype, "
                             f"got {lengths.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))
+        # np.array copies to a contiguous int64 array and keeps a 0-d one 0-d
+        # (for the op to refuse its shape, as it refuses a 0-d tensor)
+        return torch.from_numpy(np.array(lengths, dtype=np.int64))
     if not isinstance(lengths, torch.Tensor):
         raise TypeError(f"lengths must be an integer tensor, a list of ints or None, "
                         f"got {type(lengths).__name__}")

@@ -248,9 +248,25 @@ class _RecurrentBase(nn.RNNBase):
     # float16 model, through the ops the eager path calls, with the same
     # arguments, so with the same bits. A PackedSequence input and autocast
     # are eager only (forward's annotations are TorchScript's and say Tensor).
-    # The module's own checks are the eager ones, in the same words, where
-    # TorchScript can say them (it prints a dtype as a number): the dtype and
-    # device checks are the ops'.
+    # The module's own checks are the eager ones, in the same words (dtypes
+    # spelled by _dtype_text: TorchScript prints a dtype as a number); the
+    # device checks, and the dtype checks of a float32 or float64 model, are
+    # the ops'.
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: the scripted forward reads the
+        weights from nn.RNNBase's _flat_weights, which is rebuilt here from the
+        parameters as they are now (one replaced through _parameters, as
+        accelerate and FSDP2 do, included). A parametrized weight (weight_norm)
+        would be read once, at scripting, and its parameters would get no
+        gradient: it is refused, as torch.nn's modules refuse it."""
+        if torch.nn.utils.parametrize.is_parametrized(self):
+            name = next(c.__name__ for c in type(self).__mro__ if c.__module__ == __name__)
+            raise RuntimeError(f"an rnnkern.{name} with a parametrization (e.g. "
+                               f"weight_norm) cannot be scripted: the scripted forward would "
+                               f"read its weights once; use it eagerly or with torch.compile")
+        self._init_flat_weights()
+        return self
 
     def _scripted(
         self,
@@ -299,13 +315,31 @@ class _RecurrentBase(nn.RNNBase):
                 raise RuntimeError(f"{name} must have shape {letters} = {_shape_text(want)} "
                                    f"(num_layers={self.num_layers}, D={D}), got {_shape_text(given)}")
         if lengths is not None:
-            if lengths.dtype in [torch.int32, torch.int16, torch.int8, torch.uint8]:
-                lengths = lengths.to(torch.int64)
+            if (lengths.dtype != torch.int64 and lengths.dtype != torch.bool
+                    and not lengths.is_floating_point() and not lengths.is_complex()):
+                lengths = lengths.to(torch.int64)  # lengths_arg's rule (the op refuses the rest)
             if lengths.device.type != "cpu" and lengths.device.type != "meta":
                 lengths = lengths.cpu()
         low = self._flat_weights[0].dtype
         lower = low == torch.bfloat16 or low == torch.float16
         if lower:
+            # The op sees float32 only: the eager module's checks of the
+            # caller's dtypes, before the casts.
+            if input.dtype != low:
+                raise ValueError(f"input dtype ({_dtype_text(input.dtype)}) does not match the "
+                                 f"RNN's weight dtype ({_dtype_text(low)}): convert the input "
+                                 f"with input.to({_dtype_text(low)}) or the model with "
+                                 f"model.to({_dtype_text(input.dtype)})")
+            for i in range(len(hx)):
+                if hx[i].dtype != input.dtype:
+                    name = "hx" if len(hx) == 1 else f"hx[{i}]"
+                    raise RuntimeError(f"{name} must have the input's dtype "
+                                       f"{_dtype_text(input.dtype)}, got {_dtype_text(hx[i].dtype)}")
+            for i in range(len(self._flat_weights)):
+                if self._flat_weights[i].dtype != low:
+                    raise TypeError(f"{self._flat_weights_names[i]} must have the model's dtype "
+                                    f"{_dtype_text(low)} (that of weight_ih_l0), got "
+                                    f"{_dtype_text(self._flat_weights[i].dtype)}")
             x = x.float()
             hx = [h.float() for h in hx]
         n = len(self._flat_weights) // (self.num_layers * D)  # weights per layer and direction
@@ -394,6 +428,16 @@ class _RecurrentBase(nn.RNNBase):
             if h.device != like.device:
                 raise RuntimeError(f"{name} must be on the input's device {like.device}, "
                                    f"got {h.device}")
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    """A dtype as Python prints it, in TorchScript too (which prints a number)."""
+    names = {torch.float32: "torch.float32", torch.float64: "torch.float64",
+             torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16",
+             torch.int64: "torch.int64", torch.int32: "torch.int32", torch.int16: "torch.int16",
+             torch.int8: "torch.int8", torch.uint8: "torch.uint8", torch.bool: "torch.bool",
+             torch.complex64: "torch.complex64", torch.complex128: "torch.complex128"}
+    return names.get(dtype, "another dtype")
 
 
 def _shape_text(shape: List[int]) -> str:

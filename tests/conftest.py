@@ -1,6 +1,9 @@
 import os
 import sys
+import zlib
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -17,6 +20,18 @@ settings.register_profile("ci", max_examples=100, derandomize=True, deadline=Non
 settings.register_profile("dev", max_examples=1000, deadline=None, print_blob=True,
                           suppress_health_check=_slow_ok)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_each_test(request):
+    """Every test starts from torch's RNG seeded by its own id, so its random
+    inputs are the same in every run and whatever ran before it: without this,
+    a test that draws without seeding drew from the state earlier tests left,
+    and a float32 comparison failed in one order of the files and passed in
+    another (an Elman relu h_n of max 3e-4, 1 in 3000 draws). Tests that seed
+    themselves still do."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
 
 # `make sanitize` names the folder its sanitized build lies in: the tests must
 # not silently run against another rnnkern._C (the in-place build).

@@ -306,15 +306,19 @@ def test_lengths_of_any_integer_type_as_pack_padded_sequence_takes_them(name):
 
     expected = run(want)
     for given in (want.int(), want.short(), want.to(torch.uint8), np.array([5, 2, 4], dtype=np.int32),
-                  np.array([5, 2, 4]), np.array([5, 2, 4], dtype=np.uint16), (5, 2, 4)):
+                  np.array([5, 2, 4]), np.array([5, 2, 4], dtype=np.uint16), (5, 2, 4),
+                  list(np.array([5, 2, 4]))):
         for a, b in zip(run(given), expected):
             assert torch.equal(a, b), given
     for bad, words in ((want.float(), r"got a torch.float32 tensor"),
                        (torch.tensor([True, True, False]), r"got a torch.bool tensor"),
                        (np.array([5.0, 2.0, 4.0]), r"numpy array must have an integer dtype, got float64"),
-                       ("5,2,4", r"lengths must be an integer tensor, a list of ints or None, got str")):
+                       ("5,2,4", r"lengths must be an integer tensor, a list of ints or None, got str"),
+                       ([True, 2, 4], r"lengths given as a list must hold ints")):
         with pytest.raises(TypeError, match=words):
             rnn(x, lengths=bad)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(B,\) = \(1,\), got \(\)"):
+        rnn(x[:, 0], lengths=np.array(5))  # a 0-d array stays 0-d, as a 0-d tensor
     # the loss takes them alike, and the reference (the specification) too
     head = torch.nn.Linear(7, 6)
     target = torch.randint(0, 6, (5, 3))

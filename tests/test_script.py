@@ -89,8 +89,9 @@ def test_unbatched_input_and_int32_lengths(cell):
     hx = tuple(h[:, 0] for h in hx) if isinstance(hx, tuple) else hx[:, 0]
     assert_equal(run(s, x, hx), run(m, x, hx))
     x = torch.randn(B, T, I)
-    lengths = torch.tensor([2, T, 5], dtype=torch.int32)
-    assert_equal(run(s, x, None, lengths=lengths), run(m, x, None, lengths=lengths.long()))
+    for dtype in (torch.int32, torch.uint8, torch.uint16):
+        lengths = torch.tensor([2, T, 5], dtype=dtype)
+        assert_equal(run(s, x, None, lengths=lengths), run(m, x, None, lengths=lengths.long()))
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -183,6 +184,49 @@ def test_bad_input_gets_the_eager_error(cell, name):
     with pytest.raises(torch.jit.Error) as scripted:
         s(x, hx, **kw)
     assert str(eager.value) in str(scripted.value)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_a_lower_precision_model_checks_the_dtypes_as_eager(low):
+    m = make("lstm", "one layer").to(low)
+    s = torch.jit.script(m)
+    x = torch.randn(T, B, I)
+    h = torch.randn(1, B, H)
+    calls = [(x, None), (x.double(), None), (x.to(low), (h, h.to(low))),
+             (x.to(torch.bfloat16 if low == torch.float16 else torch.float16), None)]
+    for x_, hx in calls:
+        with pytest.raises((ValueError, RuntimeError)) as eager:
+            m(x_, hx)
+        with pytest.raises(torch.jit.Error) as scripted:
+            s(x_, hx)
+        assert str(eager.value) in str(scripted.value)
+    m.weight_hh_l0.data = m.weight_hh_l0.data.float()  # one weight left in another dtype
+    with pytest.raises(TypeError) as eager:
+        m(x.to(low))
+    with pytest.raises(torch.jit.Error) as scripted:
+        torch.jit.script(m)(x.to(low))
+    assert "weight_hh_l0 must have the model's dtype" in str(eager.value)
+    assert str(eager.value) in str(scripted.value)
+
+
+def test_scripting_reads_the_parameters_as_they_are_and_refuses_a_parametrization():
+    m = make("gru", "one layer")
+    x = torch.randn(T, B, I)
+    m(x)
+    # a parameter replaced without Module.__setattr__ (as accelerate and FSDP2 do)
+    new = nn.Parameter(torch.randn_like(m.weight_hh_l0))
+    m._parameters["weight_hh_l0"] = new
+    s = torch.jit.script(m)
+    assert torch.equal(s(x)[0], m(x)[0])
+    s(x)[0].sum().backward()
+    assert new.grad is not None and new.grad.abs().sum() > 0
+    w = nn.utils.parametrizations.weight_norm(make("lstm", "one layer"), "weight_hh_l0")
+    with pytest.raises(RuntimeError, match=r"an rnnkern.LSTM with a parametrization \(e.g. "
+                                           r"weight_norm\) cannot be scripted"):
+        torch.jit.script(w)
+    with pytest.raises(RuntimeError, match=r"with a parametrization"):
+        torch.jit.script(Tagger(nn.utils.parametrizations.weight_norm(make("gru", "one layer"),
+                                                                      "weight_ih_l0")))
 
 
 def test_what_the_scripted_module_leaves_to_eager_is_refused():
