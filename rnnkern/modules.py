@@ -149,10 +149,7 @@ class _RecurrentBase(nn.RNNBase):
                              f"got {input.dim()}-D of shape {tuple(input.shape)}")
         batched = input.dim() == 3
         if state is not None and any(h.dim() != input.dim() for h in state):
-            f = self._feature_letter
-            expected = f"3-D (L*D, B, {f})" if batched else f"2-D (L*D, {f}) for unbatched 2-D input"
-            got = ", ".join(f"{h.dim()}-D of shape {tuple(h.shape)}" for h in state)
-            raise RuntimeError(f"hx must be {expected}, got {got}")
+            raise RuntimeError(_hx_dims_message(list(state), batched, self._feature_letter))
         self._check_input(input)
         if not batched:
             x = input.unsqueeze(1)  # [T,1,I]
@@ -288,13 +285,9 @@ class _RecurrentBase(nn.RNNBase):
         f = "*" if self.mode == "LSTM" else "H"
         for h in hx:
             if h.dim() != input.dim():
-                expected = f"3-D (L*D, B, {f})" if batched else f"2-D (L*D, {f}) for unbatched 2-D input"
-                got = ", ".join([f"{v.dim()}-D of shape {_shape_text(v.shape)}" for v in hx])
-                raise RuntimeError(f"hx must be {expected}, got {got}")
+                raise RuntimeError(_hx_dims_message(hx, batched, f))
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size: expected "
-                               f"I={self.input_size}, got {input.shape[-1]} (input shape "
-                               f"{_shape_text(input.shape)})")
+            raise RuntimeError(_input_size_message(self.input_size, input.shape))
         if not batched:
             x = input.unsqueeze(1)
             hx = [h.unsqueeze(1) for h in hx]
@@ -309,11 +302,8 @@ class _RecurrentBase(nn.RNNBase):
             h = hx[i]
             if list(h.shape) != [self.num_layers * D, B, sizes[i]]:
                 name = "hx" if len(hx) == 1 else f"hx[{i}]"
-                letters = f"(L*D, B, {f})" if batched else f"(L*D, {f})"
-                want = [self.num_layers * D, B, sizes[i]] if batched else [self.num_layers * D, sizes[i]]
-                given = h.shape if batched else [h.shape[0], h.shape[2]]
-                raise RuntimeError(f"{name} must have shape {letters} = {_shape_text(want)} "
-                                   f"(num_layers={self.num_layers}, D={D}), got {_shape_text(given)}")
+                raise RuntimeError(_hx_shape_message(name, list(h.shape), batched, f, B, sizes[i],
+                                                     self.num_layers, D))
         if lengths is not None:
             if (lengths.dtype != torch.int64 and lengths.dtype != torch.bool
                     and not lengths.is_floating_point() and not lengths.is_complex()):
@@ -396,9 +386,7 @@ class _RecurrentBase(nn.RNNBase):
             raise RuntimeError(f"input must be on the device of the module's parameters "
                                f"{w.device}, got {input.device}")
         if input.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size: expected "
-                               f"I={self.input_size}, got {input.shape[-1]} (input shape "
-                               f"{tuple(input.shape)})")
+            raise RuntimeError(_input_size_message(self.input_size, list(input.shape)))
 
     def _check_hx(
         self,
@@ -412,22 +400,42 @@ class _RecurrentBase(nn.RNNBase):
         LD = self.num_layers * (2 if self.bidirectional else 1)
         for i, (h, size) in enumerate(zip(hx, self._state_sizes())):
             name = "hx" if len(hx) == 1 else f"hx[{i}]"
-            expected = (LD, B, size)
-            if tuple(h.shape) != expected:
-                # Speak the caller's layout: unbatched hx was (L*D, *) before unsqueeze.
-                given = tuple(h.shape) if batched else (h.shape[0], h.shape[2])
-                want = expected if batched else (LD, size)
-                f = self._feature_letter
-                letters = f"(L*D, B, {f})" if batched else f"(L*D, {f})"
-                raise RuntimeError(f"{name} must have shape {letters} = {want} "
-                                   f"(num_layers={self.num_layers}, D={LD // self.num_layers}), "
-                                   f"got {given}")
+            if tuple(h.shape) != (LD, B, size):
+                raise RuntimeError(_hx_shape_message(name, list(h.shape), batched,
+                                                     self._feature_letter, B, size,
+                                                     self.num_layers, LD // self.num_layers))
             # RuntimeError, not ValueError: torch.nn raises RuntimeError for these two.
             if h.dtype != like.dtype:
                 raise RuntimeError(f"{name} must have the input's dtype {like.dtype}, got {h.dtype}")
             if h.device != like.device:
                 raise RuntimeError(f"{name} must be on the input's device {like.device}, "
                                    f"got {h.device}")
+
+
+# The module's messages that the eager and the scripted forward share, written
+# once in what TorchScript compiles.
+
+def _hx_dims_message(hx: List[torch.Tensor], batched: bool, f: str) -> str:
+    expected = f"3-D (L*D, B, {f})" if batched else f"2-D (L*D, {f}) for unbatched 2-D input"
+    got = ", ".join([f"{h.dim()}-D of shape {_shape_text(h.shape)}" for h in hx])
+    return f"hx must be {expected}, got {got}"
+
+
+def _input_size_message(input_size: int, shape: List[int]) -> str:
+    return (f"input.size(-1) must be equal to input_size: expected I={input_size}, "
+            f"got {shape[-1]} (input shape {_shape_text(shape)})")
+
+
+def _hx_shape_message(name: str, shape: List[int], batched: bool, f: str, B: int, size: int,
+                      num_layers: int, D: int) -> str:
+    """shape: the state's as the module holds it, (L*D, B, *) (unbatched: B = 1
+    after unsqueeze); the message speaks the caller's layout, (L*D, *) there."""
+    LD = num_layers * D
+    letters = f"(L*D, B, {f})" if batched else f"(L*D, {f})"
+    want = [LD, B, size] if batched else [LD, size]
+    given = shape if batched else [shape[0], shape[2]]
+    return (f"{name} must have shape {letters} = {_shape_text(want)} "
+            f"(num_layers={num_layers}, D={D}), got {_shape_text(given)}")
 
 
 def _dtype_text(dtype: torch.dtype) -> str:
