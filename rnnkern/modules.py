@@ -13,7 +13,7 @@ if ``bidirectional`` else 1), N the number of valid steps in a PackedSequence
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -73,41 +73,57 @@ class _RecurrentBase(nn.RNNBase):
 
     # -- shared ---------------------------------------------------------------
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        hx: Optional[torch.Tensor] = None,
-        lengths: Optional[torch.Tensor] = None,
-        truncate: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Runs the L layers, both directions of each when bidirectional.
+    if TYPE_CHECKING:
+        # What eager code takes, for type checkers (mypy, pyright): any input
+        # form and any lengths form. TorchScript compiles the definition in the
+        # else branch, whose annotations are its scripted subset.
+        @overload
+        def forward(self, input: torch.Tensor, hx: Optional[torch.Tensor] = None,
+                    lengths: LengthsLike = None, truncate: Optional[int] = None,
+                    ) -> Tuple[torch.Tensor, torch.Tensor]: ...
 
-        Args:
-            input: (T, B, I), or (B, T, I) with ``batch_first``; unbatched (T, I);
-                or a PackedSequence (sorted or not) of I features.
-            hx: the initial state as torch.nn's module takes it: (L*D, B, H)
-                for RNN and GRU, the tuple ((L*D, B, P), (L*D, B, H)) for LSTM;
-                without the B axis for unbatched input; None for zeros.
-            lengths: padded input only: (B,) int64 (a list of ints, another
-                integer dtype or a numpy integer array is converted),
-                0 <= len <= T, in any order; (1,) for unbatched input. Gives the
-                PackedSequence semantics without packing: output is 0 for
-                t >= len_b, the final state of b is its state after step
-                len_b - 1 (the reverse direction runs from len_b - 1 down to 0).
-            truncate: K >= 1: truncated BPTT on every layer and direction, the
-                gradient through the state cut every K steps counted from the
-                first step each direction processes. None: full BPTT.
+        @overload
+        def forward(self, input: PackedSequence, hx: Optional[torch.Tensor] = None,
+                    lengths: None = None, truncate: Optional[int] = None,
+                    ) -> Tuple[PackedSequence, torch.Tensor]: ...
 
-        Returns:
-            (output, h_n) in torch.nn's layout (for LSTM, (output, (h_n, c_n))):
-            output (T, B, D*P) or (B, T, D*P), (T, D*P) unbatched, or a
-            PackedSequence with the input's batch_sizes and indices; each final
-            state (L*D, B, *), or (L*D, *) unbatched.
-        """
-        if not torch.jit.is_scripting():
-            return self._forward(input, hx, lengths=lengths, truncate=truncate)
-        output, state = self._scripted(input, [] if hx is None else [hx], lengths, truncate)
-        return output, state[0]
+        def forward(self, input, hx=None, lengths=None, truncate=None): ...
+    else:
+        def forward(
+            self,
+            input: torch.Tensor,
+            hx: Optional[torch.Tensor] = None,
+            lengths: Optional[torch.Tensor] = None,
+            truncate: Optional[int] = None,
+        ) -> Tuple[torch.Tensor, torch.Tensor]:
+            """Runs the L layers, both directions of each when bidirectional.
+
+            Args:
+                input: (T, B, I), or (B, T, I) with ``batch_first``; unbatched (T, I);
+                    or a PackedSequence (sorted or not) of I features.
+                hx: the initial state as torch.nn's module takes it: (L*D, B, H)
+                    for RNN and GRU, the tuple ((L*D, B, P), (L*D, B, H)) for LSTM;
+                    without the B axis for unbatched input; None for zeros.
+                lengths: padded input only: (B,) int64 (a list of ints, another
+                    integer dtype or a numpy integer array is converted),
+                    0 <= len <= T, in any order; (1,) for unbatched input. Gives the
+                    PackedSequence semantics without packing: output is 0 for
+                    t >= len_b, the final state of b is its state after step
+                    len_b - 1 (the reverse direction runs from len_b - 1 down to 0).
+                truncate: K >= 1: truncated BPTT on every layer and direction, the
+                    gradient through the state cut every K steps counted from the
+                    first step each direction processes. None: full BPTT.
+
+            Returns:
+                (output, h_n) in torch.nn's layout (for LSTM, (output, (h_n, c_n))):
+                output (T, B, D*P) or (B, T, D*P), (T, D*P) unbatched, or a
+                PackedSequence with the input's batch_sizes and indices; each final
+                state (L*D, B, *), or (L*D, *) unbatched.
+            """
+            if not torch.jit.is_scripting():
+                return self._forward(input, hx, lengths=lengths, truncate=truncate)
+            output, state = self._scripted(input, [] if hx is None else [hx], lengths, truncate)
+            return output, state[0]
 
     def _forward(
         self,
@@ -586,19 +602,34 @@ class LSTM(_RecurrentBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-        lengths: Optional[torch.Tensor] = None,
-        truncate: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """As rnnkern.RNN's forward, with hx and the final state the tuple (h, c)."""
-        if not torch.jit.is_scripting():
-            return self._forward(input, hx, lengths=lengths, truncate=truncate)
-        output, state = self._scripted(input, [] if hx is None else [hx[0], hx[1]], lengths,
-                                       truncate)
-        return output, (state[0], state[1])
+    if TYPE_CHECKING:  # as in _RecurrentBase: eager's forms for type checkers
+        @overload
+        def forward(self, input: torch.Tensor,
+                    hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                    lengths: LengthsLike = None, truncate: Optional[int] = None,
+                    ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]: ...
+
+        @overload
+        def forward(self, input: PackedSequence,
+                    hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                    lengths: None = None, truncate: Optional[int] = None,
+                    ) -> Tuple[PackedSequence, Tuple[torch.Tensor, torch.Tensor]]: ...
+
+        def forward(self, input, hx=None, lengths=None, truncate=None): ...
+    else:
+        def forward(
+            self,
+            input: torch.Tensor,
+            hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+            lengths: Optional[torch.Tensor] = None,
+            truncate: Optional[int] = None,
+        ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+            """As rnnkern.RNN's forward, with hx and the final state the tuple (h, c)."""
+            if not torch.jit.is_scripting():
+                return self._forward(input, hx, lengths=lengths, truncate=truncate)
+            output, state = self._scripted(input, [] if hx is None else [hx[0], hx[1]],
+                                           lengths, truncate)
+            return output, (state[0], state[1])
 
     def _state_sizes(self) -> tuple:
         return (self.proj_size or self.hidden_size, self.hidden_size)
