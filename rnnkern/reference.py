@@ -141,7 +141,8 @@ def scan(cell: Cell, input: torch.Tensor, state: State, *,
         state: the initial state tuple.
         lengths: (B,) int64 with 0 <= len <= T, or None (all T). Sequence b
             takes its steps t < len_b only; for t >= len_b its whole state is
-            frozen and its output is 0, as nn's layers do on a PackedSequence.
+            frozen and its output is 0, as nn's layers do on a PackedSequence,
+            and its input is never read (it may hold anything, NaN included).
             So the final state of b is the state after its step len_b - 1, or
             the initial state when len_b = 0.
         truncate: None for full BPTT, or K >= 1: every state tensor is detached
@@ -166,6 +167,11 @@ def scan(cell: Cell, input: torch.Tensor, state: State, *,
     lens = torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths  # [B]
     lens = lens.to(input.device)
     rows = torch.arange(B, device=input.device)
+    if lengths is not None:
+        # The padding is never read: a NaN there would reach weight_ih's gradient
+        # through the discarded steps (0 * NaN), which nn's PackedSequence never sees.
+        valid = (torch.arange(T, device=input.device)[:, None] < lens[None, :])[..., None]
+        input = torch.where(valid, input, torch.zeros((), dtype=input.dtype, device=input.device))
     state = tuple(state)
 
     step_outputs = []  # [B,P] each, in processing order

@@ -56,6 +56,25 @@ def test_output_modified_in_place_before_backward_matches_nn(name, kw):
         assert_close(a, b, TOL[torch.float64], name)
 
 
+@pytest.mark.parametrize("name", CELLS)
+def test_output_modified_under_no_grad_before_backward_matches_nn(name):
+    """A change under torch.no_grad() is no part of the graph: the gradients are
+    those of the unchanged output, as nn's (the version counter still moves, so
+    backward recomputes the output it reads)."""
+    ours, theirs = pair(name)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    results = []
+    for m in (ours, theirs):
+        m.zero_grad()
+        out, _ = m(x)
+        with torch.no_grad():
+            out.mul_(-2.0).add_(1.0)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append([p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        assert_close(a, b, TOL[torch.float64], name)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_output_modified_in_place_with_lengths_truncate_reverse_matches_reference(cell):
     """The recomputed output is the forward's exactly: lengths, truncation and

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import rnnkern
-from helpers import grads_of, make_layer, make_loss_problem, product
-from rnnkern import functional
+from helpers import grads_of, make_layer, make_loss_problem, product, run_loss
+from rnnkern import functional, reference
 
 NAMES = ["input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -608,3 +608,112 @@ def test_loss_op_backward_recomputes_without_compute_grad(reduction):
         grads.append(torch.autograd.grad((out[0] * up).sum() + out[2].sum(), leaves))
     for name, a, b in zip(names, *grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)
+
+
+# --- lengths: the padding is never read -------------------------------------
+
+
+def _layer_call(mode, H, P, dtype, g):
+    """A random one-layer problem of `mode` and a function running it with lengths."""
+    T, B, I = 6, 4, 5
+    G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode] * H
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
+
+    params = [rnd(G, I), rnd(G, P), rnd(G), rnd(G)]
+    if P != H:
+        params.append(rnd(P, H))
+    hx = (rnd(B, P), rnd(B, H)) if mode == "lstm" else rnd(B, H)
+    x = rnd(T, B, I)
+
+    def run(impl, x, lengths, reverse):
+        leaves = [x, *(hx if mode == "lstm" else (hx,)), *params]
+        leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        xl, ps = leaves[0], leaves[-len(params):]
+        h = tuple(leaves[1:3]) if mode == "lstm" else leaves[1]
+        if mode == "lstm":
+            w_hr = ps[4] if P != H else None
+            out, (h_n, c_n) = impl.lstm(xl, h, *ps[:4], w_hr, lengths=lengths,
+                                              reverse=reverse)
+            outs = [out, h_n, c_n]
+        elif mode == "gru":
+            out, h_n = impl.gru(xl, h, *ps, lengths=lengths, reverse=reverse)
+            outs = [out, h_n]
+        else:
+            out, h_n = impl.rnn(xl, h, *ps, nonlinearity=mode[4:], lengths=lengths,
+                                      reverse=reverse)
+            outs = [out, h_n]
+        return [o.detach() for o in outs] + grads_of(outs, leaves)
+
+    return x, run
+
+
+@pytest.mark.parametrize("case", product(
+    impl=["kernel", "reference"], mode=["rnn_tanh", "rnn_relu", "lstm", "gru", "lstm_proj"],
+    H=[7, 300],
+    dtype=[torch.float64, torch.float32], value=["nan", "inf"], reverse=[False, True]), ids=str)
+def test_padding_holds_anything_with_lengths(case):
+    """With lengths= the input is read at t < len_b only, as nn reads a
+    PackedSequence: NaN or Inf in the padded positions changes no output and no
+    gradient (weight_ih's included, whose product runs over all T*B rows), in the
+    kernels and in the reference alike."""
+    impl = functional if case["impl"] == "kernel" else reference
+    mode, H = case["mode"], case["H"]
+    P = H // 2 + 1 if mode == "lstm_proj" else H
+    mode = mode.removesuffix("_proj")
+    g = torch.Generator().manual_seed(H + len(mode))
+    x, run = _layer_call(mode, H, P, case["dtype"], g)
+    lengths = torch.tensor([6, 0, 3, 1])
+    valid = (torch.arange(6)[:, None] < lengths[None, :])[..., None]  # [T,B,1]
+    clean = run(impl, x, lengths, case["reverse"])
+    dirty = run(impl, torch.where(valid, x, float(case["value"])), lengths, case["reverse"])
+    for i, (a, b) in enumerate(zip(clean, dirty)):
+        assert bool(b.isfinite().all()), f"result {i}: not finite"
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"result {i}")
+
+
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+def test_nan_padding_module_equals_packed_nn(cell):
+    """A 2-layer bidirectional module with lengths= and NaN padding: nn's result on
+    the PackedSequence, every gradient finite."""
+    torch.manual_seed(3)
+    ours = getattr(rnnkern, cell)(5, 7, num_layers=2, bidirectional=True, batch_first=True,
+                                  dtype=torch.float64)
+    theirs = getattr(nn, cell)(5, 7, num_layers=2, bidirectional=True, batch_first=True,
+                               dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    lengths = torch.tensor([6, 2, 4])
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    x = torch.where((torch.arange(6)[None, :] < lengths[:, None])[..., None], x, float("nan"))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, _ = ours(xa, lengths=lengths)
+    packed = nn.utils.rnn.pack_padded_sequence(xb, lengths, batch_first=True,
+                                               enforce_sorted=False)
+    out_n, _ = nn.utils.rnn.pad_packed_sequence(theirs(packed)[0], batch_first=True)
+    got = grads_of([out], [xa, *ours.parameters()])
+    want = grads_of([out_n], [xb, *theirs.parameters()])
+    torch.testing.assert_close(out, out_n, rtol=1e-10, atol=1e-12)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.isfinite().all(), f"gradient {i}: not finite"
+        torch.testing.assert_close(a, b.nan_to_num(), rtol=1e-10, atol=1e-12, msg=f"grad {i}")
+
+
+@pytest.mark.parametrize("case", product(impl=["kernel", "reference"], O=[8, 300],
+                                         value=["nan", "inf"]), ids=str)
+def test_padding_holds_anything_in_rnn_loss(case):
+    """The fused per-step loss with lengths=: NaN or Inf in the padded input gives
+    the loss and the gradients of any other padding."""
+    impl = functional if case["impl"] == "kernel" else reference
+    T, B = 6, 4
+    lengths = torch.tensor([6, 0, 3, 1])
+    tensors, target, kw = make_loss_problem(T, B, 5, 7, case["O"], seed=case["O"],
+                                            lengths=lengths)
+    clean = run_loss(impl, tensors, target, **kw)
+    valid = (torch.arange(T)[:, None] < lengths[None, :])[..., None]
+    tensors["input"] = torch.where(valid, tensors["input"], float(case["value"]))
+    dirty = run_loss(impl, tensors, target, **kw)
+    for what, a, b in [("loss", clean[0], dirty[0]), ("h_n", clean[1], dirty[1]),
+                       *((name, clean[4][name], dirty[4][name]) for name in clean[4])]:
+        assert bool(b.isfinite().all()), f"{what}: not finite"
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=what)

@@ -694,6 +694,29 @@ void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   SmallMatmul(w, bias).mm_out(out, x);
 }
 
+at::Tensor finite_padding(const at::Tensor& x, const int64_t* lengths) {
+  if (!lengths) return x;
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "finite_padding", [&] {
+    const scalar_t* p = x.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B && finite; ++b) {
+      for (int64_t t = lengths[b]; t < T && finite; ++t) {
+        const scalar_t* row = p + (t * B + b) * I;
+        int ok = 1;
+        for (int64_t i = 0; i < I; ++i) ok &= (row[i] - row[i] == scalar_t(0));  // NaN, Inf: 0
+        finite = ok != 0;
+      }
+    }
+  });
+  if (finite) return x;
+  at::Tensor zeroed = x.clone();
+  auto z = zeroed.view({T, B, I});
+  for (int64_t b = 0; b < B; ++b)
+    if (lengths[b] < T) z.narrow(0, lengths[b], T - lengths[b]).select(1, b).zero_();
+  return zeroed;
+}
+
 void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && c.is_contiguous() &&
                         a.size(0) == b.size(0) && c.size(0) == a.size(1) &&
@@ -796,7 +819,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
     small_mm_out(gi2, gz2, w_ih);
   }
   g.weight_ih = at::empty({H, I}, x.options());
-  atb_out(g.weight_ih, gz2, x.view({T * B, I}), false);
+  atb_out(g.weight_ih, gz2, finite_padding(x, s.lengths).view({T * B, I}), false);
   g.bias = at::zeros({H}, x.options());
   add_column_sums(g.bias, gz2);
   // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,

@@ -45,6 +45,13 @@ void add_column_sums(at::Tensor& acc, const at::Tensor& m);
 void small_mm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
                   const at::Tensor& bias = at::Tensor());
 
+// x [T,B,I] (dense) as the right operand of dW_ih = dz^T x over all T*B rows,
+// whose padded rows (t >= len_b) have dz = 0: the forward never read them
+// (nn's PackedSequence semantics), so they may hold anything, but 0 * NaN is
+// NaN. x itself where every padded row is finite (one pass over those rows),
+// else a copy with the padded rows zeroed. lengths: [B] or nullptr (none).
+at::Tensor finite_padding(const at::Tensor& x, const int64_t* lengths);
+
 // small_mm_out for many products with one right operand (a head's weight over
 // the chunks of a sweep): w and the bias packed once, when the vector kernel
 // takes their shape.

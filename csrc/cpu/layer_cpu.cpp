@@ -676,7 +676,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     small_mm_out(gi2, dax2, w_ih);
   }
   auto g_w_ih = at::empty({G, I}, opts);
-  atb_out(g_w_ih, dax2, x.view({T * B, I}), false);
+  atb_out(g_w_ih, dax2, finite_padding(x, s.lengths).view({T * B, I}), false);
   auto g_b_ih = at::zeros({G}, opts);
   add_column_sums(g_b_ih, dax2);
   at::Tensor g_b_hh = g_b_ih;

@@ -952,6 +952,20 @@ struct ParamGrads {
   at::Tensor input, weight_ih, weight_hh, bias_ih, bias_hh;
 };
 
+// x [T,B,I] as the right operand of dW_ih = dax^T x over all T*B rows, whose
+// padded rows (t >= len_b) have dax = 0: the forward never read them (nn's
+// PackedSequence semantics), so they may hold anything, but 0 * NaN is NaN.
+// With lengths, a copy with those rows zeroed (the CPU backend's
+// finite_padding copies only where a padded value is non-finite; finding one
+// here would cost a device sync).
+at::Tensor zero_padding(const Loop& s, const at::Tensor& x) {
+  if (!s.lengths) return x;
+  const auto lens = at::from_blob(const_cast<int64_t*>(s.lengths), {s.B},
+                                  x.options().dtype(at::kLong));          // [B]
+  const auto pad = at::arange(s.T, lens.options()).unsqueeze(1) >= lens.unsqueeze(0);  // [T,B]
+  return x.masked_fill(pad.unsqueeze(2), 0);
+}
+
 ParamGrads param_grads(const Loop& s, const at::Tensor& x, const at::Tensor& w_ih,
                        const at::Tensor& h0, const at::Tensor& out, const at::Tensor& dax,
                        const at::Tensor& dah, const at::Tensor& dah_first, bool grad_input) {
@@ -959,7 +973,7 @@ ParamGrads param_grads(const Loop& s, const at::Tensor& x, const at::Tensor& w_i
   ParamGrads r;
   const auto dax2 = dax.view({T * B, G}), dah2 = dah.view({T * B, G});
   r.input = grad_input ? at::mm(dax2, w_ih).view({T, B, I}) : empty0(x);
-  r.weight_ih = at::mm(dax2.t(), x.view({T * B, I}));
+  r.weight_ih = at::mm(dax2.t(), zero_padding(s, x).view({T * B, I}));
   r.bias_ih = at::zeros({G}, x.options());
   add_column_sums(r.bias_ih, dax2);
   if (s.cell == Cell::kGru) {
