@@ -223,6 +223,27 @@ def test_lengths_on_the_device_or_the_cpu_give_the_same_bits():
             assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("case", product(cell=CELLS, value=["nan", "inf"],
+                                         reverse=[False, True],
+                                         lengths_on=["cpu", "cuda"]), ids=str)
+def test_padding_holds_anything_with_lengths(case):
+    """NaN or Inf in the padded input (t >= len_b) changes no output and no
+    gradient on the GPU either: the backward zeroes those rows before
+    weight_ih's product over all T*B rows (0 * NaN would be NaN)."""
+    cell, T, B = case["cell"], 6, 4
+    d = make_cell(cell, T, B, 5, 7, seed=11)
+    lengths = torch.tensor([6, 0, 3, 1])
+    kw = dict(lengths=lengths.to(DEV) if case["lengths_on"] == "cuda" else lengths,
+              reverse=case["reverse"])
+    clean = run_cell(functional, cell, fresh_dict(d, DEV), **kw)
+    valid = (torch.arange(T)[:, None] < lengths[None, :])[..., None]
+    d["input"] = torch.where(valid, d["input"].detach(), float(case["value"])).requires_grad_()
+    dirty = run_cell(functional, cell, fresh_dict(d, DEV), **kw)
+    for i, (a, b) in enumerate(zip(clean, dirty)):
+        assert bool(b.isfinite().all()), f"result {i}: not finite"
+        assert torch.equal(a, b), f"result {i}"
+
+
 # ---------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------
