@@ -532,16 +532,19 @@ def rnn_loss(
     y = h @ weight_out.T  # [T,B,O]
     if bias_out is not None:
         y = y + bias_out
+    ignored = target == ignore_index if loss == "cross_entropy" else None
+    w = step_weights(T, B, lengths=lengths, steps=steps, loss_mask=loss_mask, ignored=ignored,
+                     dtype=input.dtype, device=input.device)  # [T,B]
     if loss == "cross_entropy":
         l = F.cross_entropy(y.reshape(T * B, O), target.reshape(T * B), reduction="none",
                             ignore_index=ignore_index,
                             label_smoothing=label_smoothing).view(T, B)
-        ignored = target == ignore_index
     else:
-        l = ((y - target) ** 2).mean(dim=-1)  # [T,B]
-        ignored = None
-    w = step_weights(T, B, lengths=lengths, steps=steps, loss_mask=loss_mask, ignored=ignored,
-                     dtype=input.dtype, device=input.device)  # [T,B]
+        # The target of a row of weight 0 is never read, so NaN there (in the
+        # padding, say) cannot reach a gradient through 0 * NaN.
+        read = torch.where((w > 0)[..., None], target, torch.zeros((), dtype=target.dtype,
+                                                                   device=target.device))
+        l = ((y - read) ** 2).mean(dim=-1)  # [T,B]
     # Rows of weight 0 do not count (the kernel never computes them).
     l = torch.where(w > 0, l, torch.zeros_like(l))
     wl = w * l  # [T,B]

@@ -717,3 +717,25 @@ def test_padding_holds_anything_in_rnn_loss(case):
                        *((name, clean[4][name], dirty[4][name]) for name in clean[4])]:
         assert bool(b.isfinite().all()), f"{what}: not finite"
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=what)
+
+
+@pytest.mark.parametrize("case", product(impl=["kernel", "reference"],
+                                         zero=["padding", "loss_mask"]), ids=str)
+def test_mse_target_of_a_row_of_weight_zero_is_never_read(case):
+    """NaN in the MSE target where a row has weight 0 (past its length, or
+    masked) changes neither the loss nor a gradient."""
+    impl = functional if case["impl"] == "kernel" else reference
+    T, B = 6, 4
+    lengths = torch.tensor([6, 0, 3, 1]) if case["zero"] == "padding" else None
+    tensors, target, kw = make_loss_problem(T, B, 5, 7, 9, loss="mse", seed=5, lengths=lengths,
+                                            loss_mask="bool" if lengths is None else None)
+    counted = (torch.arange(T)[:, None] < lengths[None, :]) if lengths is not None \
+        else kw["loss_mask"]
+    assert not bool(counted.all())
+    clean = run_loss(impl, tensors, target, loss="mse", **kw)
+    dirty = run_loss(impl, tensors, torch.where(counted[..., None], target, float("nan")),
+                     loss="mse", **kw)
+    for what, a, b in [("loss", clean[0], dirty[0]), ("step_loss", clean[2], dirty[2]),
+                       *((name, clean[4][name], dirty[4][name]) for name in clean[4])]:
+        assert bool(b.isfinite().all()), f"{what}: not finite"
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=what)
