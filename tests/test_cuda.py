@@ -346,6 +346,26 @@ def test_rnn_loss_matches_cpu_and_reference(case):
     assert_all_close(cuda, ref, TOL[torch.float64], "vs reference")
 
 
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_rnn_loss_padding_and_weight_zero_targets_hold_anything(mode):
+    """NaN in the padded input and in the MSE target of every row of weight 0
+    (padding, masked) changes no result on the GPU: as on the CPU, those rows
+    are never read."""
+    T, B, I, H, O = 7, 4, 3, 7, 11
+    d, target = make_loss(mode, T, B, I, H, O, loss="mse", seed=2)
+    lengths = torch.tensor([7, 1, 0, 4])
+    mask = torch.rand(T, B, generator=torch.Generator().manual_seed(2)) > 0.3
+    kw = dict(loss="mse", reduction="mean", lengths=lengths, loss_mask=mask)
+    clean = run_rnn_loss(functional, mode, d, target, DEV, **kw)
+    valid = torch.arange(T)[:, None] < lengths[None, :]
+    d["input"] = torch.where(valid[..., None], d["input"].detach(), float("nan")).requires_grad_()
+    target = torch.where((valid & mask)[..., None], target, float("nan"))
+    dirty = run_rnn_loss(functional, mode, d, target, DEV, **kw)
+    for i, (a, b) in enumerate(zip(clean, dirty)):
+        assert bool(b.isfinite().all()), f"result {i}: not finite"
+        assert torch.equal(a, b), f"result {i}"
+
+
 @pytest.mark.parametrize("case", product(
     mode=["rnn_relu", "lstm", "gru"], steps=["all", "last"], ignore=[False, True],
     smoothing=[0.0, 0.2], batch_first=[False, True]), ids=str)
