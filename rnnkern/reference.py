@@ -167,10 +167,11 @@ def scan(cell: Cell, input: torch.Tensor, state: State, *,
     lens = torch.full((B,), T, dtype=torch.int64) if lengths is None else lengths  # [B]
     lens = lens.to(input.device)
     rows = torch.arange(B, device=input.device)
+    time = torch.arange(T, device=input.device)[:, None]  # [T,1]
+    valid = (time < lens[None, :])[..., None]  # [T,B,1]: t < len_b
     if lengths is not None:
         # The padding is never read: a NaN there would reach weight_ih's gradient
         # through the discarded steps (0 * NaN), which nn's PackedSequence never sees.
-        valid = (torch.arange(T, device=input.device)[:, None] < lens[None, :])[..., None]
         input = torch.where(valid, input, torch.zeros((), dtype=input.dtype, device=input.device))
     state = tuple(state)
 
@@ -190,11 +191,10 @@ def scan(cell: Cell, input: torch.Tensor, state: State, *,
     if T == 0:
         return input.new_zeros(0, B, P), state
     steps = torch.stack(step_outputs)  # [T,B,P], processing order
-    time = torch.arange(T, device=input.device)[:, None]  # [T,1]
     # Time t of sequence b was processed at step len_b-1-t (reverse) or t.
     step_of = (lens[None, :] - 1 - time).clamp(min=0) if reverse else time.expand(T, B)
     output = steps.gather(0, step_of[..., None].expand(T, B, P))
-    output = torch.where((time < lens[None, :])[..., None], output, torch.zeros_like(output))
+    output = torch.where(valid, output, torch.zeros_like(output))
     return output, state
 
 
@@ -535,6 +535,7 @@ def rnn_loss(
     ignored = target == ignore_index if loss == "cross_entropy" else None
     w = step_weights(T, B, lengths=lengths, steps=steps, loss_mask=loss_mask, ignored=ignored,
                      dtype=input.dtype, device=input.device)  # [T,B]
+    live = w > 0  # [T,B]: the rows that count
     if loss == "cross_entropy":
         l = F.cross_entropy(y.reshape(T * B, O), target.reshape(T * B), reduction="none",
                             ignore_index=ignore_index,
@@ -542,11 +543,11 @@ def rnn_loss(
     else:
         # The target of a row of weight 0 is never read, so NaN there (in the
         # padding, say) cannot reach a gradient through 0 * NaN.
-        read = torch.where((w > 0)[..., None], target, torch.zeros((), dtype=target.dtype,
-                                                                   device=target.device))
+        read = torch.where(live[..., None], target, torch.zeros((), dtype=target.dtype,
+                                                                device=target.device))
         l = ((y - read) ** 2).mean(dim=-1)  # [T,B]
     # Rows of weight 0 do not count (the kernel never computes them).
-    l = torch.where(w > 0, l, torch.zeros_like(l))
+    l = torch.where(live, l, torch.zeros_like(l))
     wl = w * l  # [T,B]
 
     if reduction == "none":
