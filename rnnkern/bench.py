@@ -26,7 +26,7 @@ import random
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -536,37 +536,151 @@ def spread(times: list) -> float:
     return (q[2] - q[0]) / med if med > 0 else 0.0
 
 
-def machine_load(calibration_s: float = 0.05) -> dict:
-    """Whether the machine looks busy before timing: the 1-minute load average
-    against the cores, and a fixed calibration loop timed twice (on a quiet
-    machine the two agree closely). Returns the figures and a verdict."""
-    cores = os.cpu_count() or 1
+class CpuSnapshot(NamedTuple):
+    wall: float  # perf_counter seconds
+    own: float  # this process's CPU seconds
+    busy: float  # every CPU's busy seconds (/proc/stat)
+    cpus: int
+    # Summed over this process's threads (/proc/self/task/*/schedstat): seconds
+    # run, and seconds spent runnable but waiting for a CPU. None where the
+    # kernel keeps no schedstat.
+    ran: Optional[float]
+    waited: Optional[float]
+
+
+# The share of its threads' time the bench may spend waiting for a CPU before a
+# timing is flagged: a quiet 2-core VM measures 0.0-0.2% (1 or 2 threads); two
+# processes spinning beside it, 30-50%.
+WAIT_LIMIT = 0.05
+# Without schedstat: cores' worth of CPU that other processes (and the
+# hypervisor, as steal) may take beyond the cores the bench's threads leave idle.
+SPARE_CORES = 0.25
+
+
+def _threads_schedstat() -> tuple:
+    ran = waited = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                fields = f.read().split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        ran += int(fields[0])
+        waited += int(fields[1])
+    return ran / 1e9, waited / 1e9
+
+
+def cpu_snapshot() -> Optional[CpuSnapshot]:
+    """The machine's and this process's CPU accounts now, from /proc (busy is
+    user + nice + system + irq + softirq + steal; steal is time the hypervisor
+    gave a vCPU to another guest). None where there is no /proc/stat (macOS,
+    Windows)."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]
+    if len(fields) < 8:
+        return None
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    busy = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) \
+        / os.sysconf("SC_CLK_TCK")
+    try:
+        ran, waited = _threads_schedstat()
+    except (OSError, ValueError, IndexError):
+        ran = waited = None
+    return CpuSnapshot(time.perf_counter(), time.process_time(), busy, cpus, ran, waited)
+
+
+def other_cores(before: Optional[CpuSnapshot], after: Optional[CpuSnapshot]) -> Optional[float]:
+    """How many cores' worth of CPU everything but this process used between two
+    snapshots: the machine's busy time less this process's own (its OpenMP
+    threads' spinning included, which /proc/stat counts as busy too), over the
+    wall time. None without /proc/stat."""
+    if before is None or after is None or after.wall <= before.wall:
+        return None
+    return max(0.0, ((after.busy - before.busy) - (after.own - before.own))
+               / (after.wall - before.wall))
+
+
+def waited_share(before: Optional[CpuSnapshot], after: Optional[CpuSnapshot]) -> Optional[float]:
+    """The share of its threads' busy time this process spent runnable but
+    waiting for a CPU between two snapshots: what a neighbour costs the bench,
+    whichever cores it runs on. None where the kernel keeps no schedstat (no
+    run time counted)."""
+    if before is None or after is None or before.ran is None or after.ran is None:
+        return None
+    ran, waited = after.ran - before.ran, after.waited - before.waited
+    if ran <= 0:
+        return None
+    return max(0.0, waited) / (ran + max(0.0, waited))
+
+
+def contended(waited: Optional[float], others: Optional[float], cores: int, threads: int) -> bool:
+    """Whether the bench's threads were kept from the CPUs: they waited for one
+    more than WAIT_LIMIT of their time; without schedstat, other processes
+    used more than the cores the bench's threads leave idle (SPARE_CORES of
+    slack). Its parallel regions then wait for descheduled threads, and the
+    timings measure the neighbours."""
+    if waited is not None:
+        return waited > WAIT_LIMIT
+    return others is not None and others > max(0, cores - threads) + SPARE_CORES
+
+
+def contention(before: Optional[CpuSnapshot], after: Optional[CpuSnapshot]) -> dict:
+    """other_cores, waited_share and the contended verdict between two snapshots."""
+    others, waited = other_cores(before, after), waited_share(before, after)
+    cores = after.cpus if after is not None and after.cpus else (os.cpu_count() or 1)
+    return {"other_cores": others, "waited_share": waited, "cores": cores,
+            "contended": contended(waited, others, cores, torch.get_num_threads())}
+
+
+def machine_load(calibration_s: float = 0.05, sample_s: float = 0.5) -> dict:
+    """Whether the machine looks busy before timing: a calibration loop run for
+    ``sample_s`` and timed twice (on a quiet machine the two agree closely),
+    during which the bench's threads may not wait for a CPU (contention; the
+    load average where there is no /proc). Returns the figures and a verdict."""
+    threads = torch.get_num_threads()
     try:
         load1 = os.getloadavg()[0]
     except OSError:
         load1 = None
     a = torch.randn(256, 256)
 
-    def loop():
+    def loop(seconds):
         t0 = time.perf_counter()
         n = 0
-        while time.perf_counter() - t0 < calibration_s:
+        while time.perf_counter() - t0 < seconds:
             torch.mm(a, a)
             n += 1
         return (time.perf_counter() - t0) / n
 
-    loop()  # warm-up
-    t1, t2 = loop(), loop()
+    loop(calibration_s)  # warm-up
+    before = cpu_snapshot()
+    t1 = loop(sample_s / 2)
+    t2 = loop(sample_s / 2)
+    c = contention(before, cpu_snapshot())
     drift = abs(t1 - t2) / min(t1, t2)
     reasons = []
+    if c["contended"]:
+        if c["waited_share"] is not None:
+            reasons.append(f"the bench's {threads} thread(s) waited for a CPU "
+                           f"{100 * c['waited_share']:.0f}% of the time; other processes used "
+                           f"{c['other_cores']:.2f} of {c['cores']} cores")
+        else:
+            reasons.append(f"other processes are using {c['other_cores']:.2f} of {c['cores']} "
+                           f"cores, and the bench runs {threads} thread(s)")
     # The load average still counts the last minute's work (a previous bench
-    # run, say): only more runnable threads than cores is taken as busy.
-    if load1 is not None and load1 > cores:
-        reasons.append(f"load average {load1:.2f} on {cores} cores")
+    # run, say): it decides only where /proc cannot say what runs now, and then
+    # only more runnable threads than cores is taken as busy.
+    if before is None and load1 is not None and load1 > c["cores"]:
+        reasons.append(f"load average {load1:.2f} on {c['cores']} cores")
     if drift > 0.2:
         reasons.append(f"a calibration loop timed twice differed by {100 * drift:.0f}%")
-    return {"load1": load1, "cores": cores, "calibration_drift": drift, "busy": bool(reasons),
-            "reasons": reasons}
+    return {"load1": load1, "cores": c["cores"], "threads": threads,
+            "other_cores": c["other_cores"], "waited_share": c["waited_share"],
+            "calibration_drift": drift, "busy": bool(reasons), "reasons": reasons}
 
 
 def autograd_floor(p: Problem) -> Callable[[], None]:
@@ -622,6 +736,9 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
     gc.collect()
     gc_was_on = gc.isenabled()
     gc.disable()
+    # What other processes ran while this configuration was timed: the busy
+    # check before the run cannot see a neighbour that starts later.
+    before = cpu_snapshot()
     try:
         for rep in range(repeats):
             progress(f"  {cfg.name}: repeat {rep + 1}/{repeats}")
@@ -633,8 +750,10 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
             if floor is not None:
                 floor_times.append(time_calls(time_once, floor, floor_calls))
     finally:
+        after = cpu_snapshot()
         if gc_was_on:
             gc.enable()
+    busy = contention(before, after)
     # After the timing: measuring the CPU peak hands the free heap back to the
     # OS (malloc_trim), which the next calls would pay for in page faults.
     peaks = {name: None if quick else peak_mb(lambda: train_step(train))
@@ -649,7 +768,9 @@ def run_config(cfg: Config, *, repeats: int, warmup: int, with_reference: bool,
 
     rows = [row(name) for name, _, _ in impls]
     result = {"config": dataclasses.asdict(cfg), "label": cfg.label, "baseline": baseline_name(cfg),
-              "rows": [dict(dataclasses.asdict(r), noisy=r.noisy) for r in rows]}
+              "rows": [dict(dataclasses.asdict(r), noisy=r.noisy) for r in rows],
+              "other_cores": busy["other_cores"], "waited_share": busy["waited_share"],
+              "contended": busy["contended"]}
     # The ceiling and the sgemm share are float32 figures (nn's bfloat16 paths
     # may run bfloat16 GEMMs faster than any float32 one).
     plain = not (cfg.stacked or cfg.lengths or cfg.truncate) and dtype == torch.float32
@@ -681,6 +802,13 @@ def format_table(result: dict) -> str:
         lines.append(f"  {r['impl']:24s} {r['forward_ms']:11.3f} {r['train_ms']:10.3f} "
                      f"{r['forward_ms'] / ours['forward_ms']:14.2f} "
                      f"{r['train_ms'] / ours['train_ms']:16.2f} {peak:>8s} {sp:>11s}{flag}")
+    if result.get("contended"):
+        waited = result.get("waited_share")
+        lines.append("  CONTENDED: while this configuration was timed, "
+                     + (f"the bench's threads waited for a CPU {100 * waited:.0f}% of the time and "
+                        if waited is not None else "")
+                     + f"other processes used {result['other_cores']:.2f} cores: its figures "
+                     "measure them too")
     if "sgemm_gflops" in result:
         eff = result["rnnkern_train_gflops"] / result["sgemm_gflops"]
         lines.append(f"  rnnkern training step: {result['rnnkern_train_gflops']:.1f} GFLOP/s = "
@@ -786,11 +914,18 @@ def main(args) -> int:
     if noisy:
         print(f"WARNING: {len(noisy)} row(s) spread beyond {100 * NOISY_SPREAD:.0f}% "
               f"(interquartile range over median), marked NOISY: {', '.join(noisy)}")
+    busy_configs = [f"{r['config']['cell']} {r['config']['name']}"
+                    for r in results if r.get("contended")]
+    if busy_configs:
+        print(f"WARNING: other processes took CPU from the bench's {torch.get_num_threads()} "
+              f"thread(s) while {len(busy_configs)} configuration(s) were timed, marked CONTENDED: "
+              f"{', '.join(busy_configs)}. Rerun on a quiet machine.")
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "dtype": dtype_name, "machine_load": load,
-                       "noisy_rows": noisy, "results": results}, f, indent=2)
+                       "noisy_rows": noisy, "contended_configs": busy_configs,
+                       "results": results}, f, indent=2)
     if args.plot:
         plot(results, args.plot)
     return 0

@@ -137,12 +137,19 @@ def test_bench_tables_and_json(tmp_path, monkeypatch, capsys):
     data = json.loads(out_json.read_text())
     assert [(r["config"]["cell"], r["config"]["name"]) for r in data["results"]] == [
         (cell, name) for cell in ("rnn", "lstm") for name in ("seed", "long-lengths", "long-truncate")]
-    assert set(data["machine_load"]) >= {"load1", "cores", "calibration_drift", "busy", "reasons"}
+    assert set(data["machine_load"]) >= {"load1", "cores", "threads", "other_cores", "waited_share",
+                                         "calibration_drift", "busy", "reasons"}
+    assert data["contended_configs"] == [
+        f"{r['config']['cell']} {r['config']['name']}" for r in data["results"] if r["contended"]]
+    assert text.count("CONTENDED:") == len(data["contended_configs"])
     assert isinstance(data["noisy_rows"], list)
     assert "IQR/median" in text
     for r in data["results"]:
         impls = [row["impl"] for row in r["rows"]]
         assert impls[0] == "rnnkern" and "reference" in impls and r["baseline"] in impls
+        assert r["other_cores"] is None or r["other_cores"] >= 0
+        assert r["waited_share"] is None or 0 <= r["waited_share"] <= 1
+        assert isinstance(r["contended"], bool)
         for row in r["rows"]:
             assert row["forward_ms"] > 0 and row["train_ms"] > 0
             assert row["train_min_ms"] <= row["train_ms"] <= row["train_max_ms"]
@@ -387,9 +394,94 @@ def test_bench_ceiling_is_the_gemm_work_at_the_sgemm_rate(cell, gates):
 
 
 def test_bench_machine_load_reports_a_verdict():
-    load = bench.machine_load(calibration_s=0.01)
+    load = bench.machine_load(calibration_s=0.01, sample_s=0.05)
     assert load["cores"] >= 1 and load["calibration_drift"] >= 0
+    assert load["threads"] == torch.get_num_threads()
+    assert load["other_cores"] is None or load["other_cores"] >= 0
+    assert load["waited_share"] is None or 0 <= load["waited_share"] <= 1
     assert load["busy"] == bool(load["reasons"])
+
+
+def spin(n):
+    """n processes that spin on the CPU until killed, already spinning."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    time.sleep(0.3)
+    return procs
+
+
+def stop(procs):
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.skipif(bench.cpu_snapshot() is None, reason="no /proc/stat on this OS")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bench_machine_load_sees_other_processes_spinning(threads):
+    """As many spinning processes as cores, beside the bench's threads, make
+    it busy, whatever ran in the minute before (the load average lags)."""
+    cores = bench.cpu_snapshot().cpus
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    procs = spin(cores)
+    try:
+        load = bench.machine_load(calibration_s=0.01, sample_s=0.5)
+    finally:
+        stop(procs)
+        torch.set_num_threads(was)
+    assert load["other_cores"] > 0.5, load  # their fair share: cores * cores / (cores + threads)
+    assert load["waited_share"] is None or load["waited_share"] > bench.WAIT_LIMIT, load
+    assert load["busy"] and any("waited for a CPU" in r or "other processes are using" in r
+                                for r in load["reasons"]), load
+
+
+@pytest.mark.skipif(bench.cpu_snapshot() is None, reason="no /proc/stat on this OS")
+def test_bench_marks_a_configuration_timed_beside_spinning_processes(tmp_path, monkeypatch, capsys):
+    """A neighbour that starts after the busy check still shows: each
+    configuration measures what other processes ran while it was timed."""
+    monkeypatch.setattr(bench, "SUITE", [bench.Config("seed", 4, 6, 3, 5)])
+    monkeypatch.setattr(bench, "machine_load", lambda: {"busy": False, "reasons": []})
+    procs = spin(bench.cpu_snapshot().cpus)
+    try:
+        rc = cli.main(["bench", "--quick", "--threads", "1", "--no-progress", "--cell", "gru",
+                       "--json", str(tmp_path / "b.json")])
+    finally:
+        stop(procs)
+    assert rc == 0
+    text = capsys.readouterr().out
+    data = json.loads((tmp_path / "b.json").read_text())
+    (r,) = data["results"]
+    assert r["contended"] and r["other_cores"] > 0.5, r
+    assert data["contended_configs"] == ["gru seed"]
+    assert "CONTENDED: while this configuration was timed" in text
+    assert "marked CONTENDED: gru seed" in text and "Rerun on a quiet machine" in text
+
+
+def snap(wall, own, busy, ran=None, waited=None, cpus=4):
+    return bench.CpuSnapshot(wall, own, busy, cpus, ran, waited)
+
+
+def test_bench_contention_from_snapshots():
+    """other_cores: the machine's busy time less this process's, over the wall
+    time. waited_share: this process's threads' wait over their run + wait.
+    Contended on the wait where the kernel keeps schedstat, else when other
+    processes leave the bench's threads fewer idle cores than they need."""
+    a, b = snap(10.0, 3.0, 100.0, 5.0, 1.0), snap(12.0, 6.0, 105.0, 8.0, 2.0)
+    assert bench.other_cores(a, b) == pytest.approx(1.0)  # (5 - 3) s busy elsewhere in 2 s
+    assert bench.other_cores(a, snap(12.0, 8.0, 105.0)) == 0.0  # never negative (tick rounding)
+    assert bench.other_cores(None, b) is None and bench.other_cores(b, a) is None
+    assert bench.waited_share(a, b) == pytest.approx(1.0 / 4.0)  # waited 1 s, ran 3 s
+    assert bench.waited_share(snap(0, 0, 0), snap(1, 1, 1)) is None  # no schedstat
+    assert bench.waited_share(a, snap(12.0, 6.0, 105.0, 5.0, 1.0)) is None  # nothing ran
+    assert bench.contended(bench.WAIT_LIMIT + 0.01, 0.0, cores=4, threads=2)
+    assert not bench.contended(bench.WAIT_LIMIT - 0.01, 3.9, cores=4, threads=2)  # the wait decides
+    assert not bench.contended(None, 1.0, cores=4, threads=2)  # two cores spare, one taken
+    assert bench.contended(None, 2.5, cores=4, threads=2)
+    assert bench.contended(None, bench.SPARE_CORES + 0.01, cores=2, threads=2)
+    assert not bench.contended(None, bench.SPARE_CORES - 0.01, cores=2, threads=2)
+    assert not bench.contended(None, None, cores=2, threads=2)
+    c = bench.contention(a, b)
+    assert c["cores"] == 4 and c["contended"] == (0.25 > bench.WAIT_LIMIT)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
