@@ -34,7 +34,8 @@ def check_both(layer, tol=1e-10, **kw):
 
 @pytest.mark.parametrize("case", product(TBIH=[(1, 4, 3, 5), (6, 1, 3, 5), (6, 4, 3, 1), (6, 4, 1, 7),
                                               (9, 3, 5, 7), (3, 2, 4, 33), (4, 3, 2, 300),
-                                              (3, 2, 2, 513)],  # fused to 256 fwd / 512 bwd
+                                              (3, 2, 2, 512),  # fused steps, W_hh prefetched
+                                              (3, 2, 2, 513)],  # BLAS past 512
                                          lengths=[False, True], reverse=[False, True]), ids=str)
 def test_odd_sizes(case):
     T, B, I, H = case["TBIH"]

@@ -563,6 +563,46 @@ def test_few_rows_split_the_units_over_the_threads_with_the_same_bits(cell, B):
             assert a is None and b is None or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", CELLS)
+def test_wide_inference_splits_the_units_over_the_threads_with_the_same_bits(cell, dtype):
+    """At H >= 512 the inference forward (nothing saved) splits the unit blocks
+    over two threads, whatever B, and the step tiles prefetch the packed W_hh
+    streamed from beyond L2. Its output, h_n and c_n equal bitwise the training
+    forward's (the row split) and one thread's, and the float64 reference's."""
+    T_, B_, I_, H_ = 30, 6, 5, 512  # T*B*G*H above the fused loop's grain for threads
+    d = make_gated(cell, T_, B_, I_, H_, dtype=dtype, seed=5)
+    x, wi, wh, bi, bh = (d[k].detach() for k in ("input", "weight_ih", "weight_hh", "bias_ih",
+                                                 "bias_hh"))
+    h0, c0 = ((d["hx"][0].detach(), d["hx"][1].detach()) if cell == "lstm"
+              else (d["hx"].detach(), None))
+    lens = torch.tensor([T_, 0, 17, 1, 29, 8])
+    args = (x, h0, c0, wi, wh, bi, bh, None, lens, cell, False, 0)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lean2, full2 = (torch.ops.rnnkern.layer_fwd(*args, train) for train in (False, True))
+        torch.set_num_threads(1)
+        lean1 = torch.ops.rnnkern.layer_fwd(*args, False)
+    finally:
+        torch.set_num_threads(old)
+    n = 3 if cell == "lstm" else 2
+    for k in range(n):
+        assert torch.equal(lean2[k], full2[k]), f"result {k}: inference vs training forward"
+        assert torch.equal(lean2[k], lean1[k]), f"result {k}: 2 threads vs 1"
+    dbl = [t.double() if t is not None else None for t in (x, wi, wh, bi, bh)]
+    hx = (h0.double(), c0.double()) if cell == "lstm" else h0.double()
+    with torch.no_grad():
+        if cell == "lstm":
+            out, (h, c) = reference.lstm(dbl[0], hx, *dbl[1:], None, lengths=lens)
+            want = [out, h, c]
+        else:
+            want = list(reference.gru(dbl[0], hx, *dbl[1:], lengths=lens))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for k in range(n):
+        assert_close(lean2[k].double(), want[k], tol, f"result {k}")
+
+
 @pytest.mark.parametrize("case", product(
     cell=CELLS, dtype=[torch.float32, torch.float64], B=[1, 5, 9], H=[7, 513],
     lengths=[False, True], reverse=[False, True]), ids=str)

@@ -104,11 +104,12 @@ T norm_of_sum(const T* g, const T* c, int64_t n) {
 
 // The fused steps keep the packed W_hh in cache for the whole sequence. Up to
 // H = 256 they beat a per-step MKL call plus a separate pass (measured at
-// B in {16,32,64}: 1.3-2x forward, 1.2-1.4x backward). The backward's panels
-// (pack_panels) keep it ahead at H = 512 too: B = 64, T = 200, AMD EPYC
-// (Zen 3, AVX2), the training step took 9% less than with BLAS backward and
-// forward, while the fused forward alone took 8% more. Past these, BLAS.
-constexpr int64_t kFusedMaxH[2] = {256, 512};  // [forward, backward]
+// B in {16,32,64}: 1.3-2x forward, 1.2-1.4x backward). At H = 512 (1 MB of
+// W_hh in float32, prefetched a few k ahead from kPrefetchMinBytes): B = 64,
+// T = 200, 2 threads, the backward took 9% less than BLAS on an AMD EPYC
+// (Zen 3); the forward 6-11% less on the Intel Xeon (A/B in alternating
+// processes, three pairs). Past 512, BLAS.
+constexpr int64_t kFusedMaxH = 512;
 // Work (multiply-adds over the whole sequence) below which the fused loop
 // stays on one thread.
 constexpr int64_t kLoopGrainFma = int64_t(1) << 18;
@@ -127,13 +128,13 @@ void for_row_tiles(int64_t B, int64_t row_block, int64_t fma_per_row, const F& l
   });
 }
 
-inline bool fused_path(const ElmanShape& s, bool backward) { return s.H <= kFusedMaxH[backward]; }
+inline bool fused_path(const ElmanShape& s) { return s.H <= kFusedMaxH; }
 
 // Reverse with lengths on the fused path: a forward call on the sequences
 // reversed within their lengths (time_order.h), since a fused step reads one
 // time block.
-inline bool fused_reversed(const ElmanShape& s, bool backward) {
-  return fused_path(s, backward) && s.reverse && s.lengths;
+inline bool fused_reversed(const ElmanShape& s) {
+  return fused_path(s) && s.reverse && s.lengths;
 }
 
 template <typename T>
@@ -142,7 +143,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
   const int64_t t_max = max_length(s);
-  if (fused_reversed(s, false)) {
+  if (fused_reversed(s)) {
     reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);  // the pre-activations
     ElmanFwdParams<T> q = p;
     q.shape.reverse = false;  // h_n is then each sequence's last step: time 0
@@ -150,7 +151,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
     reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);
     return;
   }
-  if (fused_path(s, false)) {
+  if (fused_path(s)) {
     int64_t NP = 0;
     const int64_t pw = panel_width_for(vk, H);
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
@@ -161,6 +162,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
       a.act = s.act;
       a.K = H, a.N = H, a.NP = NP, a.pw = pw, a.lda = H, a.ldz = H;
       a.mp = mp.data();
+      a.prefetch_w = H * H * int64_t(sizeof(T)) >= kPrefetchMinBytes;
       a.lens = s.lengths;
       for (int64_t step = 0; step < s.T; ++step) {
         const int64_t t = time_of(s, step, s.T);
@@ -237,6 +239,7 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
     a.act = s.act;
     a.K = H, a.N = H, a.NP = NP, a.pw = pw, a.lda = H, a.ldz = H;
     a.mp = mp.data();
+    a.prefetch_w = H * H * int64_t(sizeof(T)) >= kPrefetchMinBytes;
     a.lens = s.lengths;
     a.pass = p.carry;  // dL/dh_n, passed through frozen states until a cut zeroes it
     auto at_step = [&](int64_t step) {
@@ -273,7 +276,7 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
   const ElmanShape& s = p.shape;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
-  if (fused_reversed(s, true) && !p.grad_h_norm) {
+  if (fused_reversed(s) && !p.grad_h_norm) {
     const auto g = reversed_within_lengths(p.grad_out, s.T, B, H, s.lengths);
     const auto h = reversed_within_lengths(p.out, s.T, B, H, s.lengths);
     ElmanBwdParams<T> q = p;
@@ -286,7 +289,7 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
     reverse_within_lengths(p.grad_z, p.grad_z, s.T, B, H, s.lengths);
     return;
   }
-  if (fused_path(s, true) && !p.grad_h_norm) {
+  if (fused_path(s) && !p.grad_h_norm) {
     elman_bwd_fused(p);
     return;
   }

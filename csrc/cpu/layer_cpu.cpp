@@ -168,11 +168,18 @@ AlignedVector<T> pack_gates(const T* w, int64_t H, int64_t K, int64_t NG, int64_
 // too. Measured interleaved on 2 cores of an AMD EPYC (Zen 4), LSTM forward,
 // T = 100, I = H: B = 1, H = 256 -34%, H = 512 -25%; B = 4, H = 256 -19%;
 // B = 1, H = 32 (T = 50, I = 8) -19%; but B = 8, H = 128: +17%, and B = 12,
-// H = 256: +17%.
+// H = 256: +17%. From H = 512 (4 MB of LSTM W_hh, beyond L2) the split pays at
+// any B in a forward that saves nothing: Intel Xeon, 2 threads, `large`
+// (T = 200, B = 64, I = 256), A/B in alternating processes, LSTM -10% to
+// -17%, GRU -6% to -9%; a training forward, which also writes the gates, did
+// not gain (LSTM within noise, GRU 3-9% slower).
 constexpr int64_t kColumnSplitMaxB = 4;
-bool column_split(const LayerShape& s, int64_t threads, int64_t NB) {
-  return threads > 1 && NB >= 2 && s.B <= kColumnSplitMaxB;
+constexpr int64_t kColumnSplitMinH = 512;
+bool column_split(const LayerShape& s, int64_t threads, int64_t NB, bool inference) {
+  return threads > 1 && NB >= 2 &&
+         (s.B <= kColumnSplitMaxB || (inference && s.H >= kColumnSplitMinH));
 }
+
 
 // The fused forward: each thread runs the whole time loop over its own row
 // tiles (sequences are independent), one fork/join per call, or with very
@@ -207,6 +214,7 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
     a.I = s.I;
     a.mx = mx.data();
     a.bias = p.b_x;
+    a.prefetch_w = (jb1 - jb0) * H * ng * vk.pack_width * int64_t(sizeof(T)) >= kPrefetchMinBytes;
     for (int64_t step = 0; step < s.T; ++step) {
       // One time index per step: without lengths when reversed, so it is uniform.
       const int64_t t = s.reverse ? s.T - 1 - step : step;
@@ -230,7 +238,7 @@ void layer_fwd_fused(const LayerShape& s, const LayerPtrs<T>& p, T* h_n, T* c_n)
   };
   const int64_t threads = B * s.T * G * H >= kGatedLoopGrainFma ? at::get_num_threads() : 1;
 #ifdef _OPENMP
-  if (column_split(s, threads, NB)) {
+  if (column_split(s, threads, NB, p.gates == nullptr)) {
     // Every thread runs every row over its own unit blocks, and waits for
     // the others after each step, whose h the next step reads whole.
 #pragma omp parallel num_threads(int(std::min(threads, NB)))
@@ -381,6 +389,7 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
     a.ng = lstm ? 4 : 3;
     a.H = H, a.K = G, a.NP = NP, a.pw = pw, a.lda = G;
     a.mp = mp.data();
+    a.prefetch_w = G * H * int64_t(sizeof(T)) >= kPrefetchMinBytes;  // every thread, every panel
     a.lens = s.lengths;
     a.dh = g.dh;
     a.dc = g.dc;

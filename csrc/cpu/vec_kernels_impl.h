@@ -206,13 +206,18 @@ inline bool active(const int64_t* lens, int64_t b, int64_t step) {
 }
 
 // The k-loop of a register tile: acc[r][c] += sum_{k < K} a[r*lda + k] *
-// m[k*ldm + c*VL ...], C vectors of M loaded per k, shared by R rows.
-template <typename T, int R, int C>
+// m[k*ldm + c*VL ...], C vectors of M loaded per k, shared by R rows. PF:
+// prefetch M kPrefetchK rows ahead, for panels streamed from beyond L2.
+constexpr int64_t kPrefetchK = 16;
+template <typename T, int R, int C, bool PF = false>
 inline void tile_fma(Vectorized<T> (&acc)[R][C], const T* a, int64_t lda, const T* m,
                      int64_t ldm, int64_t K) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   for (int64_t k = 0; k < K; ++k, m += ldm) {
+    if constexpr (PF)  // past the end of the panel is harmless: a prefetch never faults
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) __builtin_prefetch(m + kPrefetchK * ldm + c * VL, 0, 3);
     V mv[C];
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) mv[c] = V::loadu(m + c * VL);
@@ -226,23 +231,24 @@ inline void tile_fma(Vectorized<T> (&acc)[R][C], const T* a, int64_t lda, const 
 }
 
 // acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]  (Args: StepArgs or GatedBwdArgs)
-template <typename T, int R, int C, typename Args>
+template <typename T, int R, int C, typename Args, bool PF = false>
 inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
   using V = Vectorized<T>;
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
-  tile_fma<T, R, C>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / p.pw) * p.K * p.pw, p.pw, p.K);
+  tile_fma<T, R, C, PF>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / p.pw) * p.K * p.pw, p.pw,
+                        p.K);
 }
 
-template <typename T, bool kForward, int R, int C>
+template <typename T, bool kForward, int R, int C, bool PF>
 inline void tile(const StepArgs<T>& p, int64_t b, int64_t j0) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   V acc[R][C];
   const bool gemm = kForward || p.a != nullptr;
-  if (gemm) tile_gemm<T, R, C>(p, b, j0, acc);
+  if (gemm) tile_gemm<T, R, C, StepArgs<T>, PF>(p, b, j0, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = b + r;
@@ -299,11 +305,17 @@ inline void for_tiles(int64_t N, int64_t NP, int64_t pw, int64_t b0, int64_t b1,
   }
 }
 
+template <typename T, bool kForward, bool PF>
+void fused_step_pf(const StepArgs<T>& p, int64_t b0, int64_t b1) {
+  for_tiles<T>(p.N, p.NP, p.pw, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
+    tile<T, kForward, R, C, PF>(p, b, j0);
+  });
+}
+
 template <typename T, bool kForward>
 void fused_step(const StepArgs<T>& p, int64_t b0, int64_t b1) {
-  for_tiles<T>(p.N, p.NP, p.pw, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
-    tile<T, kForward, R, C>(p, b, j0);
-  });
+  if (p.prefetch_w) fused_step_pf<T, kForward, true>(p, b0, b1);
+  else fused_step_pf<T, kForward, false>(p, b0, b1);
 }
 
 template <typename T>
@@ -548,7 +560,7 @@ struct GatedTiling {
 // GRU's n needs W_in x apart from W_hn h (n = tanh(W_in x + b_in + r * (W_hn h
 // + b_hn))): its h sums are set aside (to the stack: the tile fills the
 // register file) and its accumulators restart for W_in x.
-template <typename T, int NG, int R, bool FX>
+template <typename T, int NG, int R, bool FX, bool PF>
 inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
@@ -580,13 +592,13 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
       if (NG == 4 && p.cell) __builtin_prefetch(p.cell + row * H + j, 1, 3);
     }
   }
-  tile_fma<T, R, NG>(acc, a, H, m, ld, H);
+  tile_fma<T, R, NG, PF>(acc, a, H, m, ld, H);
   V ahn[kGruX ? R : 1];  // the GRU's W_hn h, set aside
   if constexpr (FX) {
     if constexpr (kGruX)
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) ahn[r] = acc[r][2], acc[r][2] = V(T(0));
-    tile_fma<T, R, NG>(acc, p.x + b * p.I, p.I, p.mx + jb * p.I * ld, ld, p.I);
+    tile_fma<T, R, NG, PF>(acc, p.x + b * p.I, p.I, p.mx + jb * p.I * ld, ld, p.I);
   }
   const int64_t j = jb * VL;
   const int n = int(std::min<int64_t>(VL, H - j));
@@ -654,29 +666,35 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
 // Rows [b0, b1) in tiles of R rows, then what is left in tiles of 4, 2 and 1
 // (each row's sums run over k in the same order whatever its tile: the bits
 // do not depend on how the rows are split).
-template <typename T, int NG, bool FX>
+template <typename T, int NG, bool FX, bool PF>
 void gated_fwd_step_ng(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
   constexpr int R = GatedTiling<T>::template rows<NG>;
   for (int64_t jb = p.jb0; jb < p.jb1; ++jb) {
     int64_t b = b0;
-    for (; b + R <= b1; b += R) gated_tile<T, NG, R, FX>(p, b, jb);
+    for (; b + R <= b1; b += R) gated_tile<T, NG, R, FX, PF>(p, b, jb);
     if constexpr (R > 4)
-      for (; b + 4 <= b1; b += 4) gated_tile<T, NG, 4, FX>(p, b, jb);
+      for (; b + 4 <= b1; b += 4) gated_tile<T, NG, 4, FX, PF>(p, b, jb);
     if constexpr (R > 2)
-      for (; b + 2 <= b1; b += 2) gated_tile<T, NG, 2, FX>(p, b, jb);
-    for (; b < b1; ++b) gated_tile<T, NG, 1, FX>(p, b, jb);
+      for (; b + 2 <= b1; b += 2) gated_tile<T, NG, 2, FX, PF>(p, b, jb);
+    for (; b < b1; ++b) gated_tile<T, NG, 1, FX, PF>(p, b, jb);
   }
+}
+
+template <typename T, bool PF>
+void gated_fwd_step_pf(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
+  if (p.ng == 4 && p.fused_x) gated_fwd_step_ng<T, 4, true, PF>(p, b0, b1);
+  else if (p.ng == 4) gated_fwd_step_ng<T, 4, false, PF>(p, b0, b1);
+  else if (p.fused_x) gated_fwd_step_ng<T, 3, true, PF>(p, b0, b1);
+  else gated_fwd_step_ng<T, 3, false, PF>(p, b0, b1);
 }
 
 template <typename T>
 void gated_fwd_step(const GatedStepArgs<T>& p, int64_t b0, int64_t b1) {
-  if (p.ng == 4 && p.fused_x) gated_fwd_step_ng<T, 4, true>(p, b0, b1);
-  else if (p.ng == 4) gated_fwd_step_ng<T, 4, false>(p, b0, b1);
-  else if (p.fused_x) gated_fwd_step_ng<T, 3, true>(p, b0, b1);
-  else gated_fwd_step_ng<T, 3, false>(p, b0, b1);
+  if (p.prefetch_w) gated_fwd_step_pf<T, true>(p, b0, b1);
+  else gated_fwd_step_pf<T, false>(p, b0, b1);
 }
 
-template <typename T, int NG, int R, int C>
+template <typename T, int NG, int R, int C, bool PF>
 inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
@@ -708,7 +726,7 @@ inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
     }
   }
   V acc[R][C];
-  if (p.a) tile_gemm<T, R, C>(p, b, j0, acc);
+  if (p.a) tile_gemm<T, R, C, GatedBwdArgs<T>, PF>(p, b, j0, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = b + r;
@@ -764,17 +782,19 @@ inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
   }
 }
 
-template <typename T, int NG>
+template <typename T, int NG, bool PF>
 void gated_bwd_step_ng(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
   for_tiles<T>(p.H, p.NP, p.pw, b0, b1, [&]<int R, int C>(int64_t b, int64_t j0) {
-    gated_bwd_tile<T, NG, R, C>(p, b, j0);
+    gated_bwd_tile<T, NG, R, C, PF>(p, b, j0);
   });
 }
 
 template <typename T>
 void gated_bwd_step(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
-  if (p.ng == 4) gated_bwd_step_ng<T, 4>(p, b0, b1);
-  else gated_bwd_step_ng<T, 3>(p, b0, b1);
+  if (p.ng == 4 && p.prefetch_w) gated_bwd_step_ng<T, 4, true>(p, b0, b1);
+  else if (p.ng == 4) gated_bwd_step_ng<T, 4, false>(p, b0, b1);
+  else if (p.prefetch_w) gated_bwd_step_ng<T, 3, true>(p, b0, b1);
+  else gated_bwd_step_ng<T, 3, false>(p, b0, b1);
 }
 
 // ---------------------------------------------------------------------------
