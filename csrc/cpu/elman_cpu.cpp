@@ -21,6 +21,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include "../checks.h"
@@ -105,11 +106,22 @@ T norm_of_sum(const T* g, const T* c, int64_t n) {
 // The fused steps keep the packed W_hh in cache for the whole sequence. Up to
 // H = 256 they beat a per-step MKL call plus a separate pass (measured at
 // B in {16,32,64}: 1.3-2x forward, 1.2-1.4x backward). At H = 512 (1 MB of
-// W_hh in float32, prefetched a few k ahead from kPrefetchMinBytes): B = 64,
-// T = 200, 2 threads, the backward took 9% less than BLAS on an AMD EPYC
-// (Zen 3); the forward 6-11% less on the Intel Xeon (A/B in alternating
-// processes, three pairs). Past 512, BLAS.
+// W_hh in float32), B = 64, T = 200, 2 threads: the fused backward took 9%
+// less than BLAS on an AMD EPYC Zen 3 (512 KB L2); the fused forward 8% more
+// there, but 6-11% less on the Intel Xeon (2 MB L2; A/B in alternating
+// processes, three pairs, W_hh prefetched from kPrefetchMinBytes). So past
+// kFusedAnyL2H the forward stays fused while W_hh fits in L2. Past 512, BLAS.
 constexpr int64_t kFusedMaxH = 512;
+constexpr int64_t kFusedAnyL2H = 256;
+
+// L2 per core as the OS reports it (sysconf), 1 MB where it does not.
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return n > 0 ? int64_t(n) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
 // Work (multiply-adds over the whole sequence) below which the fused loop
 // stays on one thread.
 constexpr int64_t kLoopGrainFma = int64_t(1) << 18;
@@ -128,13 +140,18 @@ void for_row_tiles(int64_t B, int64_t row_block, int64_t fma_per_row, const F& l
   });
 }
 
-inline bool fused_path(const ElmanShape& s) { return s.H <= kFusedMaxH; }
+template <typename T>
+bool fused_path(const ElmanShape& s, bool backward) {
+  if (s.H > kFusedMaxH) return false;
+  return backward || s.H <= kFusedAnyL2H || s.H * s.H * int64_t(sizeof(T)) <= l2_bytes();
+}
 
 // Reverse with lengths on the fused path: a forward call on the sequences
 // reversed within their lengths (time_order.h), since a fused step reads one
 // time block.
-inline bool fused_reversed(const ElmanShape& s) {
-  return fused_path(s) && s.reverse && s.lengths;
+template <typename T>
+bool fused_reversed(const ElmanShape& s, bool backward) {
+  return fused_path<T>(s, backward) && s.reverse && s.lengths;
 }
 
 template <typename T>
@@ -143,7 +160,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
   const int64_t t_max = max_length(s);
-  if (fused_reversed(s)) {
+  if (fused_reversed<T>(s, false)) {
     reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);  // the pre-activations
     ElmanFwdParams<T> q = p;
     q.shape.reverse = false;  // h_n is then each sequence's last step: time 0
@@ -151,7 +168,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
     reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);
     return;
   }
-  if (fused_path(s)) {
+  if (fused_path<T>(s, false)) {
     int64_t NP = 0;
     const int64_t pw = panel_width_for(vk, H);
     // z += h_prev W_hh^T: M = W_hh^T, M[k][j] = W_hh[j][k]
@@ -276,7 +293,7 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
   const ElmanShape& s = p.shape;
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
-  if (fused_reversed(s) && !p.grad_h_norm) {
+  if (fused_reversed<T>(s, true) && !p.grad_h_norm) {
     const auto g = reversed_within_lengths(p.grad_out, s.T, B, H, s.lengths);
     const auto h = reversed_within_lengths(p.out, s.T, B, H, s.lengths);
     ElmanBwdParams<T> q = p;
@@ -289,7 +306,7 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
     reverse_within_lengths(p.grad_z, p.grad_z, s.T, B, H, s.lengths);
     return;
   }
-  if (fused_path(s) && !p.grad_h_norm) {
+  if (fused_path<T>(s, true) && !p.grad_h_norm) {
     elman_bwd_fused(p);
     return;
   }
