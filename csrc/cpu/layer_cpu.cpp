@@ -347,7 +347,8 @@ struct LayerGradPtrs {
   T* dc;              // [B,H] dL/dc_n in, dL/dc0 out (LSTM)
   T* dax;             // [T,B,G] written at every step a sequence reaches; zero
                       // on entry with lengths (the others stay 0)
-  T* dah;             // [T,B,G] GRU (as dax), else == dax
+  T* dahn;            // [T,B,H] GRU: dL/d(W_hn h + b_hn), zero on entry as dax;
+                      // dah's r, z columns are dax's. Null for the LSTM (dah = dax)
   T* dh_all;          // [T,B,P] dL/dh_t in total, for dW_hr (projection; zero on entry)
   T* grad_norm;       // [T,B] ||dL/dh_t|| (zero on entry), or nullptr
 };
@@ -394,7 +395,10 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
     a.dh = g.dh;
     a.dc = g.dc;
     a.dtot = g.grad_norm ? dtot.data() : nullptr;
-    const T* dah_next = nullptr;  // dL/dah of the step processed before (step + 1), or none
+    // dL/dah of the step processed before (step + 1), or none: dax's row (all
+    // of dah for the LSTM, its r and z parts for the GRU) and the GRU's dahn.
+    const T* dah_next = nullptr;
+    const T* a_n_next = nullptr;
     for (int64_t step = s.T - 1; step >= 0; --step) {
       const int64_t t = time_of(step);
       if (step >= t_max) {  // every sequence has ended: only a cut acts
@@ -402,6 +406,7 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
         continue;
       }
       a.a = dah_next;
+      a.a_n = a_n_next;
       a.step = step, a.step_a = step + 1;
       a.grad_out = g.grad_out + t * B * H;
       a.gates = p.gates + t * B * S;
@@ -409,7 +414,7 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
       a.prev = step == 0 ? (lstm ? p.c0 : p.h0)
                          : (lstm ? p.cell : p.out) + time_of(step - 1) * B * H;
       a.dax = g.dax + t * B * G;
-      a.dah = g.dah + t * B * G;
+      if (!lstm) a.dahn = g.dahn + t * B * H;
       vk.gated_bwd_step(a, b0, b1);
       if (g.grad_norm)
         for (int64_t b = b0; b < b1; ++b)
@@ -418,11 +423,13 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
         cut_rows();
         dah_next = nullptr;
       } else {
-        dah_next = g.dah + t * B * G;
+        dah_next = g.dax + t * B * G;
+        a_n_next = lstm ? nullptr : g.dahn + t * B * H;
       }
     }
     if (dah_next) {  // dL/dh0 from the first step's gates
       a.a = dah_next;
+      a.a_n = a_n_next;
       a.step_a = 0;
       a.final_carry = true;
       vk.gated_bwd_step(a, b0, b1);
@@ -450,7 +457,7 @@ void layer_bwd_fused_reversed(const LayerShape& s, const LayerPtrs<T>& p,
   r.grad_out = grad_out.get();
   layer_bwd_fused(f, q, r);
   reverse_within_lengths(g.dax, g.dax, T_, B, G, s.lengths);
-  if (g.dah != g.dax) reverse_within_lengths(g.dah, g.dah, T_, B, G, s.lengths);
+  if (g.dahn) reverse_within_lengths(g.dahn, g.dahn, T_, B, H, s.lengths);
   if (g.grad_norm) reverse_within_lengths(g.grad_norm, g.grad_norm, T_, B, int64_t(1), s.lengths);
 }
 
@@ -526,8 +533,9 @@ void layer_bwd_kernel(const LayerShape& s, const LayerPtrs<T>& p, const LayerGra
           for (int64_t j = 0; j < H; ++j) dhb[j] += g.grad_out[r * P + j];
           if (g.grad_norm) g.grad_norm[r] = norm_of(dhb, H);
           const T* h_prev = pr < 0 ? p.h0 + b * P : p.out + pr * P;
-          vk.gru_bwd_row(H, p.gates + r * S, h_prev, dhb, g.dax + r * G, g.dah + r * G);
-          std::memcpy(dahb, g.dah + r * G, sizeof(T) * G);
+          vk.gru_bwd_row(H, p.gates + r * S, h_prev, dhb, g.dax + r * G, g.dahn + r * H);
+          std::memcpy(dahb, g.dax + r * G, sizeof(T) * 2 * H);
+          std::memcpy(dahb + 2 * H, g.dahn + r * H, sizeof(T) * H);
         }
       }
     });
@@ -646,14 +654,14 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
 
   auto dh = dense(grad_h_n).clone();                              // [B,P] -> dL/dh0
   auto dc = lstm ? dense(*grad_c_n).clone() : empty0(input);      // [B,H] -> dL/dc0
-  // dax and dah must be zero where no step writes them: the steps a sequence
+  // dax and dahn must be zero where no step writes them: the steps a sequence
   // does not reach. Without lengths every step writes every row, so a [T,B,G]
   // fill would be dead work (tests/test_uninitialized.py holds both cases).
-  const auto grads_of_steps = [&] {
-    return s.lengths ? at::zeros({T, B, G}, opts) : at::empty({T, B, G}, opts);
+  const auto grads_of_steps_n = [&](int64_t n) {
+    return s.lengths ? at::zeros({T, B, n}, opts) : at::empty({T, B, n}, opts);
   };
-  auto dax = grads_of_steps();                                              // [T,B,G]
-  auto dah = lstm ? dax : grads_of_steps();                                 // [T,B,G]
+  auto dax = grads_of_steps_n(G);                                // [T,B,G]
+  auto dahn = lstm ? empty0(input) : grads_of_steps_n(H);        // [T,B,H] GRU
   auto dh_all = s.proj ? at::zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
   auto grad_norm = want_grad_norm ? at::zeros({T, B}, opts) : empty0(input);  // [T,B]
   if (T * B > 0) {
@@ -671,13 +679,13 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       gp.dh = dh.data_ptr<scalar_t>();
       gp.dc = lstm ? dc.data_ptr<scalar_t>() : nullptr;
       gp.dax = dax.data_ptr<scalar_t>();
-      gp.dah = dah.data_ptr<scalar_t>();
+      gp.dahn = lstm ? nullptr : dahn.data_ptr<scalar_t>();
       gp.dh_all = s.proj ? dh_all.data_ptr<scalar_t>() : nullptr;
       gp.grad_norm = want_grad_norm ? grad_norm.data_ptr<scalar_t>() : nullptr;
       layer_bwd_kernel(s, p, gp);
     });
   }
-  const auto dax2 = dax.view({T * B, G}), dah2 = dah.view({T * B, G});
+  const auto dax2 = dax.view({T * B, G});
   auto g_in = empty0(input);
   if (grad_input) {
     g_in = at::empty({T, B, I}, opts);
@@ -688,30 +696,44 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   atb_out(g_w_ih, dax2, finite_padding(x, s.lengths).view({T * B, I}), false);
   auto g_b_ih = at::zeros({G}, opts);
   add_column_sums(g_b_ih, dax2);
+  // dah = dax but for the GRU's n columns, which are dahn: b_hh's and W_hh's
+  // gradients take their r, z rows from dax and their n rows from dahn.
   at::Tensor g_b_hh = g_b_ih;
   if (!lstm) {
-    g_b_hh = at::zeros({G}, opts);
-    add_column_sums(g_b_hh, dah2);
+    g_b_hh = at::empty({G}, opts);
+    g_b_hh.narrow(0, 0, 2 * H).copy_(g_b_ih.narrow(0, 0, 2 * H));
+    auto n_rows = g_b_hh.narrow(0, 2 * H, H);
+    n_rows.zero_();
+    add_column_sums(n_rows, dahn.view({T * B, H}));
   }
   // dW_hh = sum_t dah_t^T h_prev(t): h0 at each sequence's first processed
   // step, the neighbouring step's output otherwise (0 at padded times, whose
-  // dah is 0 too).
-  at::Tensor dah_first;
-  if (T == 0) {
-    dah_first = at::zeros({B, G}, opts);
-  } else if (s.reverse && s.lengths) {
-    dah_first = at::zeros({B, G}, opts);
-    for (int64_t b = 0; b < B; ++b)
-      if (s.lengths[b] > 0) dah_first[b].copy_(dah[s.lengths[b] - 1][b]);
-  } else {
-    dah_first = dah[s.reverse ? T - 1 : 0];
-  }
+  // dah is 0 too). rows: dW_hh's rows for dah's columns src [T*B, n].
+  auto add_w_hh = [&](at::Tensor rows, const at::Tensor& src) {
+    const int64_t n = src.size(1);
+    at::Tensor first;
+    if (T == 0) {
+      first = at::zeros({B, n}, opts);
+    } else if (s.reverse && s.lengths) {
+      first = at::zeros({B, n}, opts);
+      for (int64_t b = 0; b < B; ++b)
+        if (s.lengths[b] > 0) first[b].copy_(src[(s.lengths[b] - 1) * B + b]);
+    } else {
+      first = src.narrow(0, (s.reverse ? T - 1 : 0) * B, B);
+    }
+    atb_out(rows, first, hx, false);
+    if (T > 1) {
+      const auto rest = src.narrow(0, (s.reverse ? 0 : 1) * B, (T - 1) * B);
+      const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
+      atb_out(rows, rest, h_prev.reshape({(T - 1) * B, P}), true);
+    }
+  };
   auto g_w_hh = at::empty({G, P}, opts);
-  atb_out(g_w_hh, dah_first, hx, false);
-  if (T > 1) {
-    const auto rest = s.reverse ? dah.narrow(0, 0, T - 1) : dah.narrow(0, 1, T - 1);
-    const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
-    atb_out(g_w_hh, rest.reshape({(T - 1) * B, G}), h_prev.reshape({(T - 1) * B, P}), true);
+  if (lstm) {
+    add_w_hh(g_w_hh, dax2);
+  } else {
+    add_w_hh(g_w_hh.narrow(0, 0, 2 * H), dax2.narrow(1, 0, 2 * H));
+    add_w_hh(g_w_hh.narrow(0, 2 * H, H), dahn.view({T * B, H}));
   }
   auto g_w_hr = empty0(input);
   if (s.proj) {

@@ -106,8 +106,9 @@ struct GatedStepArgs {
 };
 
 // One fused backward step of a gated cell without a projection, for rows
-// [b0, b1): the carry a W_hh (a = the previous processed step's dL/dah) on a
-// register tile of units, then the cell's pointwise backward (cells/lstm.h,
+// [b0, b1): the carry a W_hh (a = the previous processed step's dL/dah: for
+// the LSTM its dax; for the GRU its dax's r and z columns, which equal dah's,
+// then its dahn) on a register tile of units, then the cell's pointwise backward (cells/lstm.h,
 // gru.h) on it. Per row b and unit j, with inc the gradient reaching h_t from
 // later steps:
 //   inc = a_b W_hh[:, j] (LSTM) or dh[b,j] + a_b W_hh[:, j] (GRU, dh holding the
@@ -115,19 +116,20 @@ struct GatedStepArgs {
 //         dh[b,j] otherwise (a frozen state passes its gradient through; a is
 //         null at the first processed step and after a truncation cut);
 //   dL/dh_t = grad_out + inc, into dtot when given (for ||dL/dh_t||), then
-//   the cell's backward writes dax (and dah for the GRU), the carry dc (LSTM)
+//   the cell's backward writes dax (and dahn for the GRU), the carry dc (LSTM)
 //   and, for the GRU, the direct part into dh. Rows inactive at `step` are
 //   left alone. final_carry: only dh = a W_hh (LSTM) or dh += a W_hh (GRU) for
 //   rows active at step_a, after the last processed step.
 //   mp: W_hh [G, H] in panels of panel_width units (pack_panels)
 //   grad_out, cell, prev (LSTM c_prev / GRU h_prev), dh, dc, dtot: [B,H] rows;
-//   gates [B,4H]; a, dax, dah: [B,G]
+//   gates [B,4H]; a, dax: [B,G]; a_n, dahn: [B,H] (GRU)
 template <typename T>
 struct GatedBwdArgs {
   int ng = 4;
   int64_t H = 0, K = 0, NP = 0, lda = 0;  // K = G rows of W_hh; lda = G
   int64_t pw = 0;  // mp's panel width (VecKernels::panel_width_for)
   const T* a = nullptr;
+  const T* a_n = nullptr;  // GRU: the carry's last H columns (dahn), a's first 2H
   const T* mp = nullptr;
   const int64_t* lens = nullptr;
   int64_t step = 0, step_a = 0;
@@ -139,7 +141,7 @@ struct GatedBwdArgs {
   T* dh = nullptr;
   T* dc = nullptr;
   T* dax = nullptr;
-  T* dah = nullptr;
+  T* dahn = nullptr;  // GRU: dL/d(W_hn h + b_hn); dah's r, z parts are dax's
   T* dtot = nullptr;
   bool prefetch_w = false;  // as GatedStepArgs::prefetch_w
 };
@@ -181,8 +183,8 @@ struct VecKernels {
   //   -> act [4H] (r, z, n, ah_n + b_hn), h [H].
   void (*gru_fwd_row)(int64_t H, const T* ax, const T* ah, const T* b_hh, const T* h_prev, T* act,
                       T* h);
-  // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out; dax, dah [3H] out.
-  void (*gru_bwd_row)(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dah);
+  // dh [H]: dL/dh_t in, the direct part of dL/dh_prev out; dax [3H], dahn [H] out.
+  void (*gru_bwd_row)(int64_t H, const T* act, const T* h_prev, T* dh, T* dax, T* dahn);
   // The fused gated step (GatedStepArgs), rows [b0, b1) in register tiles.
   void (*gated_fwd_step)(const GatedStepArgs<T>& p, int64_t b0, int64_t b1);
   // The fused gated backward step (GatedBwdArgs); its row block is row_block.
