@@ -122,6 +122,7 @@ inline int64_t l2_bytes() {
   }();
   return bytes;
 }
+
 // Work (multiply-adds over the whole sequence) below which the fused loop
 // stays on one thread.
 constexpr int64_t kLoopGrainFma = int64_t(1) << 18;

@@ -180,7 +180,6 @@ bool column_split(const LayerShape& s, int64_t threads, int64_t NB, bool inferen
          (s.B <= kColumnSplitMaxB || (inference && s.H >= kColumnSplitMinH));
 }
 
-
 // The fused forward: each thread runs the whole time loop over its own row
 // tiles (sequences are independent), one fork/join per call, or with very
 // few rows over its own unit blocks (column_split). Each unit of each row is
@@ -657,11 +656,11 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   // dax and dahn must be zero where no step writes them: the steps a sequence
   // does not reach. Without lengths every step writes every row, so a [T,B,G]
   // fill would be dead work (tests/test_uninitialized.py holds both cases).
-  const auto grads_of_steps_n = [&](int64_t n) {
+  const auto grads_of_steps = [&](int64_t n) {
     return s.lengths ? at::zeros({T, B, n}, opts) : at::empty({T, B, n}, opts);
   };
-  auto dax = grads_of_steps_n(G);                                // [T,B,G]
-  auto dahn = lstm ? empty0(input) : grads_of_steps_n(H);        // [T,B,H] GRU
+  auto dax = grads_of_steps(G);                                             // [T,B,G]
+  auto dahn = lstm ? empty0(input) : grads_of_steps(H);                     // [T,B,H] GRU
   auto dh_all = s.proj ? at::zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
   auto grad_norm = want_grad_norm ? at::zeros({T, B}, opts) : empty0(input);  // [T,B]
   if (T * B > 0) {

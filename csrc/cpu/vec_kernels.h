@@ -108,9 +108,9 @@ struct GatedStepArgs {
 // One fused backward step of a gated cell without a projection, for rows
 // [b0, b1): the carry a W_hh (a = the previous processed step's dL/dah: for
 // the LSTM its dax; for the GRU its dax's r and z columns, which equal dah's,
-// then its dahn) on a register tile of units, then the cell's pointwise backward (cells/lstm.h,
-// gru.h) on it. Per row b and unit j, with inc the gradient reaching h_t from
-// later steps:
+// then its dahn) on a register tile of units, then the cell's pointwise
+// backward (cells/lstm.h, gru.h) on it. Per row b and unit j, with inc the
+// gradient reaching h_t from later steps:
 //   inc = a_b W_hh[:, j] (LSTM) or dh[b,j] + a_b W_hh[:, j] (GRU, dh holding the
 //         direct part z * dh of the step after) for rows active at step_a;
 //         dh[b,j] otherwise (a frozen state passes its gradient through; a is

@@ -230,14 +230,18 @@ inline void tile_fma(Vectorized<T> (&acc)[R][C], const T* a, int64_t lda, const 
   }
 }
 
-// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]  (Args: StepArgs or GatedBwdArgs)
-template <typename T, int R, int C, typename Args, bool PF = false>
-inline void tile_gemm(const Args& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
-  using V = Vectorized<T>;
+template <typename T, int R, int C>
+inline void tile_zero(Vectorized<T> (&acc)[R][C]) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
+    for (int c = 0; c < C; ++c) acc[r][c] = Vectorized<T>(T(0));
+}
+
+// acc[r][c] = sum_k a[r,k] M[k, j0 + c*VL : ...]  (StepArgs)
+template <typename T, int R, int C, bool PF>
+inline void tile_gemm(const StepArgs<T>& p, int64_t b, int64_t j0, Vectorized<T> (&acc)[R][C]) {
+  tile_zero(acc);
   tile_fma<T, R, C, PF>(acc, p.a + b * p.lda, p.lda, p.mp + (j0 / p.pw) * p.K * p.pw, p.pw,
                         p.K);
 }
@@ -248,7 +252,7 @@ inline void tile(const StepArgs<T>& p, int64_t b, int64_t j0) {
   constexpr int VL = V::size();
   V acc[R][C];
   const bool gemm = kForward || p.a != nullptr;
-  if (gemm) tile_gemm<T, R, C, StepArgs<T>, PF>(p, b, j0, acc);
+  if (gemm) tile_gemm<T, R, C, PF>(p, b, j0, acc);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const int64_t row = b + r;
@@ -566,10 +570,7 @@ inline void gated_tile(const GatedStepArgs<T>& p, int64_t b, int64_t jb) {
   constexpr int64_t ld = NG * VL;  // a packed row of one unit block (pack_gates)
   const int64_t H = p.H;
   V acc[R][NG];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int g = 0; g < NG; ++g) acc[r][g] = V(T(0));
+  tile_zero(acc);
   const T* a = p.a + b * H;
   const T* m = p.mp + jb * H * ld;
   {
@@ -723,19 +724,13 @@ inline void gated_bwd_tile(const GatedBwdArgs<T>& p, int64_t b, int64_t j0) {
   }
   V acc[R][C];
   if (p.a) {
-    if constexpr (NG == 3) {
-      // k over dah's r, z columns (dax's), then over dahn: the same k order
-      // as one pass over a [B,3H] dah.
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-        for (int c = 0; c < C; ++c) acc[r][c] = V(T(0));
-      const T* m = p.mp + (j0 / p.pw) * p.K * p.pw;
-      tile_fma<T, R, C, PF>(acc, p.a + b * p.lda, p.lda, m, p.pw, 2 * H);
-      tile_fma<T, R, C, PF>(acc, p.a_n + b * H, H, m + 2 * H * p.pw, p.pw, H);
-    } else {
-      tile_gemm<T, R, C, GatedBwdArgs<T>, PF>(p, b, j0, acc);
-    }
+    // The carry over k: all of a (the LSTM's dah = dax), or for the GRU a's r,
+    // z columns (dax's) then dahn, in the order of one pass over [B,3H] dah.
+    tile_zero(acc);
+    const T* m = p.mp + (j0 / p.pw) * p.K * p.pw;
+    const int64_t k_a = NG == 3 ? 2 * H : p.K;
+    tile_fma<T, R, C, PF>(acc, p.a + b * p.lda, p.lda, m, p.pw, k_a);
+    if constexpr (NG == 3) tile_fma<T, R, C, PF>(acc, p.a_n + b * H, H, m + k_a * p.pw, p.pw, H);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
