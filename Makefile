@@ -67,11 +67,11 @@ SAN_TESTS := tests/test_elman_agreement.py tests/test_elman_edges.py \
              tests/test_loss_gradcheck.py tests/test_loss_module.py tests/test_modules.py \
              tests/test_activation.py tests/test_client.py tests/test_opcheck.py \
              tests/test_properties.py tests/test_gated.py tests/test_reliability.py \
-             tests/test_client_patterns.py
+             tests/test_client_patterns.py tests/test_host_cache.py
 # Subprocesses and compilers do not run under the preloaded sanitizers; the
 # gated modules' torch.nn parity grid is Python over the kernels the rest covers.
 SAN_SKIP  := not lower_cpu_capability_in_subprocess and not fresh_process and not compile_fullgraph \
-             and not module_matches_nn
+             and not module_matches_nn and not in_a_subprocess
 SAN_CHECK := import os, rnnkern._C as c; print("sanitized _C:", c.__file__); \
              assert c.__file__.startswith(os.environ["RNNKERN_EXPECT_C_IN"])
 SAN_ENV    = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \

@@ -13,6 +13,7 @@
 
 #include "checks.h"
 #include "cpu/elman_cpu.h"
+#include "cpu/host_cache.h"
 #include "cpu/vec_kernels.h"
 
 // Importing rnnkern._C loads this library and so registers the ops; the module
@@ -45,11 +46,38 @@ static PyObject* rnnkern_gemm_backend(PyObject*, PyObject*) {
   }
 }
 
+static PyObject* rnnkern_host_cache_info(PyObject*, PyObject*) {
+  try {
+    const auto i = rnnkern::cpu::host_cache_info();
+    return Py_BuildValue("(LLLLL)", static_cast<long long>(i.cached_bytes),
+                         static_cast<long long>(i.in_use_bytes),
+                         static_cast<long long>(i.limit_bytes), static_cast<long long>(i.hits),
+                         static_cast<long long>(i.misses));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+static PyObject* rnnkern_empty_cache(PyObject*, PyObject*) {
+  try {
+    rnnkern::cpu::host_cache_empty();
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef rnnkern_methods[] = {
     {"cpu_capability", rnnkern_cpu_capability, METH_NOARGS,
      "The instruction set the CPU kernels' element-wise passes were chosen for."},
     {"gemm_backend", rnnkern_gemm_backend, METH_NOARGS,
      "Who runs the CPU's products over all rows: (source, cache file, ((kind, backend, tiles s, BLAS s), ...))."},
+    {"host_cache_info", rnnkern_host_cache_info, METH_NOARGS,
+     "The CPU buffer cache: (cached bytes, bytes in use, cap, hits, misses)."},
+    {"empty_cache", rnnkern_empty_cache, METH_NOARGS,
+     "Frees the CPU buffer cache's free blocks."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyMODINIT_FUNC PyInit__C(void) {

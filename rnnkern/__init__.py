@@ -7,7 +7,7 @@ rnn_loss / RNNLoss fuse a linear head and a per-step loss into the same calls.
 
 from . import functional, reference
 from ._details import RNNLossDetails
-from ._ops import cpu_capability, gemm_backend
+from ._ops import cache_info, cpu_capability, empty_cache, gemm_backend
 from .check import gradcheck
 from .loss import RNNLoss
 from .modules import GRU, LSTM, RNN
@@ -20,5 +20,5 @@ import torch as _torch
 _torch.serialization.add_safe_globals([RNN, LSTM, GRU, RNNLoss])
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNLoss", "RNNLossDetails", "functional", "reference", "cpu_capability",
-           "gemm_backend", "gradcheck"]
+           "gemm_backend", "empty_cache", "cache_info", "gradcheck"]
 __version__ = "0.1.0"

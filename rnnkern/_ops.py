@@ -13,7 +13,7 @@ import torch
 from . import _C  # noqa: F401  (loading the library registers the ops)
 
 __all__ = ["elman_fwd", "elman_bwd", "elman_loss_fwd", "elman_loss_bwd", "layer_fwd", "layer_bwd",
-           "head_loss_fwd", "head_loss_bwd", "cpu_capability", "gemm_backend"]
+           "head_loss_fwd", "head_loss_bwd", "cpu_capability", "gemm_backend", "empty_cache", "cache_info"]
 
 
 def cpu_capability() -> str:
@@ -48,6 +48,32 @@ def gemm_backend() -> str:
     if len(names) == 1:
         return names.pop()
     return ",".join(f"{kind}={who}" for kind, who, _, _ in kinds)
+
+
+def empty_cache() -> None:
+    """Frees the CPU buffers rnnkern keeps for reuse (as torch.cuda.empty_cache
+    does for torch's GPU allocator).
+
+    The CPU kernels take each per-call buffer of 16 MB or more (the saved
+    gates, the outputs, the step gradients of a large layer) from a cache:
+    when the tensor dies its block is kept, and the next call of the same or
+    a slightly smaller size reuses it instead of page-faulting fresh memory
+    in (glibc maps and unmaps every block past 32 MB). The cache holds at
+    most ``RNNKERN_HOST_CACHE_MB`` megabytes of free blocks (read at the first
+    such buffer; default 1024, 0 turns caching off) and frees the oldest
+    beyond that. Blocks that tensors still hold are not affected."""
+    _C.empty_cache()
+
+
+def cache_info() -> dict:
+    """The CPU buffer cache (see empty_cache): ``cached_bytes`` (free blocks
+    kept), ``in_use_bytes`` (blocks tensors hold), ``limit_bytes`` (the cap
+    on cached_bytes), ``hits`` and ``misses`` (allocations served from a kept
+    block, or from the OS). Raises ValueError if RNNKERN_HOST_CACHE_MB is not
+    a whole number >= 0."""
+    cached, in_use, limit, hits, misses = _C.host_cache_info()
+    return dict(cached_bytes=cached, in_use_bytes=in_use, limit_bytes=limit, hits=hits,
+                misses=misses)
 
 
 def gemm_backend_line() -> str:

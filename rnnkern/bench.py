@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import functional, reference
-from ._ops import cpu_capability, gemm_backend_line
+from ._ops import cpu_capability, empty_cache, gemm_backend_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,6 +379,7 @@ def _glibc():
 
 def _trim():
     gc.collect()
+    empty_cache()  # else a kept block is resident before the call and not counted
     if _glibc():
         _glibc().malloc_trim(0)
 

@@ -31,6 +31,7 @@
 #include "probe_cache.h"
 #include "blas.h"
 #include "elman_cpu.h"
+#include "host_cache.h"
 #include "time_order.h"
 #include "vec_kernels.h"
 
@@ -765,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
   const auto h0 = dense(hx);  // [B,H]
   const auto w_hh = dense(weight_hh);
   const auto w_ih = dense(weight_ih);
-  auto out = at::empty({s.T, s.B, s.H}, x.options());  // [T,B,H]
+  auto out = big_empty({s.T, s.B, s.H}, x.options());  // [T,B,H]
   auto h_n = at::empty({s.B, s.H}, x.options());        // [B,H]
   if (s.T * s.B == 0) {
     h_n.copy_(h0);
@@ -807,7 +808,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   const auto g_out = dense(grad_output);
   const int64_t T = s.T, B = s.B, H = s.H, I = s.I;
   auto carry = dense(grad_h_n).clone();  // [B,H] -> dL/dh0
-  auto grad_z = at::empty({T, B, H}, x.options());     // [T,B,H]
+  auto grad_z = big_empty({T, B, H}, x.options());     // [T,B,H]
   auto grad_z_first = at::empty({B, H}, x.options());  // [B,H]
   auto gemm_buf = at::empty({B, H}, x.options());      // [B,H]
   TORCH_INTERNAL_ASSERT(!grad_h_norm.defined() ||
@@ -835,7 +836,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   const auto gz2 = grad_z.view({T * B, H});
   g.input = at::empty({0}, x.options());
   if (grad_input) {
-    g.input = at::empty({T, B, I}, x.options());
+    g.input = big_empty({T, B, I}, x.options());
     auto gi2 = g.input.view({T * B, I});
     small_mm_out(gi2, gz2, w_ih);
   }

@@ -33,6 +33,7 @@
 #include "pack.h"
 #include "blas.h"
 #include "elman_cpu.h"
+#include "host_cache.h"
 #include "time_order.h"
 #include "vec_kernels.h"
 
@@ -585,22 +586,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor b_h = !lstm && bias_hh.has_value() ? dense(*bias_hh) : at::Tensor();
 
   const bool fuse_x = fused_input(s, int64_t(input.element_size()));
-  auto ax = fuse_x ? empty0(input) : at::empty({s.T, s.B, s.G}, opts);  // [T,B,G]
+  auto ax = fuse_x ? empty0(input) : big_empty({s.T, s.B, s.G}, opts);  // [T,B,G]
   const at::Tensor b_xc = b_x.defined() ? dense(b_x) : b_x;
   if (s.T * s.B > 0 && !fuse_x) {
     auto ax2 = ax.view({s.T * s.B, s.G});
     small_mm_out(ax2, x.view({s.T * s.B, s.I}), w_ih.t(), b_xc);
   }
-  auto out = at::empty({s.T, s.B, s.P}, opts);
+  auto out = big_empty({s.T, s.B, s.P}, opts);
   auto h_n = at::empty({s.B, s.P}, opts);
   auto c_n = lstm ? at::empty({s.B, s.H}, opts) : empty0(input);
   // Backward's state. Without train the fused step saves none of it; the
   // step-by-step loop uses gates and cell as its scratch.
   const bool state = train || !gated_fused_path(s);
-  auto gates = state ? at::empty({s.T, s.B, 4 * s.H}, opts) : empty0(input);
-  auto cell = lstm && state ? at::empty({s.T, s.B, s.H}, opts) : empty0(input);
+  auto gates = state ? big_empty({s.T, s.B, 4 * s.H}, opts) : empty0(input);
+  auto cell = lstm && state ? big_empty({s.T, s.B, s.H}, opts) : empty0(input);
   // Zero at padded steps (written by no step): dW_hr multiplies all of it.
-  auto proj_in = s.proj ? at::zeros({s.T, s.B, s.H}, opts) : empty0(input);
+  auto proj_in = s.proj ? big_zeros({s.T, s.B, s.H}, opts) : empty0(input);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_fwd", [&] {
     LayerPtrs<scalar_t> p{};
     p.ax = fuse_x ? nullptr : ax.const_data_ptr<scalar_t>();
@@ -657,11 +658,11 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   // does not reach. Without lengths every step writes every row, so a [T,B,G]
   // fill would be dead work (tests/test_uninitialized.py holds both cases).
   const auto grads_of_steps = [&](int64_t n) {
-    return s.lengths ? at::zeros({T, B, n}, opts) : at::empty({T, B, n}, opts);
+    return s.lengths ? big_zeros({T, B, n}, opts) : big_empty({T, B, n}, opts);
   };
   auto dax = grads_of_steps(G);                                             // [T,B,G]
   auto dahn = lstm ? empty0(input) : grads_of_steps(H);                     // [T,B,H] GRU
-  auto dh_all = s.proj ? at::zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
+  auto dh_all = s.proj ? big_zeros({T, B, P}, opts) : empty0(input);        // [T,B,P]
   auto grad_norm = want_grad_norm ? at::zeros({T, B}, opts) : empty0(input);  // [T,B]
   if (T * B > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "layer_bwd", [&] {
@@ -687,7 +688,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   const auto dax2 = dax.view({T * B, G});
   auto g_in = empty0(input);
   if (grad_input) {
-    g_in = at::empty({T, B, I}, opts);
+    g_in = big_empty({T, B, I}, opts);
     auto gi2 = g_in.view({T * B, I});
     small_mm_out(gi2, dax2, w_ih);
   }
