@@ -438,6 +438,44 @@ bool atb_wins(int64_t M, int64_t N) {
   return std::min(M, N) < kNarrow || M * N <= kSmallOut || tiles_for(kAtb, M * N);
 }
 
+// c (+)= t^T for t [N,M] contiguous, c [M,N] contiguous, in 16 x 16 blocks
+// (copy_ of a transposed view, a TensorIterator, took 70 us for 512 x 64).
+template <typename T>
+void add_transposed(T* c, const T* t, int64_t M, int64_t N, bool accumulate) {
+  constexpr int64_t kB = 16;
+  for (int64_t i0 = 0; i0 < M; i0 += kB)
+    for (int64_t j0 = 0; j0 < N; j0 += kB) {
+      const int64_t i1 = std::min(M, i0 + kB), j1 = std::min(N, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j)
+          c[i * N + j] = accumulate ? c[i * N + j] + t[j * M + i] : t[j * M + i];
+    }
+}
+
+// c = a^T b (+ c) by BLAS. MKL runs a^T b for a tall, narrow c (M = G rows,
+// N = I columns: dW_ih) well below its rate; b^T a, a short wide [N,M], then
+// transposed into c, runs near it. Measured on 2 threads of an Intel Xeon
+// (model 167), GFLOP/s of the product alone, a^T b -> b^T a:
+//   M x N x K = 512 x 64 x 3200 (LSTM `small` dW_ih) 162 -> 215,
+//   96 x 8 x 3200 58 -> 92, 256 x 32 x 16000 162 -> 196, 128 x 32 x 16000
+//   150 -> 175, 1536 x 256 x 12800 214 -> 270, 2048 x 256 x 12800 225 -> 243;
+//   but 512 x 128 x 3200 237 -> 253 and 2048 x 512 x 12800 265 -> 265 hardly
+//   move, and 64 x 128 x 3200 228 -> 186 loses.
+constexpr int64_t kAtbTransposeRatio = 4;
+
+void blas_atb(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t M = a.size(1), N = b.size(1);
+  if (M >= kAtbTransposeRatio * N) {
+    const auto ct = at::mm(b.t(), a);  // [N,M], contiguous
+    AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "blas_atb", [&] {
+      add_transposed(c.data_ptr<scalar_t>(), ct.const_data_ptr<scalar_t>(), M, N, accumulate);
+    });
+    return;
+  }
+  if (accumulate) c.addmm_(a.t(), b);
+  else at::mm_out(c, a.t(), b);
+}
+
 // w [K,N] (any strides) as row_gemm reads it: [K, NP], NP = N rounded up to
 // the vector width, zero padded. One panel of width NP (not zeros + narrow +
 // copy_, a TensorIterator, which at a tiny call's sizes costs more than the
@@ -612,7 +650,7 @@ ProbeVerdict probe_gemm_backend() {
     const auto a = make(2048, 256, 3), b = make(2048, 128, 4);
     auto c = at::empty({256, 128}, opts);
     decide(kAtb, race([&] { atb_impl<float>(c, false, a, b, false); },
-                      [&] { at::mm_out(c, a.t(), b); }));
+                      [&] { blas_atb(c, a, b, false); }));
   }
   {  // large: [8192,256] x [256,512] and a 512 x 256 a^T b over the 8192 rows
     const auto x = make(8192, 256, 5), w = make(256, 512, 6), d = make(8192, 512, 7);
@@ -625,7 +663,7 @@ ProbeVerdict probe_gemm_backend() {
                        },
                        [&] {
                          at::mm_out(y, x, w);
-                         at::mm_out(dw, d.t(), x);
+                         blas_atb(dw, d, x, false);
                        }));
   }
   return r;
@@ -745,11 +783,7 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
                         c.size(1) == b.size(1) && a.stride(1) == 1 && b.stride(1) == 1);
   const int64_t M = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
-  if (!atb_wins(M, N)) {
-    if (accumulate) c.addmm_(a.t(), b);
-    else at::mm_out(c, a.t(), b);
-    return;
-  }
+  if (!atb_wins(M, N)) return blas_atb(c, a, b, accumulate);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "atb_out", [&] {
     // The wider side along the vectors.
     if (M >= N) atb_impl<scalar_t>(c, false, a, b, accumulate);
