@@ -139,7 +139,8 @@ class _RecurrentBase(nn.RNNBase):
             return node
         truncate = check_truncate(truncate)
         state = self._hx_in(hx)
-        device_type = self.weight_ih_l0.device.type
+        w0 = self._weight("weight_ih_l0")
+        device_type = w0.device.type
         if isinstance(input, PackedSequence):
             data, state = autocast_up(device_type, input.data, state)
             input = PackedSequence(data, *input[1:])
@@ -148,7 +149,7 @@ class _RecurrentBase(nn.RNNBase):
         # A bfloat16 or float16 model outside autocast runs float32 on its
         # tensors cast up and gives its outputs back in its dtype, after the
         # checks (made on the dtypes the caller gave).
-        w_dtype = self.weight_ih_l0.dtype
+        w_dtype = w0.dtype
         lower = w_dtype in LOWER_PRECISION and autocast_dtype(device_type, w_dtype) == w_dtype
         low = w_dtype if lower else None
         if isinstance(input, PackedSequence):
@@ -166,7 +167,7 @@ class _RecurrentBase(nn.RNNBase):
         batched = input.dim() == 3
         if state is not None and any(h.dim() != input.dim() for h in state):
             raise RuntimeError(_hx_dims_message(list(state), batched, self._feature_letter))
-        self._check_input(input)
+        self._check_input(input, w0)
         if not batched:
             x = input.unsqueeze(1)  # [T,1,I]
             state = None if state is None else tuple(h.unsqueeze(1) for h in state)  # [L*D,1,*]
@@ -235,7 +236,7 @@ class _RecurrentBase(nn.RNNBase):
             outputs = []
             for d in range(D):
                 names = self._all_weights[k * D + d]
-                weights = tuple(getattr(self, name) for name in names)
+                weights = tuple([self._weight(name) for name in names])
                 if low is not None:  # one dtype: a parameter left in another is a mistake
                     for name, w in zip(names, weights):
                         if w is not None and w.dtype != low:
@@ -389,9 +390,20 @@ class _RecurrentBase(nn.RNNBase):
             return x.squeeze(1), [h.squeeze(1) for h in state]
         return (x.transpose(0, 1) if self.batch_first else x), state
 
-    def _check_input(self, input: torch.Tensor) -> None:
-        """The checks nn.RNN makes first (dtype, then input_size), with its exception types."""
-        w = self.weight_ih_l0
+    def _weight(self, name: str) -> torch.Tensor:
+        """getattr(self, name), without nn.Module.__getattr__'s cost for a plain
+        parameter (a tenth of a small call's Python time went to it). Anything
+        else (a parametrization such as weight_norm, a tensor put in the
+        parameter's place by torch.func.functional_call or pruning) is not in
+        _parameters and takes getattr, which computes it."""
+        w = self._parameters.get(name)
+        return w if w is not None else getattr(self, name)
+
+    def _check_input(self, input: torch.Tensor, w: Optional[torch.Tensor] = None) -> None:
+        """The checks nn.RNN makes first (dtype, then input_size), with its
+        exception types; w: weight_ih_l0, when the caller has it."""
+        if w is None:
+            w = self._weight("weight_ih_l0")
         w_dtype = autocast_dtype(w.device.type, w.dtype)  # the input's is cast already
         if input.dtype != w_dtype:
             raise ValueError(f"input dtype ({input.dtype}) does not match the RNN's weight dtype "
