@@ -317,15 +317,22 @@ def loss_api_args(input, target, weight_out, weight_hr, loss_mask, *, mode, nonl
     return mode, x, target, loss_mask, lengths, truncate, label_smoothing
 
 
+class LSTMStateError(TypeError, RuntimeError, IndexError):
+    """An LSTM hx that is not a pair (h_0, c_0) of tensors. A TypeError, and
+    also each exception nn.LSTM raises for such an hx (RuntimeError "lstm
+    expects two hidden states" for three, IndexError for one tensor or a
+    1-tuple), so that code written against nn.LSTM catches it."""
+
+
 def lstm_state(hx):
     """The LSTM's hx: None or a pair (h_0, c_0) of tensors, nn.LSTM's form."""
     if hx is None:
         return None
     if not isinstance(hx, (tuple, list)) or len(hx) != 2 or \
             not all(isinstance(h, torch.Tensor) for h in hx):
-        raise TypeError("hx must be a tuple (h_0, c_0) of two tensors, or None, got "
-                        f"{type(hx).__name__}"
-                        + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+        raise LSTMStateError("hx must be a tuple (h_0, c_0) of two tensors, or None, got "
+                             f"{type(hx).__name__}"
+                             + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
     return tuple(hx)
 
 

@@ -508,6 +508,26 @@ def test_lstm_hx_errors_as_nn():
         ours(x, (torch.zeros(1, 3, 6),))
 
 
+@pytest.mark.parametrize("layers, bidirectional", [(1, False), (2, True)])
+def test_lstm_hx_structure_errors_catchable_as_nn(layers, bidirectional):
+    """An hx that is not a pair: nn.LSTM raises IndexError or RuntimeError
+    (which one depends on the case and on L*D); rnnkern's error, a TypeError
+    that names hx, is also the exception nn raises in each case, so an
+    `except` written for nn.LSTM catches it."""
+    ours = rnnkern.LSTM(4, 6, layers, bidirectional=bidirectional)
+    theirs = nn.LSTM(4, 6, layers, bidirectional=bidirectional)
+    LD = layers * (2 if bidirectional else 1)
+    x, h = torch.randn(5, 3, 4), torch.randn(LD, 3, 6)
+    for hx in (h, (h,), (h, h, h), [h]):
+        with pytest.raises(Exception) as nn_error:
+            theirs(x, hx)
+        assert type(nn_error.value) in (RuntimeError, IndexError)
+        with pytest.raises(type(nn_error.value), match=r"hx must be a tuple \(h_0, c_0\)"):
+            ours(x, hx)
+        with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+            ours(x, hx)
+
+
 @pytest.mark.parametrize("kw, exc, match", [
     (dict(weight_ih=torch.randn(12, 4)), ValueError, r"weight_ih must have shape \(4H, I\) = \(24, 3\)"),
     (dict(hx=torch.zeros(2, 6)), TypeError, r"hx must be a tuple \(h_0, c_0\)"),
