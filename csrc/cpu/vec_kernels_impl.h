@@ -7,6 +7,7 @@
 #error "define RNNKERN_CAP before including vec_kernels_impl.h"
 #endif
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 
@@ -333,17 +334,13 @@ T hmax(const Vectorized<T>& v) {
 
 template <typename T>
 T hsum(const Vectorized<T>& v) {
-  // A pairwise tree over the lanes (depth log2 of the width), not a chain of
-  // one dependent add per lane: the MSE head's per-row sum at a small O (the
-  // bench's seed, O = 8) spent most of its time in that chain (Intel Xeon,
-  // perf: mse_row 6.5% of an Elman seed training step).
-  constexpr int64_t L = Vectorized<T>::size();
-  static_assert((L & (L - 1)) == 0, "hsum: a vector width that is a power of two");
-  T lanes[L];
-  v.store(lanes);
-  for (int64_t w = L / 2; w >= 1; w /= 2)
-    for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
-  return lanes[0];
+  // A pairwise tree over the lanes in registers (ATen's shuffles; depth log2
+  // of the width), not a chain of one dependent add per lane through memory:
+  // the MSE head's per-row sum at a small O (the bench's seed, O = 8) spent
+  // most of its time in that chain (Intel Xeon, perf: mse_row 14% of an Elman
+  // seed elman_loss_fwd at one thread).
+  return at::vec::vec_reduce_all<T>(
+      [](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, v);
 }
 
 // exp as ATen's own softmax computes it for float (about 2e-6 relative error
