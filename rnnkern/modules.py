@@ -167,7 +167,7 @@ class _RecurrentBase(nn.RNNBase):
         batched = input.dim() == 3
         if state is not None and any(h.dim() != input.dim() for h in state):
             raise RuntimeError(_hx_dims_message(list(state), batched, self._feature_letter))
-        self._check_input(input, w0)
+        self._check_input(input)
         if not batched:
             x = input.unsqueeze(1)  # [T,1,I]
             state = None if state is None else tuple(h.unsqueeze(1) for h in state)  # [L*D,1,*]
@@ -236,7 +236,7 @@ class _RecurrentBase(nn.RNNBase):
             outputs = []
             for d in range(D):
                 names = self._all_weights[k * D + d]
-                weights = tuple([self._weight(name) for name in names])
+                weights = tuple(self._weight(name) for name in names)
                 if low is not None:  # one dtype: a parameter left in another is a mistake
                     for name, w in zip(names, weights):
                         if w is not None and w.dtype != low:
@@ -399,11 +399,9 @@ class _RecurrentBase(nn.RNNBase):
         w = self._parameters.get(name)
         return w if w is not None else getattr(self, name)
 
-    def _check_input(self, input: torch.Tensor, w: Optional[torch.Tensor] = None) -> None:
-        """The checks nn.RNN makes first (dtype, then input_size), with its
-        exception types; w: weight_ih_l0, when the caller has it."""
-        if w is None:
-            w = self._weight("weight_ih_l0")
+    def _check_input(self, input: torch.Tensor) -> None:
+        """The checks nn.RNN makes first (dtype, then input_size), with its exception types."""
+        w = self._weight("weight_ih_l0")
         w_dtype = autocast_dtype(w.device.type, w.dtype)  # the input's is cast already
         if input.dtype != w_dtype:
             raise ValueError(f"input dtype ({input.dtype}) does not match the RNN's weight dtype "
