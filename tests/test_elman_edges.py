@@ -240,3 +240,28 @@ def test_raw_bwd_grad_input_false_returns_empty():
         assert torch.equal(a, b)
     torch.library.opcheck(torch.ops.rnnkern.elman_bwd.default,
                           (g, h_n, x, h0, wi, wh, out, None, "tanh", False, 0, False))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_zero_h0_term_keeps_nan_of_first_step(cell, T):
+    """With hx None (h0 = 0) the kernels skip dW_hh's h0 term, which is exactly
+    0 unless the first step's gradient is not finite (0 * NaN is NaN): a NaN
+    upstream gradient at t = 0 must reach weight_hh.grad as autograd's does,
+    and with finite gradients the skip must not change it."""
+    g = torch.Generator().manual_seed(5)
+    B, I, H = 3, 4, 7
+    G = {"rnn": 1, "lstm": 4, "gru": 3}[cell] * H
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    ws = [(torch.randn(*shape, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+          for shape in ((G, I), (G, H), (G,), (G,))]
+    for poison in (False, True):
+        up = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+        if poison:
+            up[0, 1, 2] = float("nan")
+        got = [torch.autograd.grad(getattr(impl, cell)(x, None, *ws)[0], ws[1], up)[0]
+               for impl in (functional, reference)]
+        assert torch.equal(torch.isnan(got[0]), torch.isnan(got[1])), (poison, got)
+        assert torch.isnan(got[0]).any() == poison
+        finite = ~torch.isnan(got[1])
+        assert_close(got[0][finite], got[1][finite], 1e-10, f"{cell} weight_hh grad")

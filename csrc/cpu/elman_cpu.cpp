@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -791,6 +792,21 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
   });
 }
 
+bool vanishing_atb(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 &&
+                        a.scalar_type() == b.scalar_type());
+  bool vanishes = true;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vanishing_atb", [&] {
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < b.size(0) && vanishes; ++k)
+      for (int64_t j = 0; j < b.size(1); ++j) vanishes &= bp[k * b.stride(0) + j] == scalar_t(0);
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < a.size(0) && vanishes; ++k)
+      for (int64_t i = 0; i < a.size(1); ++i) vanishes &= std::isfinite(ap[k * a.stride(0) + i]);
+  });
+  return vanishes;
+}
+
 std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::Tensor& x,
                                                  const at::Tensor& hx, const at::Tensor& weight_ih,
                                                  const at::Tensor& weight_hh,
@@ -884,12 +900,17 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
                                    ? grad_z_first
                                    : (T > 0 ? grad_z[s.reverse ? T - 1 : 0] : grad_z_first.zero_());
   g.weight_hh = at::empty({H, H}, x.options());
-  atb_out(g.weight_hh, dz_first, h0, false);
+  // Skipped when exactly zero: the rest then stores its sums, the same bits
+  // as 0 + each sum.
+  const bool first = !vanishing_atb(dz_first, h0);
+  if (first) atb_out(g.weight_hh, dz_first, h0, false);
   if (T > 1) {
     const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
     const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
     atb_out(g.weight_hh, dz_rest.reshape({(T - 1) * B, H}), h_prev.reshape({(T - 1) * B, H}),
-            true);
+            first);
+  } else if (!first) {
+    g.weight_hh.zero_();
   }
   g.hx = carry;
   return g;

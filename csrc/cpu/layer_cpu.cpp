@@ -721,11 +721,15 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     } else {
       first = src.narrow(0, (s.reverse ? T - 1 : 0) * B, B);
     }
-    atb_out(rows, first, hx, false);
+    // Skipped when exactly zero (elman_cpu.h vanishing_atb).
+    const bool with_first = !vanishing_atb(first, hx);
+    if (with_first) atb_out(rows, first, hx, false);
     if (T > 1) {
       const auto rest = src.narrow(0, (s.reverse ? 0 : 1) * B, (T - 1) * B);
       const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
-      atb_out(rows, rest, h_prev.reshape({(T - 1) * B, P}), true);
+      atb_out(rows, rest, h_prev.reshape({(T - 1) * B, P}), with_first);
+    } else if (!with_first) {
+      rows.zero_();
     }
   };
   auto g_w_hh = at::empty({G, P}, opts);
