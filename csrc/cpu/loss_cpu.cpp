@@ -94,22 +94,29 @@ at::Tensor reduction_coefs(const LossSpec& spec, const ElmanShape& s, const at::
     scalar_t* cp = coef.data_ptr<scalar_t>();
     // Rows are r = t*B + b; nested loops instead of r % B (an integer division
     // per row cost more than the rest of the pass).
+    // w_all is the sum of the sequences' sums (one chain of T*B dependent
+    // double adds took longer than the rest of the pass).
     std::vector<double> w_seq(s.B, 0.0);
+    for (int64_t t = 0; t < s.T; ++t)
+      for (int64_t b = 0; b < s.B; ++b) w_seq[b] += double(wp[t * s.B + b]);
     double w_all = 0;
-    for (int64_t t = 0; t < s.T; ++t) {
-      for (int64_t b = 0; b < s.B; ++b) {
-        const double w = double(wp[t * s.B + b]);
-        w_seq[b] += w;
-        w_all += w;
-      }
-    }
     int64_t n_seq = 0;
-    for (int64_t b = 0; b < s.B; ++b) n_seq += w_seq[b] > 0;
+    for (int64_t b = 0; b < s.B; ++b) {
+      w_all += w_seq[b];
+      n_seq += w_seq[b] > 0;
+    }
+    // A row of weight 1 (every counted row without a mask) takes its
+    // sequence's coefficient, computed once: the same value, no division.
+    std::vector<double> unit(s.B);
+    for (int64_t b = 0; b < s.B; ++b)
+      unit[b] = reduction_coef<double>(spec.reduction, 1.0, w_seq[b], w_all, n_seq);
     for (int64_t t = 0; t < s.T; ++t) {
       for (int64_t b = 0; b < s.B; ++b) {
         const int64_t r = t * s.B + b;
-        cp[r] = scalar_t(
-            reduction_coef<double>(spec.reduction, double(wp[r]), w_seq[b], w_all, n_seq));
+        const double w = double(wp[r]);
+        cp[r] = scalar_t(w == 1.0 ? unit[b]
+                                  : reduction_coef<double>(spec.reduction, w, w_seq[b], w_all,
+                                                           n_seq));
       }
     }
   });
