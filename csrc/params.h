@@ -45,6 +45,14 @@ struct ElmanBwdParams {
   scalar_t* grad_z_first;    // [B,H] dL/dz at each sequence's first processed step
   scalar_t* gemm;            // [B,H] scratch
   scalar_t* grad_h_norm;     // [T,B] ||dL/dh_t|| per sequence (0 where t >= len_b), or nullptr
+  // The parameter gradients' sums over the rows, taken inside the fused time
+  // loop where the backend does (CPU: elman_cpu.cpp row_sums_in_loop), else
+  // nullptr: dW_hh's terms of every step but each sequence's first (h0's),
+  // dW_ih = sum dz^T x over x (x [T,B,I], padded rows finite) and db.
+  scalar_t* sum_w_hh = nullptr;  // [H,H]
+  scalar_t* sum_w_ih = nullptr;  // [H,I]
+  scalar_t* sum_b = nullptr;     // [H]
+  const scalar_t* x = nullptr;   // [T,B,I]
 };
 
 // One layer of a gated cell (LSTM or GRU), whatever the dtype.

@@ -138,6 +138,29 @@ def test_respects_thread_count():
         assert_close(a, b, 1e-5)
 
 
+@pytest.mark.parametrize("H", [16, 64, 65])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_same_bits_at_one_and_two_threads(H, reverse):
+    """B = 40 rows make five row tiles, 3 + 2 at two threads. Up to H = 64 the
+    fused backward sums dW_hh, dW_ih and the bias gradient tile by tile in its
+    loop, then over the tiles in order; H = 65 sums after the loop. Either
+    way the bits do not depend on the thread count."""
+    layer = make_layer(13, 40, 8, H, dtype=torch.float32, seed=3)
+    kw = dict(lengths=torch.randint(0, 14, (40,), generator=torch.Generator().manual_seed(1)),
+              truncate=5, reverse=reverse)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, h_n = functional.rnn(*(layer[k] for k in NAMES), **kw)
+            results.append([out, h_n, *grads_of([out, h_n], [layer[k] for k in NAMES])])
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
 def test_lower_cpu_capability_in_subprocess(capability):
     """RNNKERN_CPU_CAPABILITY runs the portable (or AVX2) kernels, as a CPU

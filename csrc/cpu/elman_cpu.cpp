@@ -4,7 +4,9 @@
 //           for each step: out[t] = act(out[t] + h_prev W_hh^T)
 // Backward: for each step, last to first:
 //             dz_t = (g_t + carry) * act'(h_t);  carry = dz_t W_hh
-//           then dW_ih, dW_hh, db and dx as one GEMM or reduction over all rows.
+//           then dW_ih, dW_hh, db and dx as one GEMM or reduction over all rows
+//           (but for H, I <= 64 on the fused path, where the loop sums dW_ih,
+//           dW_hh and db row tile by row tile: tile_sums.h, row_sums_in_loop).
 // A step is one fused pass (vec_kernels: a register-tiled GEMM whose epilogue
 // applies act, or forms dz_{t-1}) for H up to kFusedMaxH, else BLAS called
 // directly plus an element-wise pass. At B*H of a few thousand a step costs
@@ -33,6 +35,7 @@
 #include "blas.h"
 #include "elman_cpu.h"
 #include "host_cache.h"
+#include "tile_sums.h"
 #include "time_order.h"
 #include "vec_kernels.h"
 
@@ -242,19 +245,57 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   std::memcpy(p.h_n, p.state, sizeof(T) * BH);
 }
 
+// The parameter gradients' sums over the rows inside the fused backward loop
+// (ElmanBwdParams::sum_*), each row tile's own partial sums while its dz_t,
+// h_{t-1} and x_t are in cache, added tile by tile after the loop. Separate
+// products over all T*B rows afterwards read every dz row back, half of them
+// from the other core's cache, and gained nothing from a second thread: an
+// Elman `seed` backward (B = 64, T = 50, I = 8, H = 32), Intel Xeon, spent
+// 101 us of its 187 there at 2 threads (dW_hh 63, dW_ih 22, db 12) and 106
+// at one. In the loop (Intel Xeon, 2 threads, bench medians in alternating
+// processes, four pairs): `seed` training step 0.654 -> 0.584 ms, `long`
+// (H = 64) 6.18 -> 5.65 ms; but `small` (H = 128, a tile's dW_hh partial
+// sums past L1) 3.10 -> 3.30 ms, hence kRowSumsMaxH. Not with reverse and
+// lengths, whose loop runs on a reordered copy of the sequences.
+constexpr int64_t kRowSumsMaxH = 64, kRowSumsMaxI = 64;
+bool row_sums_in_loop(const ElmanShape& s, bool grad_norm) {
+  return s.T * s.B > 0 && s.H > 0 && s.H <= kRowSumsMaxH && s.I <= kRowSumsMaxI &&
+         !grad_norm && !(s.reverse && s.lengths);
+}
+
 // Backward through the fused steps: the epilogue of step s's GEMM
 // (carry = dz_s W_hh) already forms dz_{s-1} = (g_{s-1} + carry) * act'(h_{s-1}).
 template <typename T>
 void elman_bwd_fused(const ElmanBwdParams<T>& p) {
   const ElmanShape& s = p.shape;
   const VecKernels<T>& vk = vec_kernels_for<T>();
-  const int64_t T_ = s.T, B = s.B, H = s.H, BH = B * H;
+  const int64_t T_ = s.T, B = s.B, H = s.H, I = s.I, BH = B * H;
   int64_t NP = 0;
   const int64_t pw = panel_width_for(vk, H);
   // carry = dz W_hh: M = W_hh, M[k][j] = W_hh[k][j]
   const AlignedVector<T> mp =
       pack_panels(p.w_hh, H, H, H, 1, pw, vk.pack_width, &NP);
+  // Each row tile's partial sums (sums: the caller asked for them).
+  const bool sums = p.sum_w_hh != nullptr;
+  const int64_t rb = vk.row_block, tiles = (B + rb - 1) / rb;
+  const TileAtb<T> hh(vk, H, H), ih(vk, H, I);
+  const int64_t stride = hh.size() + ih.size() + H;
+  AlignedVector<T> parts(sums ? size_t(tiles * stride) : 0, T(0));
   for_row_tiles(B, vk.row_block, T_ * H * H, [&](int64_t b0, int64_t b1) {
+    // The sums of the rows of dz at `step` (just written), each tile's own.
+    auto add_sums = [&](int64_t step) {
+      const int64_t t = time_of(s, step, T_);
+      const T* dz = p.grad_z + t * BH;
+      const T* hp = step > 0 ? p.out + time_of(s, step - 1, T_) * BH : nullptr;
+      const T* xt = I > 0 ? p.x + t * B * I : nullptr;
+      for (int64_t r0 = b0; r0 < b1; r0 += rb) {
+        const int64_t n = std::min(rb, b1 - r0);
+        T* part = parts.data() + (r0 / rb) * stride;
+        if (hp) hh.add(vk, dz + r0 * H, H, hp + r0 * H, H, n, part);
+        ih.add(vk, dz + r0 * H, H, xt + r0 * I, I, n, part + hh.size());
+        vk.add_column_sums(part + hh.size() + ih.size(), dz + r0 * H, n, H, H);
+      }
+    };
     StepArgs<T> a;
     a.act = s.act;
     a.K = H, a.N = H, a.NP = NP, a.pw = pw, a.lda = H, a.ldz = H;
@@ -272,6 +313,7 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
     a.a = nullptr;  // the last step's carry is dL/dh_n itself
     at_step(T_ - 1);
     vk.bwd_step(a, b0, b1);
+    if (sums) add_sums(T_ - 1);
     for (int64_t step = T_ - 1; step > 0; --step) {
       if (cut_before(s, step)) {
         std::memset(p.carry + b0 * H, 0, sizeof(T) * (b1 - b0) * H);
@@ -282,8 +324,14 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
       }
       at_step(step - 1);
       vk.bwd_step(a, b0, b1);
+      if (sums) add_sums(step - 1);
     }
   });
+  if (sums) {
+    hh.sum(parts.data(), tiles, stride, p.sum_w_hh);
+    ih.sum(parts.data() + hh.size(), tiles, stride, p.sum_w_ih);
+    sum_over_tiles(parts.data() + hh.size() + ih.size(), tiles, stride, H, p.sum_b);
+  }
   // dL/dh0 = dz_0 W_hh for sequences that ran, the passed-through carry otherwise.
   const T* dz0 = p.grad_z + time_of(s, 0, T_) * BH;
   gemm<T>(false, false, B, H, H, T(1), dz0, H, p.w_hh, H, T(0), p.gemm, H);
@@ -297,6 +345,7 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
   const VecKernels<T>& vk = vec_kernels_for<T>();
   const int64_t B = s.B, H = s.H, BH = B * H;
   if (fused_reversed<T>(s, true) && !p.grad_h_norm) {
+    TORCH_INTERNAL_ASSERT(!p.sum_w_hh, "elman_bwd_kernel: row sums with reverse and lengths");
     const auto g = reversed_within_lengths(p.grad_out, s.T, B, H, s.lengths);
     const auto h = reversed_within_lengths(p.out, s.T, B, H, s.lengths);
     ElmanBwdParams<T> q = p;
@@ -313,6 +362,7 @@ void elman_bwd_kernel(const ElmanBwdParams<T>& p) {
     elman_bwd_fused(p);
     return;
   }
+  TORCH_INTERNAL_ASSERT(!p.sum_w_hh, "elman_bwd_kernel: row sums off the fused path");
   if (!s.lengths) {
     for (int64_t step = s.T - 1; step >= 0; --step) {
       const int64_t t = time_of(s, step, s.T);
@@ -545,7 +595,7 @@ void atb_impl(at::Tensor& c, bool trans_c, const at::Tensor& a, const at::Tensor
         const int64_t i0 = (blk / nb) * MR, n0 = (blk % nb) * NR;
         const int64_t k0 = ch * kChunkRows, kl = std::min(kChunkRows, K - k0);
         vk.atb_block(ap + k0 * lda + i0, lda, bp + k0 * ldb + n0, ldb, std::max<int64_t>(kl, 0),
-                     std::min(MR, M - i0), std::min(NR, N - n0), pp + t * block_size, MR);
+                     std::min(MR, M - i0), std::min(NR, N - n0), pp + t * block_size, MR, false);
       }
     });
     if (!grouped) break;
@@ -864,9 +914,25 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   TORCH_INTERNAL_ASSERT(!grad_h_norm.defined() ||
                         (grad_h_norm.is_contiguous() && grad_h_norm.sizes().equals({T, B}) &&
                          grad_h_norm.scalar_type() == x.scalar_type()));
+  // The parameter gradients' row sums inside the loop where it takes them.
+  const bool in_loop = row_sums_in_loop(s, grad_h_norm.defined());
+  const at::Tensor x_finite = finite_padding(x, s.lengths);  // [T,B,I]
+  at::Tensor loop_w_hh;
+  ElmanGrads g;
+  if (in_loop) {
+    loop_w_hh = at::empty({H, H}, x.options());
+    g.weight_ih = at::empty({H, I}, x.options());
+    g.bias = at::empty({H}, x.options());
+  }
   if (T * B > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elman_backward", [&] {
       ElmanBwdParams<scalar_t> p;
+      if (in_loop) {
+        p.sum_w_hh = loop_w_hh.data_ptr<scalar_t>();
+        p.sum_w_ih = g.weight_ih.data_ptr<scalar_t>();
+        p.sum_b = g.bias.data_ptr<scalar_t>();
+        p.x = x_finite.const_data_ptr<scalar_t>();
+      }
       p.shape = s;
       p.w_hh = w_hh.const_data_ptr<scalar_t>();
       p.out = out.const_data_ptr<scalar_t>();
@@ -881,8 +947,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   } else {
     grad_z.zero_();
   }
-  ElmanGrads g;
-  // Every parameter gradient is one GEMM or reduction over all T*B rows.
+  // Every other parameter gradient is one GEMM or reduction over all T*B rows.
   const auto gz2 = grad_z.view({T * B, H});
   g.input = at::empty({0}, x.options());
   if (grad_input) {
@@ -890,10 +955,12 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
     auto gi2 = g.input.view({T * B, I});
     small_mm_out(gi2, gz2, w_ih);
   }
-  g.weight_ih = at::empty({H, I}, x.options());
-  atb_out(g.weight_ih, gz2, finite_padding(x, s.lengths).view({T * B, I}), false);
-  g.bias = at::zeros({H}, x.options());
-  add_column_sums(g.bias, gz2);
+  if (!in_loop) {
+    g.weight_ih = at::empty({H, I}, x.options());
+    atb_out(g.weight_ih, gz2, x_finite.view({T * B, I}), false);
+    g.bias = at::zeros({H}, x.options());
+    add_column_sums(g.bias, gz2);
+  }
   // dW_hh = sum_t dz_t^T h_prev(t). h_prev is the neighbouring step's output,
   // or h0 at each sequence's first processed step (dz_first).
   const at::Tensor dz_first = (s.lengths && s.reverse)
@@ -904,7 +971,10 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   // as 0 + each sum.
   const bool first = !vanishing_atb(dz_first, h0);
   if (first) atb_out(g.weight_hh, dz_first, h0, false);
-  if (T > 1) {
+  if (in_loop) {
+    if (first) g.weight_hh.add_(loop_w_hh);
+    else g.weight_hh = loop_w_hh;
+  } else if (T > 1) {
     const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
     const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
     atb_out(g.weight_hh, dz_rest.reshape({(T - 1) * B, H}), h_prev.reshape({(T - 1) * B, H}),

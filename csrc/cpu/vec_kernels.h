@@ -193,10 +193,11 @@ struct VecKernels {
   // each output element summed over k in order, by one call: the same bits
   // however callers split the blocks across threads.
   // atb_block: one block of a^T b over K rows:
-  //   out[n * ldo + i] = sum over k < K of a[k * lda + i] * b[k * ldb + n]
-  //   for i < ml <= atb_width, n < nl <= kAtbCols.
+  //   out[n * ldo + i] (+)= sum over k < K of a[k * lda + i] * b[k * ldb + n]
+  //   for i < ml <= atb_width, n < nl <= kAtbCols; with accumulate, the sum
+  //   starts from out's value (out + (a0 b0 + a1 b1 ...), left to right).
   void (*atb_block)(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int64_t ml,
-                    int64_t nl, T* out, int64_t ldo);
+                    int64_t nl, T* out, int64_t ldo, bool accumulate);
   int64_t atb_width;
   // row_gemm: rows [r0, r1) of out = bias + x w, w given as wt [K, NP]
   // (row-major, NP = N rounded up to pack_width, zero padded), bias [NP]

@@ -817,7 +817,7 @@ void gated_bwd_step(const GatedBwdArgs<T>& p, int64_t b0, int64_t b1) {
 // the last vector is partial, m_last lanes.
 template <typename T, int NL, bool kTwo, bool kPart>
 void atb_run(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int m_last, T* out,
-             int64_t ldo) {
+             int64_t ldo, bool accumulate) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   V acc0[NL], acc1[NL];
@@ -825,6 +825,17 @@ void atb_run(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int m_
   for (int n = 0; n < NL; ++n) {
     acc0[n] = V(T(0));
     acc1[n] = V(T(0));
+  }
+  if (accumulate) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NL; ++n) {
+      if constexpr (kTwo) {
+        acc0[n] = V::loadu(out + n * ldo);
+        acc1[n] = V::loadu(out + n * ldo + VL, kPart ? m_last : VL);
+      } else {
+        acc0[n] = V::loadu(out + n * ldo, kPart ? m_last : VL);
+      }
+    }
   }
   for (int64_t k = 0; k < K; ++k) {
     const T* ak = a + k * lda;
@@ -851,21 +862,21 @@ void atb_run(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int m_
 
 template <typename T, int NL, bool kTwo>
 void atb_block_t(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int64_t ml, T* out,
-                 int64_t ldo) {
+                 int64_t ldo, bool accumulate) {
   constexpr int VL = Vectorized<T>::size();
   const int last = int(kTwo ? ml - VL : ml);
-  if (last == VL) atb_run<T, NL, kTwo, false>(a, lda, b, ldb, K, last, out, ldo);
-  else atb_run<T, NL, kTwo, true>(a, lda, b, ldb, K, last, out, ldo);
+  if (last == VL) atb_run<T, NL, kTwo, false>(a, lda, b, ldb, K, last, out, ldo, accumulate);
+  else atb_run<T, NL, kTwo, true>(a, lda, b, ldb, K, last, out, ldo, accumulate);
 }
 
 template <typename T>
 void atb_block(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t K, int64_t ml,
-               int64_t nl, T* out, int64_t ldo) {
+               int64_t nl, T* out, int64_t ldo, bool accumulate) {
   const bool two = ml > Vectorized<T>::size();
-#define RNNKERN_ATB_CASE(NL)                                                    \
-  case NL:                                                                      \
-    return two ? atb_block_t<T, NL, true>(a, lda, b, ldb, K, ml, out, ldo)      \
-               : atb_block_t<T, NL, false>(a, lda, b, ldb, K, ml, out, ldo);
+#define RNNKERN_ATB_CASE(NL)                                                              \
+  case NL:                                                                                \
+    return two ? atb_block_t<T, NL, true>(a, lda, b, ldb, K, ml, out, ldo, accumulate)    \
+               : atb_block_t<T, NL, false>(a, lda, b, ldb, K, ml, out, ldo, accumulate);
   switch (nl) {
     RNNKERN_ATB_CASE(1)
     RNNKERN_ATB_CASE(2)
