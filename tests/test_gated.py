@@ -279,8 +279,10 @@ def test_bitwise_deterministic(cell):
 @pytest.mark.parametrize("H", [16, 48])
 @pytest.mark.parametrize("cell", CELLS)
 def test_same_bits_at_one_and_two_threads(cell, H):
-    # T*B = 520 rows: dW_ih (I = 8) sums them in two chunks on the vector
-    # kernels, and so does dW_hh at H = 16 (64 x 16 or 48 x 16 outputs).
+    # B = 40: five row tiles, split 3 + 2 at two threads. At H = 16 the fused
+    # backward sums dW_hh, dW_ih and the biases tile by tile inside its loop;
+    # at H = 48 after it, over the T*B = 520 rows (dW_ih, I = 8, in two chunks
+    # on the vector kernels).
     d = make_gated(cell, 13, 40, 8, H, dtype=torch.float32, seed=2)
     lengths = torch.randint(0, 14, (40,), generator=torch.Generator().manual_seed(1))
     old = torch.get_num_threads()
