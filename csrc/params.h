@@ -32,6 +32,14 @@ struct ElmanFwdParams {
   scalar_t* h_n;         // [B,H]
   scalar_t* state;       // [B,H] scratch, used with lengths only
   scalar_t* gemm;        // [B,H] scratch, used with lengths only
+  // Where the backend projects the input step by step inside the loop (CPU:
+  // elman_cpu.cpp projection_in_loop), out holds nothing on entry and these
+  // are set, else nullptr: x [T,B,I], W_ih^T packed [I,NP] and the bias [NP]
+  // (or nullptr) as the backend's row product reads them.
+  const scalar_t* x = nullptr;
+  const scalar_t* w_x = nullptr;
+  const scalar_t* b_x = nullptr;
+  int64_t np_x = 0;
 };
 
 template <typename scalar_t>

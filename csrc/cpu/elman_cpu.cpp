@@ -160,6 +160,16 @@ bool fused_reversed(const ElmanShape& s, bool backward) {
   return fused_path<T>(s, backward) && s.reverse && s.lengths;
 }
 
+// The input projection inside the fused forward loop, each thread projecting
+// its own rows of a step just before the step reads them, rather than one
+// product over all T*B rows before the loop that writes every pre-activation
+// row once to memory (half of them then read by the other core). Where the
+// vector kernel takes the product (SmallMatmul::packed); not with reverse and
+// lengths, whose loop runs on a reordered copy of the pre-activations.
+bool projection_in_loop(const ElmanShape& s) {
+  return s.I > 0 && s.H <= kFusedAnyL2H && !(s.reverse && s.lengths);
+}
+
 template <typename T>
 void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   const ElmanShape& s = p.shape;
@@ -167,6 +177,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
   const int64_t B = s.B, H = s.H, BH = B * H;
   const int64_t t_max = max_length(s);
   if (fused_reversed<T>(s, false)) {
+    TORCH_INTERNAL_ASSERT(!p.x, "elman_fwd_kernel: projection in the loop, reverse and lengths");
     reverse_within_lengths(p.out, p.out, s.T, B, H, s.lengths);  // the pre-activations
     ElmanFwdParams<T> q = p;
     q.shape.reverse = false;  // h_n is then each sequence's last step: time 0
@@ -196,6 +207,10 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
         a.a = step == 0 ? p.h0 : p.out + (s.reverse ? t + 1 : t - 1) * BH;
         a.z = p.out + t * BH;
         a.step_out = step;
+        // This thread's rows of the step's input projection, as the one
+        // product before the loop computes each row (the same bits).
+        if (p.x)
+          vk.row_gemm(p.x + t * B * s.I, s.I, b0, b1, s.I, p.w_x, H, p.np_x, p.b_x, a.z, H);
         vk.fwd_step(a, b0, b1);
       }
     });
@@ -210,6 +225,7 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
     }
     return;
   }
+  TORCH_INTERNAL_ASSERT(!p.x, "elman_fwd_kernel: projection in the loop off the fused path");
   if (!s.lengths) {
     // Every sequence is at the same time index: step t reads the previous
     // step's block of `out` in place, with no copy of the state.
@@ -872,10 +888,14 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
     h_n.copy_(h0);
     return {out, h_n};
   }
-  // The input projection of every step, bias included, as one GEMM.
+  // The input projection of every step, bias included: one GEMM before the
+  // loop, or each step's rows inside it where the vector kernel takes the
+  // product (projection_in_loop).
   const auto x2 = x.view({s.T * s.B, s.I});
   auto out2 = out.view({s.T * s.B, s.H});
-  small_mm_out(out2, x2, w_ih.t(), bias.defined() ? dense(bias) : bias);
+  const SmallMatmul proj(w_ih.t(), bias.defined() ? dense(bias) : bias);
+  const bool in_loop = projection_in_loop(s) && proj.packed();
+  if (!in_loop) proj.mm_out(out2, x2);
 
   at::Tensor state, gemm_buf;
   if (s.lengths) {
@@ -891,6 +911,13 @@ std::tuple<at::Tensor, at::Tensor> elman_forward(const ElmanShape& s, const at::
     p.h_n = h_n.data_ptr<scalar_t>();
     p.state = state.defined() ? state.data_ptr<scalar_t>() : nullptr;
     p.gemm = gemm_buf.defined() ? gemm_buf.data_ptr<scalar_t>() : nullptr;
+    if (in_loop) {
+      p.x = x.const_data_ptr<scalar_t>();
+      p.w_x = proj.packed_weight().const_data_ptr<scalar_t>();
+      p.b_x = proj.packed_bias().defined() ? proj.packed_bias().const_data_ptr<scalar_t>()
+                                           : nullptr;
+      p.np_x = proj.packed_weight().size(1);
+    }
     elman_fwd_kernel(p);
   });
   return {out, h_n};

@@ -60,6 +60,10 @@ class SmallMatmul {
   explicit SmallMatmul(const at::Tensor& w, const at::Tensor& bias = at::Tensor());
   // Whether the products run on the vector kernel (else on BLAS).
   bool packed() const { return wt_.defined(); }
+  // As the vector kernel reads them (packed() only): w [K, NP] and the bias
+  // [NP] (undefined without one), zero padded.
+  const at::Tensor& packed_weight() const { return wt_; }
+  const at::Tensor& packed_bias() const { return bp_; }
   void mm_out(at::Tensor& out, const at::Tensor& x) const;
 
  private:
