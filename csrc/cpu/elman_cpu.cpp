@@ -262,21 +262,10 @@ void elman_fwd_kernel(const ElmanFwdParams<T>& p) {
 }
 
 // The parameter gradients' sums over the rows inside the fused backward loop
-// (ElmanBwdParams::sum_*), each row tile's own partial sums while its dz_t,
-// h_{t-1} and x_t are in cache, added tile by tile after the loop. Separate
-// products over all T*B rows afterwards read every dz row back, half of them
-// from the other core's cache, and gained nothing from a second thread: an
-// Elman `seed` backward (B = 64, T = 50, I = 8, H = 32), Intel Xeon, spent
-// 101 us of its 187 there at 2 threads (dW_hh 63, dW_ih 22, db 12) and 106
-// at one. In the loop (Intel Xeon, 2 threads, bench medians in alternating
-// processes, four pairs): `seed` training step 0.654 -> 0.584 ms, `long`
-// (H = 64) 6.18 -> 5.65 ms; but `small` (H = 128, a tile's dW_hh partial
-// sums past L1) 3.10 -> 3.30 ms, hence kRowSumsMaxH. Not with reverse and
-// lengths, whose loop runs on a reordered copy of the sequences.
-constexpr int64_t kRowSumsMaxH = 64, kRowSumsMaxI = 64;
+// (ElmanBwdParams::sum_*) where tile_sums.h's row_sums_fit says, and not when
+// the loop also takes ||dL/dh_t||.
 bool row_sums_in_loop(const ElmanShape& s, bool grad_norm) {
-  return s.T * s.B > 0 && s.H > 0 && s.H <= kRowSumsMaxH && s.I <= kRowSumsMaxI &&
-         !grad_norm && !(s.reverse && s.lengths);
+  return row_sums_fit(s.T * s.B, s.H, s.I, s.reverse && s.lengths) && !grad_norm;
 }
 
 // Backward through the fused steps: the epilogue of step s's GEMM
@@ -293,10 +282,14 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
       pack_panels(p.w_hh, H, H, H, 1, pw, vk.pack_width, &NP);
   // Each row tile's partial sums (sums: the caller asked for them).
   const bool sums = p.sum_w_hh != nullptr;
-  const int64_t rb = vk.row_block, tiles = (B + rb - 1) / rb;
-  const TileAtb<T> hh(vk, H, H), ih(vk, H, I);
-  const int64_t stride = hh.size() + ih.size() + H;
-  AlignedVector<T> parts(sums ? size_t(tiles * stride) : 0, T(0));
+  RowTileSums<T> rs(vk, B);
+  int k_hh = 0, k_ih = 0, k_b = 0;
+  if (sums) {
+    k_hh = rs.atb(H, H, p.sum_w_hh);
+    k_ih = rs.atb(H, I, p.sum_w_ih);
+    k_b = rs.cols(H, p.sum_b);
+    rs.start();
+  }
   for_row_tiles(B, vk.row_block, T_ * H * H, [&](int64_t b0, int64_t b1) {
     // The sums of the rows of dz at `step` (just written), each tile's own.
     auto add_sums = [&](int64_t step) {
@@ -304,13 +297,11 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
       const T* dz = p.grad_z + t * BH;
       const T* hp = step > 0 ? p.out + time_of(s, step - 1, T_) * BH : nullptr;
       const T* xt = I > 0 ? p.x + t * B * I : nullptr;
-      for (int64_t r0 = b0; r0 < b1; r0 += rb) {
-        const int64_t n = std::min(rb, b1 - r0);
-        T* part = parts.data() + (r0 / rb) * stride;
-        if (hp) hh.add(vk, dz + r0 * H, H, hp + r0 * H, H, n, part);
-        ih.add(vk, dz + r0 * H, H, xt + r0 * I, I, n, part + hh.size());
-        vk.add_column_sums(part + hh.size() + ih.size(), dz + r0 * H, n, H, H);
-      }
+      rs.for_tiles(b0, b1, [&](T* part, int64_t r0, int64_t n) {
+        if (hp) rs.add_atb(k_hh, part, dz + r0 * H, H, hp + r0 * H, H, n);
+        rs.add_atb(k_ih, part, dz + r0 * H, H, xt + r0 * I, I, n);
+        rs.add_cols(k_b, part, dz + r0 * H, n, H);
+      });
     };
     StepArgs<T> a;
     a.act = s.act;
@@ -343,11 +334,7 @@ void elman_bwd_fused(const ElmanBwdParams<T>& p) {
       if (sums) add_sums(step - 1);
     }
   });
-  if (sums) {
-    hh.sum(parts.data(), tiles, stride, p.sum_w_hh);
-    ih.sum(parts.data() + hh.size(), tiles, stride, p.sum_w_ih);
-    sum_over_tiles(parts.data() + hh.size() + ih.size(), tiles, stride, H, p.sum_b);
-  }
+  if (sums) rs.finish();
   // dL/dh0 = dz_0 W_hh for sequences that ran, the passed-through carry otherwise.
   const T* dz0 = p.grad_z + time_of(s, 0, T_) * BH;
   gemm<T>(false, false, B, H, H, T(1), dz0, H, p.w_hh, H, T(0), p.gemm, H);
@@ -944,10 +931,9 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   // The parameter gradients' row sums inside the loop where it takes them.
   const bool in_loop = row_sums_in_loop(s, grad_h_norm.defined());
   const at::Tensor x_finite = finite_padding(x, s.lengths);  // [T,B,I]
-  at::Tensor loop_w_hh;
   ElmanGrads g;
+  g.weight_hh = at::empty({H, H}, x.options());
   if (in_loop) {
-    loop_w_hh = at::empty({H, H}, x.options());
     g.weight_ih = at::empty({H, I}, x.options());
     g.bias = at::empty({H}, x.options());
   }
@@ -955,7 +941,7 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "elman_backward", [&] {
       ElmanBwdParams<scalar_t> p;
       if (in_loop) {
-        p.sum_w_hh = loop_w_hh.data_ptr<scalar_t>();
+        p.sum_w_hh = g.weight_hh.data_ptr<scalar_t>();
         p.sum_w_ih = g.weight_ih.data_ptr<scalar_t>();
         p.sum_b = g.bias.data_ptr<scalar_t>();
         p.x = x_finite.const_data_ptr<scalar_t>();
@@ -993,21 +979,25 @@ ElmanGrads elman_backward(const ElmanShape& s, const at::Tensor& grad_output,
   const at::Tensor dz_first = (s.lengths && s.reverse)
                                    ? grad_z_first
                                    : (T > 0 ? grad_z[s.reverse ? T - 1 : 0] : grad_z_first.zero_());
-  g.weight_hh = at::empty({H, H}, x.options());
   // Skipped when exactly zero: the rest then stores its sums, the same bits
   // as 0 + each sum.
   const bool first = !vanishing_atb(dz_first, h0);
-  if (first) atb_out(g.weight_hh, dz_first, h0, false);
-  if (in_loop) {
-    if (first) g.weight_hh.add_(loop_w_hh);
-    else g.weight_hh = loop_w_hh;
-  } else if (T > 1) {
-    const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
-    const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
-    atb_out(g.weight_hh, dz_rest.reshape({(T - 1) * B, H}), h_prev.reshape({(T - 1) * B, H}),
-            first);
-  } else if (!first) {
-    g.weight_hh.zero_();
+  if (in_loop) {  // g.weight_hh holds the loop's sums
+    if (first) {
+      auto term = at::empty({H, H}, x.options());
+      atb_out(term, dz_first, h0, false);
+      g.weight_hh.add_(term);
+    }
+  } else {
+    if (first) atb_out(g.weight_hh, dz_first, h0, false);
+    if (T > 1) {
+      const auto dz_rest = s.reverse ? grad_z.narrow(0, 0, T - 1) : grad_z.narrow(0, 1, T - 1);
+      const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
+      atb_out(g.weight_hh, dz_rest.reshape({(T - 1) * B, H}), h_prev.reshape({(T - 1) * B, H}),
+              first);
+    } else if (!first) {
+      g.weight_hh.zero_();
+    }
   }
   g.hx = carry;
   return g;

@@ -369,16 +369,9 @@ struct LayerRowSums {
   const T* x;   // [T,B,I], padded rows finite
 };
 
-// As the Elman loop's (elman_cpu.cpp row_sums_in_loop): separate products
-// over all T*B rows after the loop read every dax row back, half of them from
-// the other core's cache. Intel Xeon, 2 threads, bench medians in alternating
-// processes: `seed` training step LSTM 1.39 -> 1.22 ms, GRU 1.25 -> 1.07 ms
-// (four pairs); `long` (H = 64) LSTM 15.2 -> 14.9 ms, GRU 13.3 -> 12.4 ms
-// (three pairs). Not past H = 64 (the Elman loop lost there).
-constexpr int64_t kGatedRowSumsMaxH = 64, kGatedRowSumsMaxI = 64;
+// Where tile_sums.h's row_sums_fit says, on the fused path.
 bool gated_row_sums_in_loop(const LayerShape& s) {
-  return s.T * s.B > 0 && s.H > 0 && s.H <= kGatedRowSumsMaxH && s.I <= kGatedRowSumsMaxI &&
-         gated_fused_path(s) && !(s.reverse && s.lengths);
+  return row_sums_fit(s.T * s.B, s.H, s.I, s.reverse && s.lengths) && gated_fused_path(s);
 }
 
 template <typename T>
@@ -412,10 +405,16 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
   // Each row tile's partial sums: dW_hh's rows from dax (all G for the LSTM,
   // the GRU's r and z), the GRU's n rows from dahn, dW_ih, then the column
   // sums of dax and of dahn.
-  const TileAtb<T> hh(vk, lstm ? G : 2 * H, H), hn(vk, lstm ? 0 : H, H), ih(vk, G, I);
-  const int64_t nb_cols = G + (lstm ? 0 : H);
-  const int64_t stride = hh.size() + hn.size() + ih.size() + nb_cols;
-  AlignedVector<T> parts(sums ? size_t(tiles * stride) : 0, T(0));
+  RowTileSums<T> rs(vk, B);
+  int k_hh = 0, k_hn = 0, k_ih = 0, k_b = 0, k_bn = 0;
+  if (sums) {
+    k_hh = rs.atb(lstm ? G : 2 * H, H, sums->w_hh);
+    if (!lstm) k_hn = rs.atb(H, H, sums->w_hh + 2 * H * H);
+    k_ih = rs.atb(G, I, sums->w_ih);
+    k_b = rs.cols(G, sums->b_ih);
+    if (!lstm) k_bn = rs.cols(H, sums->b_hn);
+    rs.start();
+  }
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     const int64_t b0 = t0 * rb, b1 = std::min(B, t1 * rb);
     // The sums over the rows of dax (and dahn) at `step`, just written.
@@ -425,18 +424,15 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
       const T* dn = lstm ? nullptr : g.dahn + t * B * H;
       const T* hp = step > 0 ? p.out + time_of(step - 1) * B * H : nullptr;
       const T* xt = I > 0 ? sums->x + t * B * I : nullptr;
-      for (int64_t r0 = b0; r0 < b1; r0 += rb) {
-        const int64_t n = std::min(rb, b1 - r0);
-        T* part = parts.data() + (r0 / rb) * stride;
+      rs.for_tiles(b0, b1, [&](T* part, int64_t r0, int64_t n) {
         if (hp) {
-          hh.add(vk, dx + r0 * G, G, hp + r0 * H, H, n, part);
-          if (!lstm) hn.add(vk, dn + r0 * H, H, hp + r0 * H, H, n, part + hh.size());
+          rs.add_atb(k_hh, part, dx + r0 * G, G, hp + r0 * H, H, n);
+          if (!lstm) rs.add_atb(k_hn, part, dn + r0 * H, H, hp + r0 * H, H, n);
         }
-        T* rest = part + hh.size() + hn.size();
-        ih.add(vk, dx + r0 * G, G, xt + r0 * I, I, n, rest);
-        vk.add_column_sums(rest + ih.size(), dx + r0 * G, n, G, G);
-        if (!lstm) vk.add_column_sums(rest + ih.size() + G, dn + r0 * H, n, H, H);
-      }
+        rs.add_atb(k_ih, part, dx + r0 * G, G, xt + r0 * I, I, n);
+        rs.add_cols(k_b, part, dx + r0 * G, n, G);
+        if (!lstm) rs.add_cols(k_bn, part, dn + r0 * H, n, H);
+      });
     };
     auto cut_rows = [&] {
       std::memset(g.dh + b0 * H, 0, sizeof(T) * (b1 - b0) * H);
@@ -492,14 +488,7 @@ void layer_bwd_fused(const LayerShape& s, const LayerPtrs<T>& p, const LayerGrad
       vk.gated_bwd_step(a, b0, b1);
     }
   });
-  if (sums) {
-    const T* rest = parts.data() + hh.size() + hn.size();
-    hh.sum(parts.data(), tiles, stride, sums->w_hh);
-    if (!lstm) hn.sum(parts.data() + hh.size(), tiles, stride, sums->w_hh + 2 * H * H);
-    ih.sum(rest, tiles, stride, sums->w_ih);
-    sum_over_tiles(rest + ih.size(), tiles, stride, G, sums->b_ih);
-    if (!lstm) sum_over_tiles(rest + ih.size() + G, tiles, stride, H, sums->b_hn);
-  }
+  if (sums) rs.finish();
 }
 
 // Reverse with lengths on the fused path (see gated_fused_path): the saved
@@ -734,11 +723,11 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   // The parameter gradients' row sums inside the loop where it takes them.
   const bool in_loop = gated_row_sums_in_loop(s);
   const at::Tensor x_finite = finite_padding(x, s.lengths);  // [T,B,I]
-  at::Tensor g_w_ih, g_b_ih, loop_w_hh, loop_b_hn;
+  at::Tensor g_w_ih, g_b_ih, loop_b_hn;
+  auto g_w_hh = at::empty({G, P}, opts);
   if (in_loop) {
     g_w_ih = at::empty({G, I}, opts);
     g_b_ih = at::empty({G}, opts);
-    loop_w_hh = at::empty({G, P}, opts);
     loop_b_hn = lstm ? empty0(input) : at::empty({H}, opts);
   }
   if (T * B > 0) {
@@ -761,7 +750,7 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       gp.grad_norm = want_grad_norm ? grad_norm.data_ptr<scalar_t>() : nullptr;
       LayerRowSums<scalar_t> rs{};
       if (in_loop) {
-        rs.w_hh = loop_w_hh.data_ptr<scalar_t>();
+        rs.w_hh = g_w_hh.data_ptr<scalar_t>();
         rs.w_ih = g_w_ih.data_ptr<scalar_t>();
         rs.b_ih = g_b_ih.data_ptr<scalar_t>();
         rs.b_hn = lstm ? nullptr : loop_b_hn.data_ptr<scalar_t>();
@@ -800,8 +789,8 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
   // dW_hh = sum_t dah_t^T h_prev(t): h0 at each sequence's first processed
   // step, the neighbouring step's output otherwise (0 at padded times, whose
   // dah is 0 too). rows: dW_hh's rows for dah's columns src [T*B, n].
-  // loop: these rows' sums over every step but the first, from the loop.
-  auto add_w_hh = [&](at::Tensor rows, const at::Tensor& src, const at::Tensor& loop) {
+  // With in_loop, rows already hold their sums over every step but the first.
+  auto add_w_hh = [&](at::Tensor rows, const at::Tensor& src) {
     const int64_t n = src.size(1);
     at::Tensor first;
     if (T == 0) {
@@ -815,11 +804,16 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     }
     // Skipped when exactly zero (elman_cpu.h vanishing_atb).
     const bool with_first = !vanishing_atb(first, hx);
+    if (in_loop) {
+      if (with_first) {
+        auto term = at::empty_like(rows);
+        atb_out(term, first, hx, false);
+        rows.add_(term);
+      }
+      return;
+    }
     if (with_first) atb_out(rows, first, hx, false);
-    if (loop.defined()) {
-      if (with_first) rows.add_(loop);
-      else rows.copy_(loop);
-    } else if (T > 1) {
+    if (T > 1) {
       const auto rest = src.narrow(0, (s.reverse ? 0 : 1) * B, (T - 1) * B);
       const auto h_prev = s.reverse ? out.narrow(0, 1, T - 1) : out.narrow(0, 0, T - 1);
       atb_out(rows, rest, h_prev.reshape({(T - 1) * B, P}), with_first);
@@ -827,15 +821,11 @@ layer_bwd_cpu(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
       rows.zero_();
     }
   };
-  auto g_w_hh = at::empty({G, P}, opts);
   if (lstm) {
-    add_w_hh(g_w_hh, dax2, loop_w_hh);
+    add_w_hh(g_w_hh, dax2);
   } else {
-    const auto loop = [&](int64_t r0, int64_t n) {
-      return in_loop ? loop_w_hh.narrow(0, r0, n) : at::Tensor();
-    };
-    add_w_hh(g_w_hh.narrow(0, 0, 2 * H), dax2.narrow(1, 0, 2 * H), loop(0, 2 * H));
-    add_w_hh(g_w_hh.narrow(0, 2 * H, H), dahn.view({T * B, H}), loop(2 * H, H));
+    add_w_hh(g_w_hh.narrow(0, 0, 2 * H), dax2.narrow(1, 0, 2 * H));
+    add_w_hh(g_w_hh.narrow(0, 2 * H, H), dahn.view({T * B, H}));
   }
   auto g_w_hr = empty0(input);
   if (s.proj) {
