@@ -20,10 +20,17 @@ struct HeadGrads {
   at::Tensor bias_out;    // [O], or [0] without bias_out
 };
 
+// A backend's allocator for a sweep's large per-call buffers (the CPU's
+// buffer cache, cpu/host_cache.h); null: at::empty.
+using EmptyFn = at::Tensor (*)(at::IntArrayRef, const at::TensorOptions&);
+
 // grads.output is left uninitialised: the head writes every row of it.
 inline HeadGrads new_head_grads(const LossSpec& spec, const ElmanShape& s, bool has_bias,
-                                const at::TensorOptions& opts) {
-  return {at::empty({s.T * s.B, s.H}, opts), at::zeros({spec.O, s.H}, opts),
+                                const at::TensorOptions& opts, EmptyFn empty = nullptr) {
+  auto make = [&](at::IntArrayRef sizes) {
+    return empty ? empty(sizes, opts) : at::empty(sizes, opts);
+  };
+  return {make({s.T * s.B, s.H}), make({spec.O, s.H}).zero_(),
           at::zeros({has_bias ? spec.O : 0}, opts)};
 }
 
@@ -47,6 +54,8 @@ struct HeadPasses {
                    const at::Tensor& step_loss, HeadGrads* grads);
   // sum of coef * l [T,B], a [] tensor, in a fixed order
   at::Tensor (*weighted_sum)(const at::Tensor& coef, const at::Tensor& l);
+  // the gradients' allocator (null: at::empty)
+  EmptyFn empty = nullptr;
 };
 
 struct HeadSweep {
@@ -71,7 +80,8 @@ inline HeadSweep head_sweep(const HeadPasses& pass, const LossSpec& spec, const 
   const auto coef = scalar ? pass.reduction_coefs(spec, s, r.weight) : r.weight;  // [T,B]
   r.step_loss = at::zeros({s.T, s.B}, opts);                                      // [T,B]
   const bool grads_now = compute_grad && scalar;
-  r.grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts) : no_head_grads(opts);
+  r.grads = grads_now ? new_head_grads(spec, s, bias_out.has_value(), opts, pass.empty)
+                       : no_head_grads(opts);
   pass.run_head(spec, s, h, target, weight_out, bias_out, coef, r.step_loss,
                 grads_now ? &r.grads : nullptr);
   r.value = scalar ? pass.weighted_sum(coef, r.step_loss) : r.weight.mul(r.step_loss);

@@ -54,8 +54,9 @@ def empty_cache() -> None:
     """Frees the CPU buffers rnnkern keeps for reuse (as torch.cuda.empty_cache
     does for torch's GPU allocator).
 
-    The CPU kernels take each per-call buffer of 16 MB or more (the saved
-    gates, the outputs, the step gradients of a large layer) from a cache:
+    The CPU kernels take each per-call buffer of 4 MB or more (the saved
+    gates, the outputs, the step gradients of a large layer, the loss head's
+    logits chunk and gradients) from a cache:
     when the tensor dies its block is kept, and the next call of the same or
     a slightly smaller size reuses it instead of page-faulting fresh memory
     in (glibc maps and unmaps every block past 32 MB). The cache holds at

@@ -1,4 +1,4 @@
-"""The CPU buffer cache (csrc/cpu/host_cache.*): per-call buffers of 16 MB or
+"""The CPU buffer cache (csrc/cpu/host_cache.*): per-call buffers of 4 MB or
 more are kept when their tensor dies and reused by the next call. A reused
 block holds the last call's values, so every case checks that a call on
 reused blocks gives the bits of a call on fresh ones, and that the cache's
@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import rnnkern
-from rnnkern import functional
+from rnnkern import functional, reference
 
 MB = 2**20
 # T*B*H*4 bytes = 16 MB: the Elman output and step gradients, the LSTM's and
-# GRU's [T,B,4H] gates and step gradients are all at least the 16 MB threshold.
+# GRU's [T,B,4H] gates and step gradients are all past the 4 MB threshold.
 T, B, I, H = 1024, 64, 5, 64
 
 
@@ -68,6 +68,58 @@ def test_a_call_on_reused_blocks_gives_the_bits_of_a_call_on_fresh_ones(cell, le
                 p.copy_(w)
             ref = nn(x)[0]
         torch.testing.assert_close(fresh[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def loss_problem(mode, seed, O):
+    """A fused-loss problem whose head buffers are past the threshold: h's
+    gradient [T*B,H] and W_out's [O,H] over 4 MB, the logits chunk and MKL's
+    packed W_out copies as large or larger."""
+    g = torch.Generator().manual_seed(seed)
+    T_, B_, I_, H_ = 33, 127, 9, 257
+    G = {"rnn_tanh": 1, "lstm": 4, "gru": 3}[mode] * H_
+    x = torch.randn(T_, B_, I_, generator=g)
+    target = torch.randint(0, O, (T_, B_), generator=g)
+    weights = [torch.randn(G, I_, generator=g) / H_**0.5, torch.randn(G, H_, generator=g) / H_**0.5,
+               torch.randn(G, generator=g) * 0.1, torch.randn(G, generator=g) * 0.1,
+               torch.randn(O, H_, generator=g) / H_**0.5, torch.randn(O, generator=g) * 0.1]
+    return x, target, weights
+
+
+def run_loss(impl, x, target, weights, mode, **kw):
+    xs = x.clone().requires_grad_()
+    ws = [w.clone().requires_grad_() for w in weights]
+    loss = impl.rnn_loss(xs, target, None, *ws, mode=mode, **kw)
+    return [loss.detach(), *torch.autograd.grad(loss, [xs, *ws])]
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_fused_loss_on_reused_blocks_gives_the_bits_of_fresh_ones(mode, masked):
+    """The loss head's buffers (h's and W_out's gradients, the logits chunk,
+    the packed W_out, the transposed dW_out product) come from the cache too:
+    allocated and freed at every call, they left glibc's heap fragmented
+    (bench/loss_memory.py's peak growth moved between 1/5 and 1/9 of the
+    baseline's). A kept block holds the last call's values, which a call must
+    never read: every result keeps the bits of a call on fresh blocks."""
+    O = 4099
+    x, target, weights = loss_problem(mode, 12, O)
+    kw = {}
+    if masked:  # rows without a coefficient: the head gathers the others
+        kw["loss_mask"] = torch.rand(target.shape, generator=torch.Generator().manual_seed(13)) < 0.7
+    rnnkern.empty_cache()
+    misses = rnnkern.cache_info()["misses"]
+    fresh = run_loss(functional, x, target, weights, mode, **kw)
+    assert rnnkern.cache_info()["misses"] > misses, "the call took no buffer from the cache"
+    run_loss(functional, *loss_problem(mode, 14, O), mode, **kw)  # stale values in every kept block
+    hits = rnnkern.cache_info()["hits"]
+    reused = run_loss(functional, x, target, weights, mode, **kw)
+    assert rnnkern.cache_info()["hits"] > hits, "the call reused no kept block"
+    for a, b in zip(fresh, reused):
+        assert torch.equal(a, b)
+    # And right: the plain-autograd reference on the same problem.
+    ref = run_loss(reference, x, target, weights, mode, **kw)
+    for a, b in zip(fresh, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_a_poisoned_block_changes_no_result():

@@ -517,10 +517,19 @@ void add_transposed(T* c, const T* t, int64_t M, int64_t N, bool accumulate) {
 //   move, and 64 x 128 x 3200 228 -> 186 loses.
 constexpr int64_t kAtbTransposeRatio = 4;
 
-void blas_atb(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void blas_atb(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+              at::Tensor* scratch = nullptr) {
   const int64_t M = a.size(1), N = b.size(1);
   if (M >= kAtbTransposeRatio * N) {
-    const auto ct = at::mm(b.t(), a);  // [N,M], contiguous
+    at::Tensor ct;  // [N,M], contiguous
+    if (scratch) {
+      if (!scratch->defined()) *scratch = big_empty({N, M}, c.options());
+      TORCH_INTERNAL_ASSERT(scratch->sizes().equals({N, M}));
+      ct = *scratch;
+      at::mm_out(ct, b.t(), a);
+    } else {
+      ct = at::mm(b.t(), a);
+    }
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "blas_atb", [&] {
       add_transposed(c.data_ptr<scalar_t>(), ct.const_data_ptr<scalar_t>(), M, N, accumulate);
     });
@@ -831,13 +840,14 @@ at::Tensor finite_padding(const at::Tensor& x, const int64_t* lengths) {
   return zeroed;
 }
 
-void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+             at::Tensor* scratch) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && c.is_contiguous() &&
                         a.size(0) == b.size(0) && c.size(0) == a.size(1) &&
                         c.size(1) == b.size(1) && a.stride(1) == 1 && b.stride(1) == 1);
   const int64_t M = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
-  if (!atb_wins(M, N)) return blas_atb(c, a, b, accumulate);
+  if (!atb_wins(M, N)) return blas_atb(c, a, b, accumulate, scratch);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "atb_out", [&] {
     // The wider side along the vectors.
     if (M >= N) atb_impl<scalar_t>(c, false, a, b, accumulate);

@@ -73,7 +73,12 @@ class SmallMatmul {
 // c [M,N] (contiguous) = a^T b, or += with accumulate; a [K,M], b [K,N] with
 // unit column stride: a sum over the K rows. K is split into fixed chunks
 // whose partial sums are added in order, never into per-thread ranges.
-void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+// scratch (optional): where BLAS puts a transposed product before it is added
+// into c, allocated on first use and kept for the caller's next call (the
+// head's dW_out, summed chunk by chunk: one [H,O] buffer per sweep, not one
+// per chunk, whose allocations and frees each move glibc's mmap threshold).
+void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+             at::Tensor* scratch = nullptr);
 
 // Whether a^T b is exactly zero because b is (h0 when hx is None): every
 // element of b is 0 and every element of a finite (0 * inf is NaN). a [K,M],

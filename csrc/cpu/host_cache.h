@@ -5,7 +5,11 @@
 // fresh mmap and unmaps it on free, so each call of a large layer page-faulted
 // its buffers in again: about 10% of an LSTM's or GRU's training step at
 // T=200, B=64, H=512. Blocks of at least kHostCacheMinBytes come from here
-// instead: rounded up to 2 MB (aligned, and marked for transparent huge pages
+// instead (4 MB: below that, the per-call buffers of the fused loss's head,
+// h's and W_out's gradients and MKL's packed W_out of 8 MB at T=256, B=32,
+// H=256, O=8192, allocated and freed by glibc at every call, raised its
+// dynamic mmap threshold and left its heap fragmented: bench/loss_memory.py's
+// peak growth went from 125-131 MB to 150-230 MB, from run to run): rounded up to 2 MB (aligned, and marked for transparent huge pages
 // where the kernel allows it), and kept when their tensor dies, for the next
 // call of the same or a slightly smaller size, up to a cap of cached free
 // bytes (RNNKERN_HOST_CACHE_MB, default 1024; 0 turns the cache off). As
@@ -19,7 +23,7 @@
 
 namespace rnnkern::cpu {
 
-inline constexpr std::int64_t kHostCacheMinBytes = std::int64_t(16) << 20;
+inline constexpr std::int64_t kHostCacheMinBytes = std::int64_t(4) << 20;
 
 c10::Allocator* host_cache_allocator();
 

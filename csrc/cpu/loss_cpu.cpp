@@ -29,6 +29,7 @@
 #include "../checks.h"
 #include "../head_sweep.h"
 #include "../loss.h"
+#include "host_cache.h"
 #include "../params.h"
 #include "elman_cpu.h"
 #include "vec_kernels.h"
@@ -143,7 +144,7 @@ class HeadWeight {
         O * H > 0) {
       constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
       const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(rows), int(n), int(k));
-      packed_ = at::empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, w_out.options());
+      packed_ = big_empty({int64_t((bytes + sizeof(float) - 1) / sizeof(float))}, w_out.options());
       cblas_sgemm_pack(kRowMajor, kBMatrix, trans ? kTrans : kNoTrans, int(rows), int(n), int(k),
                        1.0f, w_out.const_data_ptr<float>(), int(H), packed_.data_ptr<float>());
     }
@@ -204,13 +205,14 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   const int64_t C = rows_per_chunk(spec, n_active, sizeof(T));
 
   const auto opts = h.options();
-  auto logits_buf = at::empty({C, O}, opts);                           // [C,O]
+  auto logits_buf = big_empty({C, O}, opts);                            // [C,O]
   auto h_buf = all_rows ? at::Tensor() : at::empty({C, H}, opts);      // [C,H] gathered rows
   auto dh_buf = all_rows || !grads ? at::Tensor() : at::empty({C, H}, opts);  // [C,H]
   // Packing pays only when a sweep has chunks to reuse it (rows 0: no packing).
   const int64_t pack_rows = n_active > C ? C : 0;
   const HeadWeight w_for_logits(w_out, true, pack_rows);
   const HeadWeight w_for_dh(w_out, false, grads ? pack_rows : 0);
+  at::Tensor w_scratch;  // atb_out's, for every chunk's dW_out
 
   T* lp = step_loss.defined() ? step_loss.data_ptr<T>() : nullptr;
   const bool ce = spec.kind == LossKind::kCrossEntropy;
@@ -266,7 +268,7 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
       w_for_dh.mm_out(dh, logits);
       grads->output.index_copy_(0, idx, dh);
     }
-    atb_out(grads->weight_out, logits, hc, true);
+    atb_out(grads->weight_out, logits, hc, true, &w_scratch);
     // The bias gradient sums the rows in order, chunk after chunk: the same
     // bits at any thread count.
     if (bp) vk.add_column_sums(grads->bias_out.data_ptr<T>(), xp, n, O, O);
@@ -330,7 +332,7 @@ at::Tensor weighted_sum(const at::Tensor& coef, const at::Tensor& l) {
   return at::scalar_tensor(acc, coef.options());
 }
 
-const HeadPasses kHead{&loss_weights, &reduction_coefs, &run_head, &weighted_sum};
+const HeadPasses kHead{&loss_weights, &reduction_coefs, &run_head, &weighted_sum, &big_empty};
 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -394,7 +396,7 @@ elman_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_h_n,
     // The sweep again, with the upstream coefficients.
     const auto coef = scalar ? reduction_coefs(spec, s, weight).mul_(grad_loss)  // [T,B]
                              : grad_loss.mul(weight);
-    grads = new_head_grads(spec, s, bias_out.has_value(), opts);
+    grads = new_head_grads(spec, s, bias_out.has_value(), opts, &big_empty);
     run_head(spec, s, output, target, weight_out, bias_out, coef, at::Tensor(), &grads);
     grads.output = grads.output.view({s.T, s.B, s.H});
   } else if (scalar_value(grad_loss) == 1.0) {
@@ -456,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_loss_bwd_cpu(
   }
   const auto coef = scalar ? reduction_coefs(spec, s, weight).mul_(grad_loss)  // [T,B]
                            : grad_loss.mul(weight);
-  HeadGrads grads = new_head_grads(spec, s, bias_out.has_value(), opts);
+  HeadGrads grads = new_head_grads(spec, s, bias_out.has_value(), opts, &big_empty);
   run_head(spec, s, dense(h), target, weight_out, bias_out, coef, at::Tensor(), &grads);
   return {grads.output.view({s.T, s.B, s.H}), grads.weight_out, grads.bias_out};
 }
