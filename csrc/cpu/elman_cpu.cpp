@@ -517,19 +517,12 @@ void add_transposed(T* c, const T* t, int64_t M, int64_t N, bool accumulate) {
 //   move, and 64 x 128 x 3200 228 -> 186 loses.
 constexpr int64_t kAtbTransposeRatio = 4;
 
-void blas_atb(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-              at::Tensor* scratch = nullptr) {
+bool blas_transposed(int64_t M, int64_t N) { return M >= kAtbTransposeRatio * N; }
+
+void blas_atb(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t M = a.size(1), N = b.size(1);
-  if (M >= kAtbTransposeRatio * N) {
-    at::Tensor ct;  // [N,M], contiguous
-    if (scratch) {
-      if (!scratch->defined()) *scratch = big_empty({N, M}, c.options());
-      TORCH_INTERNAL_ASSERT(scratch->sizes().equals({N, M}));
-      ct = *scratch;
-      at::mm_out(ct, b.t(), a);
-    } else {
-      ct = at::mm(b.t(), a);
-    }
+  if (blas_transposed(M, N)) {
+    const at::Tensor ct = at::mm(b.t(), a);  // [N,M], contiguous
     AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "blas_atb", [&] {
       add_transposed(c.data_ptr<scalar_t>(), ct.const_data_ptr<scalar_t>(), M, N, accumulate);
     });
@@ -840,19 +833,41 @@ at::Tensor finite_padding(const at::Tensor& x, const int64_t* lengths) {
   return zeroed;
 }
 
-void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-             at::Tensor* scratch) {
+void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && c.is_contiguous() &&
                         a.size(0) == b.size(0) && c.size(0) == a.size(1) &&
                         c.size(1) == b.size(1) && a.stride(1) == 1 && b.stride(1) == 1);
   const int64_t M = a.size(1), N = b.size(1);
   if (M == 0 || N == 0) return;
-  if (!atb_wins(M, N)) return blas_atb(c, a, b, accumulate, scratch);
+  if (!atb_wins(M, N)) return blas_atb(c, a, b, accumulate);
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "atb_out", [&] {
     // The wider side along the vectors.
     if (M >= N) atb_impl<scalar_t>(c, false, a, b, accumulate);
     else atb_impl<scalar_t>(c, true, b, a, accumulate);
   });
+}
+
+void AtbSum::add(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(1), N = b.size(1);
+  if (M == 0 || N == 0 || a.size(0) == 0) return;
+  if (atb_wins(M, N) || !blas_transposed(M, N)) return atb_out(c_, a, b, true);
+  TORCH_INTERNAL_ASSERT(a.stride(1) == 1 && b.stride(1) == 1 && c_.is_contiguous() &&
+                        c_.size(0) == M && c_.size(1) == N);
+  if (!ct_.defined()) {
+    ct_ = big_empty({N, M}, c_.options());  // [N,M]
+    at::mm_out(ct_, b.t(), a);
+  } else {
+    ct_.addmm_(b.t(), a);
+  }
+}
+
+void AtbSum::finish() {
+  if (!ct_.defined()) return;
+  const int64_t M = c_.size(0), N = c_.size(1);
+  AT_DISPATCH_FLOATING_TYPES(c_.scalar_type(), "atb_sum", [&] {
+    add_transposed(c_.data_ptr<scalar_t>(), ct_.const_data_ptr<scalar_t>(), M, N, true);
+  });
+  ct_ = at::Tensor();  // back to the buffer cache
 }
 
 bool vanishing_atb(const at::Tensor& a, const at::Tensor& b) {

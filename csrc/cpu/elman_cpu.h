@@ -73,12 +73,23 @@ class SmallMatmul {
 // c [M,N] (contiguous) = a^T b, or += with accumulate; a [K,M], b [K,N] with
 // unit column stride: a sum over the K rows. K is split into fixed chunks
 // whose partial sums are added in order, never into per-thread ranges.
-// scratch (optional): where BLAS puts a transposed product before it is added
-// into c, allocated on first use and kept for the caller's next call (the
-// head's dW_out, summed chunk by chunk: one [H,O] buffer per sweep, not one
-// per chunk, whose allocations and frees each move glibc's mmap threshold).
-void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-             at::Tensor* scratch = nullptr);
+void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// c += the sum of a_i^T b_i over the calls of add() (the head's dW_out, chunk
+// by chunk), each product as atb_out takes it, except where BLAS runs c
+// transposed (a tall narrow c, blas_atb): there the products accumulate in
+// one [N,M] buffer from the CPU buffer cache, one BLAS call with beta = 1
+// each, and finish() adds it into c, transposed, once instead of once per
+// call. c must not be read before finish().
+class AtbSum {
+ public:
+  explicit AtbSum(const at::Tensor& c) : c_(c) {}
+  void add(const at::Tensor& a, const at::Tensor& b);
+  void finish();
+
+ private:
+  at::Tensor c_, ct_;
+};
 
 // Whether a^T b is exactly zero because b is (h0 when hx is None): every
 // element of b is 0 and every element of a finite (0 * inf is NaN). a [K,M],

@@ -212,7 +212,9 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
   const int64_t pack_rows = n_active > C ? C : 0;
   const HeadWeight w_for_logits(w_out, true, pack_rows);
   const HeadWeight w_for_dh(w_out, false, grads ? pack_rows : 0);
-  at::Tensor w_scratch;  // atb_out's, for every chunk's dW_out
+  // dW_out, chunk by chunk; added into grads->weight_out after the sweep.
+  c10::optional<AtbSum> dw_out;
+  if (grads) dw_out.emplace(grads->weight_out);
 
   T* lp = step_loss.defined() ? step_loss.data_ptr<T>() : nullptr;
   const bool ce = spec.kind == LossKind::kCrossEntropy;
@@ -268,11 +270,12 @@ void head_loss(const LossSpec& spec, const ElmanShape& s, const at::Tensor& h,
       w_for_dh.mm_out(dh, logits);
       grads->output.index_copy_(0, idx, dh);
     }
-    atb_out(grads->weight_out, logits, hc, true, &w_scratch);
-    // The bias gradient sums the rows in order, chunk after chunk: the same
-    // bits at any thread count.
-    if (bp) vk.add_column_sums(grads->bias_out.data_ptr<T>(), xp, n, O, O);
+    dw_out->add(logits, hc);
+    // The bias gradient sums the rows in order, chunk after chunk, the
+    // threads taking blocks of columns: the same bits at any thread count.
+    if (bp) add_column_sums(grads->bias_out, logits);
   }
+  if (dw_out) dw_out->finish();
 }
 
 // The head's inputs in the layout head_loss reads.
