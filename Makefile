@@ -97,9 +97,10 @@ sanitize: $(SAN_EXT)
 # wrong CUDA_HOME), and TORCH_CUDA_ARCH_LIST names the architectures (torch
 # detects them from a GPU otherwise, and fails without one). setup.py finds the
 # cuBLAS headers of torch's nvidia wheels and sets -std=c++20 itself.
-# Then, from a copy of the package's .py files and of the tests beside the
-# build (so the tests' subprocesses, which run from the root they see, import
-# it too): import it, assert through the dispatcher that every op has a CUDA
+# Then, from a copy of the package's .py files, of the tests and of the bench
+# scripts (tests/test_per_call.py loads bench/per_call.py) beside the build
+# (so the tests' subprocesses, which run from the root they see, import it
+# too): import it, assert through the dispatcher that every op has a CUDA
 # kernel, and run the CPU test suite against it (tests/test_cuda.py skips
 # without a GPU). Left out: test_readme_commands.py (it runs the README's make
 # targets, which belong to the CPU venv, and its benchmarks) and the console
@@ -142,8 +143,9 @@ $(CUDA_EXT): $(CUDA_DEPS) $(EXT_SRCS)
 	@touch $@
 
 cuda-build: $(CUDA_EXT)
-	rm -rf $(CUDA_DIR)/tests && rm -f $(CUDA_DIR)/rnnkern/*.py
-	cp rnnkern/*.py $(CUDA_DIR)/rnnkern/ && mkdir -p $(CUDA_DIR)/tests && cp tests/*.py $(CUDA_DIR)/tests/
+	rm -rf $(CUDA_DIR)/tests $(CUDA_DIR)/bench && rm -f $(CUDA_DIR)/rnnkern/*.py
+	cp rnnkern/*.py $(CUDA_DIR)/rnnkern/ && mkdir -p $(CUDA_DIR)/tests $(CUDA_DIR)/bench
+	cp tests/*.py $(CUDA_DIR)/tests/ && cp bench/*.py $(CUDA_DIR)/bench/
 	cd $(CUDA_DIR) && $(CUDA_ENV) $(abspath $(CUDA_PY)) -c '$(CUDA_CHECK)'
 	cd $(CUDA_DIR) && $(CUDA_ENV) $(abspath $(CUDA_PY)) -m pytest -q -p no:cacheprovider \
 	  --ignore=tests/test_readme_commands.py -k '$(CUDA_SKIP)' tests
