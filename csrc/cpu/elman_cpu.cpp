@@ -847,14 +847,18 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
   });
 }
 
+AtbSum::AtbSum(const at::Tensor& c)
+    : c_(c),
+      transposed_(c.numel() > 0 && !atb_wins(c.size(0), c.size(1)) &&
+                  blas_transposed(c.size(0), c.size(1))) {}
+
 void AtbSum::add(const at::Tensor& a, const at::Tensor& b) {
-  const int64_t M = a.size(1), N = b.size(1);
-  if (M == 0 || N == 0 || a.size(0) == 0) return;
-  if (atb_wins(M, N) || !blas_transposed(M, N)) return atb_out(c_, a, b, true);
-  TORCH_INTERNAL_ASSERT(a.stride(1) == 1 && b.stride(1) == 1 && c_.is_contiguous() &&
-                        c_.size(0) == M && c_.size(1) == N);
+  if (!transposed_) return atb_out(c_, a, b, true);
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0) &&
+                        a.size(1) == c_.size(0) && b.size(1) == c_.size(1) &&
+                        a.stride(1) == 1 && b.stride(1) == 1 && c_.is_contiguous());
   if (!ct_.defined()) {
-    ct_ = big_empty({N, M}, c_.options());  // [N,M]
+    ct_ = big_empty({c_.size(1), c_.size(0)}, c_.options());
     at::mm_out(ct_, b.t(), a);
   } else {
     ct_.addmm_(b.t(), a);

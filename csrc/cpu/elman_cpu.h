@@ -83,12 +83,13 @@ void atb_out(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accum
 // call. c must not be read before finish().
 class AtbSum {
  public:
-  explicit AtbSum(const at::Tensor& c) : c_(c) {}
+  explicit AtbSum(const at::Tensor& c);  // c [M,N] contiguous
   void add(const at::Tensor& a, const at::Tensor& b);
   void finish();
 
  private:
   at::Tensor c_, ct_;
+  bool transposed_;  // BLAS runs c transposed: the products go to ct_ [N,M]
 };
 
 // Whether a^T b is exactly zero because b is (h0 when hx is None): every
