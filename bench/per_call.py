@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -33,42 +34,50 @@ CELLS = {"rnn": (rnnkern.RNN, torch.nn.RNN, "rnn_tanh"),
          "gru": (rnnkern.GRU, torch.nn.GRU, "gru")}
 
 
+class Call(NamedTuple):
+    run: Callable[[], None]  # one forward + backward, the gradients set afresh
+    params: list  # the parameters it gives gradients to
+
+
+def _call(params: list, loss: Callable[[], torch.Tensor]) -> Call:
+    def run():
+        for p in params:
+            p.grad = None
+        loss().backward()
+    return Call(run, params)
+
+
+def _module_call(m: torch.nn.Module, x: torch.Tensor) -> Call:
+    def loss():
+        o = m(x)
+        return (o[0] if isinstance(o, tuple) else o).sum()
+    return _call(list(m.parameters()), loss)
+
+
+def _cell_calls(cell: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+    ours, theirs, mode = CELLS[cell]
+    ref = theirs(1, 1)
+    mod = ours(1, 1)
+    mod.load_state_dict(ref.state_dict())
+    head = torch.nn.Linear(1, 1)
+    weights = list(ref.parameters())  # w_ih, w_hh, b_ih, b_hh: nn's order
+    loss_call = _call(weights + list(head.parameters()),
+                      lambda: RF.rnn_loss(x, y, None, *weights, head.weight, head.bias,
+                                          loss="mse", mode=mode))
+    return {f"{cell}: rnn_loss(...).backward()": loss_call,
+            f"{cell}: rnnkern.{ours.__name__} + out.sum()": _module_call(mod, x),
+            f"{cell}: nn.{theirs.__name__} + out.sum()": _module_call(ref, x)}
+
+
 def calls(cells: list[str]) -> dict:
-    """name -> a function running one forward + backward at T = B = I = H = 1."""
+    """name -> Call: one forward + backward at T = B = I = H = 1."""
     torch.manual_seed(0)
     x = torch.randn(1, 1, 1)
     y = torch.randn(1, 1, 1)
     out = {}
-
-    def module_call(m):
-        params = list(m.parameters())
-
-        def run():
-            for p in params:
-                p.grad = None
-            o = m(x)
-            (o[0] if isinstance(o, tuple) else o).sum().backward()
-        return run
-
     for cell in cells:
-        ours, theirs, mode = CELLS[cell]
-        ref = theirs(1, 1)
-        head = torch.nn.Linear(1, 1)
-        weights = list(ref.parameters())  # w_ih, w_hh, b_ih, b_hh: nn's order
-        head_params = list(head.parameters())
-
-        def loss_call(weights=weights, head=head, mode=mode, params=weights + head_params):
-            for p in params:
-                p.grad = None
-            RF.rnn_loss(x, y, None, *weights, head.weight, head.bias, loss="mse",
-                        mode=mode).backward()
-
-        mod = ours(1, 1)
-        mod.load_state_dict(ref.state_dict())
-        out[f"{cell}: rnn_loss(...).backward()"] = loss_call
-        out[f"{cell}: rnnkern.{ours.__name__} + out.sum()"] = module_call(mod)
-        out[f"{cell}: nn.{theirs.__name__} + out.sum()"] = module_call(ref)
-    out["nn.Linear(1, 1) + out.sum()"] = module_call(torch.nn.Linear(1, 1))
+        out.update(_cell_calls(cell, x, y))
+    out["nn.Linear(1, 1) + out.sum()"] = _module_call(torch.nn.Linear(1, 1), x)
     return out
 
 
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
         p.error(f"--calls and --threads must be >= 1 and --warmup >= 0, got "
                 f"--calls {args.calls}, --warmup {args.warmup}, --threads {args.threads}")
     torch.set_num_threads(args.threads)
-    fns = calls(args.cell or list(CELLS))
+    fns = {name: c.run for name, c in calls(args.cell or list(CELLS)).items()}
     for _ in range(args.warmup):
         for f in fns.values():
             f()
