@@ -474,3 +474,52 @@ def test_size1_axes_with_any_stride_in_rnn_loss(mode):
         results.append([value] + [a.grad for a in args])
     for got, want in zip(results[1], results[0], strict=True):
         assert_close(got, want, TOL[torch.float64], mode)
+
+
+def _detach_in_place_tbptt(module, chunks, form):
+    """Truncated BPTT as older client code writes it: the returned state
+    detached in place (``hidden.detach_()``) before it feeds the next chunk.
+    Returns, per chunk, whether detach_ raised (its type), the loss, and the
+    parameters' gradients."""
+    module.zero_grad()
+    hidden, record = None, []
+    for x in chunks:
+        if form == "unbatched":
+            x = x[:, 0]
+        elif form == "batch_first":
+            x = x.transpose(0, 1)
+        out, hidden = module(x, hidden)
+        states = hidden if isinstance(hidden, tuple) else (hidden,)
+        loss = out.tanh().sum() + sum(s.square().sum() for s in states)
+        loss.backward()
+        raised = None
+        for s in states:
+            try:
+                s.detach_()
+            except RuntimeError as e:
+                raised = type(e)
+        if raised is not None:
+            hidden = tuple(s.detach() for s in states) if len(states) > 1 else states[0].detach()
+        record.append((raised, loss.detach()))
+    return record, [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("form", ["padded", "batch_first", "unbatched", "two-layer-bidir"])
+def test_state_detached_in_place_between_chunks_as_nn(name, form):
+    """h_n (and c_n) detach_() as nn's do: where nn's state is its own tensor
+    (padded, batch_first, multi-layer) ours is too, so the in-place detach
+    works; where nn's is a view (unbatched input) both refuse it alike. The
+    losses and gradients of the chunk loop then equal nn's."""
+    kw = {"num_layers": 2, "bidirectional": True} if form == "two-layer-bidir" else {}
+    kw["batch_first"] = form == "batch_first"
+    ours, theirs = pair(name, **kw)
+    g = torch.Generator().manual_seed(11)
+    chunks = [torch.randn(3, 2, 4, dtype=torch.float64, generator=g) for _ in range(3)]
+    got = _detach_in_place_tbptt(ours, chunks, form)
+    want = _detach_in_place_tbptt(theirs, chunks, form)
+    for (r_got, l_got), (r_want, l_want) in zip(got[0], want[0], strict=True):
+        assert r_got == r_want, f"{name} {form}: detach_ raised {r_got}, nn's {r_want}"
+        assert_close(l_got, l_want, TOL[torch.float64], name)
+    for a, b in zip(got[1], want[1], strict=True):
+        assert_close(a, b, TOL[torch.float64], name)
