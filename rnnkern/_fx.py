@@ -26,6 +26,12 @@ _tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing",
                    lambda: _symbolic_trace._is_fx_tracing_flag)
 
 
+def tracing() -> bool:
+    """Whether torch.fx.symbolic_trace runs (a call to check first, before
+    building module_node's arguments)."""
+    return _tracing()
+
+
 def _proxy_in(value):
     """A Proxy among value, a tuple or list of them (PackedSequence, the
     LSTM's (h, c)) or a dict's values, else None."""

@@ -180,8 +180,12 @@ class _HeadLoss(torch.autograd.Function):
 def _records_graph(tensors) -> bool:
     """Whether autograd records a call on these arguments: grad mode on and a
     tensor among them that requires grad."""
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any() over a generator: 1 us less per call at T = B = 1
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def _grad_ahead(tensors) -> bool:

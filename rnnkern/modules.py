@@ -21,9 +21,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _fx, _onnx, functional
-from ._checks import (LOWER_PRECISION, LengthsLike, autocast_dtype, autocast_up, cast_down,
-                      cast_up, check_bool, check_nonlinearity, check_truncate, lengths_arg,
-                      lstm_state)
+from ._checks import (LOWER_PRECISION, LengthsLike, autocast_on_for, cast_down, cast_up,
+                      check_bool, check_nonlinearity, check_truncate, lengths_arg, lstm_state)
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -134,26 +133,30 @@ class _RecurrentBase(nn.RNNBase):
         truncate: Optional[int] = None,
     ):
         """forward in eager code (and under torch.compile, torch.fx, torch.onnx)."""
-        node = _fx.module_node(self, (input, hx), {"lengths": lengths, "truncate": truncate})
-        if node is not None:  # torch.fx: one call_module node, as for torch.nn's modules
-            return node
+        if _fx.tracing():  # torch.fx: one call_module node, as for torch.nn's modules
+            node = _fx.module_node(self, (input, hx), {"lengths": lengths, "truncate": truncate})
+            if node is not None:
+                return node
         truncate = check_truncate(truncate)
         state = self._hx_in(hx)
         w0 = self._weight("weight_ih_l0")
-        device_type = w0.device.type
-        if isinstance(input, PackedSequence):
-            data, state = autocast_up(device_type, input.data, state)
-            input = PackedSequence(data, *input[1:])
-        else:
-            input, state = autocast_up(device_type, input, state)
+        # Under torch.autocast on the weights' device: the input, hx and the
+        # weights cast up to float32 (autocast's float32 policy, as in
+        # rnnkern/_checks.py), the outputs left float32.
+        autocast = autocast_on_for(w0)
+        if autocast:
+            if isinstance(input, PackedSequence):
+                data, state = cast_up((input.data, state))
+                input = PackedSequence(data, *input[1:])
+            else:
+                input, state = cast_up((input, state))
         # A bfloat16 or float16 model outside autocast runs float32 on its
         # tensors cast up and gives its outputs back in its dtype, after the
         # checks (made on the dtypes the caller gave).
         w_dtype = w0.dtype
-        lower = w_dtype in LOWER_PRECISION and autocast_dtype(device_type, w_dtype) == w_dtype
-        low = w_dtype if lower else None
+        low = w_dtype if w_dtype in LOWER_PRECISION and not autocast else None
         if isinstance(input, PackedSequence):
-            output, state = self._forward_packed(input, state, lengths, truncate, low)
+            output, state = self._forward_packed(input, state, lengths, truncate, low, autocast)
             if low is not None:
                 output = PackedSequence(output.data.to(low), *output[1:])
             return output, self._hx_out(cast_down(low, state)[0])
@@ -167,7 +170,7 @@ class _RecurrentBase(nn.RNNBase):
         batched = input.dim() == 3
         if state is not None and any(h.dim() != input.dim() for h in state):
             raise RuntimeError(_hx_dims_message(list(state), batched, self._feature_letter))
-        self._check_input(input)
+        self._check_input(input, autocast)
         if not batched:
             x = input.unsqueeze(1)  # [T,1,I]
             state = None if state is None else tuple(h.unsqueeze(1) for h in state)  # [L*D,1,*]
@@ -179,8 +182,9 @@ class _RecurrentBase(nn.RNNBase):
         lengths = lengths_arg(lengths)
         if low is not None:
             x, state = cast_up((x, state))
-        output, state = self._layers(x, state, lengths, truncate, None, low)
-        output, state = cast_down(low, output, state)
+        output, state = self._layers(x, state, lengths, truncate, None, low, autocast)
+        if low is not None:
+            output, state = cast_down(low, output, state)
         if not batched:
             return output.squeeze(1), self._hx_out(tuple(h.squeeze(1) for h in state))
         return (output.transpose(0, 1) if self.batch_first else output), self._hx_out(state)
@@ -192,6 +196,7 @@ class _RecurrentBase(nn.RNNBase):
         lengths: LengthsLike,
         truncate: Optional[int],
         low: Optional[torch.dtype],  # the model's lower-precision dtype outside autocast
+        autocast: bool,  # under torch.autocast on the weights' device
     ) -> tuple[PackedSequence, State]:  # output data [N,D*P], final states [L*D,B,*]
         if lengths is not None:
             raise ValueError("lengths must be None for a PackedSequence input, which carries "
@@ -203,7 +208,7 @@ class _RecurrentBase(nn.RNNBase):
         if data.dim() != 2:
             raise RuntimeError(f"a PackedSequence's data must be 2-D (N, I), "
                                f"got shape {tuple(data.shape)}")
-        self._check_input(data)
+        self._check_input(data, autocast)
         x, lengths, valid = _padded(data, batch_sizes)  # valid on data's device
         B = x.shape[1]
         if hx is not None and any(h.dim() != 3 for h in hx):
@@ -215,7 +220,7 @@ class _RecurrentBase(nn.RNNBase):
             x, hx = cast_up((x, hx))
         if hx is not None and sorted_indices is not None:
             hx = tuple(h.index_select(1, sorted_indices) for h in hx)  # -> packed order
-        output, h_n = self._layers(x, hx, lengths, truncate, valid, low)
+        output, h_n = self._layers(x, hx, lengths, truncate, valid, low, autocast)
         if unsorted_indices is not None:
             h_n = tuple(h.index_select(1, unsorted_indices) for h in h_n)
         return PackedSequence(output[valid], batch_sizes, sorted_indices, unsorted_indices), h_n
@@ -228,24 +233,26 @@ class _RecurrentBase(nn.RNNBase):
         truncate: Optional[int],
         packed: Optional[torch.Tensor],  # [T,B] bool: the valid steps of a packed input
         low: Optional[torch.dtype],  # the model's bfloat16 or float16, outside autocast
+        autocast: bool,  # under torch.autocast on the weights' device: weights cast up
     ) -> tuple[torch.Tensor, State]:  # output [T,B,D*P], final states [L*D,B,*]
         D = 2 if self.bidirectional else 1
         finals = []  # a state tuple per layer and direction
         layer_input = x
+        weight = self._weight
         for k in range(self.num_layers):
             outputs = []
             for d in range(D):
                 names = self._all_weights[k * D + d]
-                weights = tuple(self._weight(name) for name in names)
+                weights = tuple([weight(name) for name in names])
                 if low is not None:  # one dtype: a parameter left in another is a mistake
                     for name, w in zip(names, weights):
                         if w is not None and w.dtype != low:
                             raise TypeError(f"{name} must have the model's dtype {low} (that of "
                                             f"weight_ih_l0), got {w.dtype}")
                     weights = cast_up(weights)
-                else:
-                    weights = autocast_up(x.device.type, *weights)
-                state = None if hx is None else tuple(h[k * D + d] for h in hx)
+                elif autocast:
+                    weights = cast_up(weights)
+                state = None if hx is None else tuple([h[k * D + d] for h in hx])
                 out, final = self._run_layer(layer_input, state, weights, lengths, truncate,
                                              reverse=d == 1)
                 outputs.append(out)  # [T,B,P]
@@ -253,7 +260,7 @@ class _RecurrentBase(nn.RNNBase):
             layer_input = outputs[0] if D == 1 else torch.cat(outputs, 2)  # [T,B,D*P]
             if self.dropout > 0 and self.training and k < self.num_layers - 1:
                 layer_input = _dropout(layer_input, self.dropout, packed)
-        return layer_input, tuple(torch.stack(states) for states in zip(*finals))
+        return layer_input, tuple([torch.stack(states) for states in zip(*finals)])
 
     # -- torch.jit.script --------------------------------------------------------
     # forward's branch under torch.jit.is_scripting(), which TorchScript
@@ -399,15 +406,16 @@ class _RecurrentBase(nn.RNNBase):
         w = self._parameters.get(name)
         return w if w is not None else getattr(self, name)
 
-    def _check_input(self, input: torch.Tensor) -> None:
+    def _check_input(self, input: torch.Tensor, autocast: bool) -> None:
         """The checks nn.RNN makes first (dtype, then input_size), with its exception types."""
         w = self._weight("weight_ih_l0")
-        w_dtype = autocast_dtype(w.device.type, w.dtype)  # the input's is cast already
+        # Under autocast the input is cast already, and the weights will be.
+        w_dtype = torch.float32 if autocast and w.dtype in LOWER_PRECISION else w.dtype
         if input.dtype != w_dtype:
             raise ValueError(f"input dtype ({input.dtype}) does not match the RNN's weight dtype "
                              f"({w.dtype}): convert the input with input.to({w.dtype}) or the "
                              f"model with model.to({input.dtype})")
-        if input.device != w.device:
+        if not (input.is_cpu and w.is_cpu) and input.device != w.device:
             # RuntimeError, as nn.RNN's "Input and parameter tensors are not at the same device"
             raise RuntimeError(f"input must be on the device of the module's parameters "
                                f"{w.device}, got {input.device}")
