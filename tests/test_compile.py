@@ -82,6 +82,30 @@ def test_dynamic_shapes_compile_once(cls):
         assert_all_close(got, run(model, x, None, lengths), TOL[torch.float32], model)
 
 
+@pytest.mark.parametrize("cls", [rnnkern.RNN, rnnkern.LSTM, rnnkern.GRU],
+                         ids=["rnn", "lstm", "gru"])
+def test_autocast_compiles_fullgraph_as_eager(cls):
+    """Under torch.autocast a Linear before the layer hands it bfloat16; the
+    module's autocast test (one C call in eager code, the general test that
+    Dynamo traces in compiled code) must take the same branch both ways:
+    float32 outputs, equal to eager's, and the same gradients."""
+    model = nn.Sequential(nn.Linear(I, I), cls(I, H))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(7, 3, I)
+    got, want = [], []
+    for fn, into in ((compiled, got), (model, want)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, state = fn(x)
+        states = state if isinstance(state, tuple) else (state,)
+        assert out.dtype == torch.float32 and all(h.dtype == torch.float32 for h in states)
+        (out.square().mean() + sum(h.sin().sum() for h in states)).backward()
+        into += [out, *states] + [p.grad for p in model.parameters()]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert_close(a, b, TOL[torch.float32], "autocast compiled vs eager")
+
+
 def test_packed_input_compiles():
     model = Tagger(rnnkern.RNN, num_layers=2, bidirectional=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
