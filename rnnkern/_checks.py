@@ -51,21 +51,24 @@ def _compiling() -> bool:
 LOWER_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _autocast_on(device_type: str) -> bool:
-    # No autocast on a device without it (meta: shape inference runs the
-    # layers on meta tensors, as it runs nn's).
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def autocast_on_for(t) -> bool:
     """Whether torch.autocast is on for t's device (the CPU's for what is not a
-    tensor: the op refuses it), without building the device object when eager
-    code runs with no autocast on anywhere: one C call (the device object and
-    the two lookups were 1 us of a 70 us module call at T = B = 1). Compiled
-    code takes the general test, which Dynamo traces."""
+    tensor: the op refuses it). Under it, the calls' bfloat16 and float16
+    tensors are cast up (cast_up): the kernels run float32 and float64, so the
+    layers and the loss take autocast's float32 policy, as its numerically
+    sensitive ops do. Outputs are float32, and the casts' own backward brings
+    the gradients down to their tensors' dtypes.
+
+    Eager code with no autocast on anywhere is answered by one C call, without
+    building the device object (it and the two lookups were 1 us of a 70 us
+    module call at T = B = 1); compiled code takes the general test, which
+    Dynamo traces."""
     if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
         return False
-    return _autocast_on(_device_type(t))
+    # No autocast on a device without it (meta: shape inference runs the
+    # layers on meta tensors, as it runs nn's).
+    device_type = t.device.type if isinstance(t, torch.Tensor) else "cpu"
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _tensors(args):
@@ -89,23 +92,11 @@ def cast_up(args):
     return tuple(up(a) for a in args)
 
 
-# Under torch.autocast (autocast_on_for), the calls' bfloat16 and float16
-# tensors are cast up (cast_up): the kernels run float32 and float64, so the
-# layers and the loss take autocast's float32 policy, as its numerically
-# sensitive ops do. Outputs are float32, and the casts' own backward brings the
-# gradients down to their tensors' dtypes.
-
-
 # The tensors of the functions' calls that lower_precision_up sees, in order
 # (rnn_loss's target has its own rule: loss_target_up).
 LAYER_TENSORS = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 LOSS_TENSORS = ("input", "hx", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_out",
                 "bias_out", "weight_hr")
-
-
-def _device_type(x) -> str:
-    """x's device type ('cpu' for what is not a tensor: the op refuses it)."""
-    return x.device.type if isinstance(x, torch.Tensor) else "cpu"
 
 
 def lower_precision_up(names: Sequence[str], *args):

@@ -21,15 +21,10 @@ import torch.fx
 from torch.fx import _symbolic_trace
 
 # True while torch.fx.symbolic_trace runs (torch.fx's is_fx_tracing, which
-# also covers export, logs a warning at its first call).
-_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing",
+# also covers export, logs a warning at its first call). The modules ask it
+# before building module_node's arguments.
+tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing",
                    lambda: _symbolic_trace._is_fx_tracing_flag)
-
-
-def tracing() -> bool:
-    """Whether torch.fx.symbolic_trace runs (a call to check first, before
-    building module_node's arguments)."""
-    return _tracing()
 
 
 def _proxy_in(value):
@@ -49,7 +44,7 @@ def _proxy_in(value):
 
 def tracer_of(args: tuple, kwargs: dict):
     """The torch.fx tracer whose Proxy is among the arguments, or None."""
-    if not _tracing():
+    if not tracing():
         return None
     p = _proxy_in((args, kwargs))
     return None if p is None else p.tracer

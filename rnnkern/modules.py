@@ -142,7 +142,7 @@ class _RecurrentBase(nn.RNNBase):
         w0 = self._weight("weight_ih_l0")
         # Under torch.autocast on the weights' device: the input, hx and the
         # weights cast up to float32 (autocast's float32 policy, as in
-        # rnnkern/_checks.py), the outputs left float32.
+        # _checks.autocast_on_for), the outputs left float32.
         autocast = autocast_on_for(w0)
         if autocast:
             if isinstance(input, PackedSequence):
@@ -249,8 +249,7 @@ class _RecurrentBase(nn.RNNBase):
                         if w is not None and w.dtype != low:
                             raise TypeError(f"{name} must have the model's dtype {low} (that of "
                                             f"weight_ih_l0), got {w.dtype}")
-                    weights = cast_up(weights)
-                elif autocast:
+                if low is not None or autocast:
                     weights = cast_up(weights)
                 state = None if hx is None else tuple([h[k * D + d] for h in hx])
                 out, final = self._run_layer(layer_input, state, weights, lengths, truncate,
