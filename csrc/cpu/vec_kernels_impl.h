@@ -49,10 +49,25 @@ struct Tiling {
 // Past |x| = 9.0109 (where tanh(x) rounds to +-1 in float32) the result is
 // exactly +-1, as ATen's tanh: a saturated unit must have act' = 1 - h^2 = 0,
 // or huge inputs leak huge gradients. NaN stays NaN.
+// With AVX-512 the clamps and the saturation are raw intrinsics: ATen's
+// minimum/maximum add a NaN test and an OR to each (max_ps(c, x) returns its
+// second operand x when either is NaN, so NaN passes with one instruction),
+// and its comparisons and blendv convert masks to vectors and back. Perf put
+// about a tenth of the LSTM's fused tile in those conversions (Zen 4).
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 clamp_keep_nan(__m512 x, float lo, float hi) {
+  return _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), x));
+}
+#endif
+
 inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
   using V = Vectorized<float>;
+#if defined(CPU_CAPABILITY_AVX512)
+  const V x = clamp_keep_nan(x_in, -7.90531110763549805f, 7.90531110763549805f);
+#else
   const V lim(7.90531110763549805f), sat(9.01091289520263672f);
   const V x = at::vec::minimum(at::vec::maximum(x_in, V(-7.90531110763549805f)), lim);
+#endif
   const V x2 = x * x;
   V p(-2.76076847742355e-16f);
   p = at::vec::fmadd(p, x2, V(2.00018790482477e-13f));
@@ -71,11 +86,15 @@ inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
   const __m512 qv = q;
   __m512 r = _mm512_rcp14_ps(qv);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(qv, r, _mm512_set1_ps(2.0f)));
-  const V y = x * p * V(r);
+  const __m512 y = x * p * V(r);
+  const __mmask16 hi = _mm512_cmp_ps_mask(x_in, _mm512_set1_ps(9.01091289520263672f), _CMP_GE_OQ);
+  const __mmask16 lo = _mm512_cmp_ps_mask(x_in, _mm512_set1_ps(-9.01091289520263672f), _CMP_LE_OQ);
+  return _mm512_mask_mov_ps(_mm512_mask_mov_ps(y, hi, _mm512_set1_ps(1.0f)), lo,
+                            _mm512_set1_ps(-1.0f));
 #else
   const V y = x * p / q;
-#endif
   return V::blendv(V::blendv(y, V(1.0f), x_in >= sat), V(-1.0f), x_in <= V(-9.01091289520263672f));
+#endif
 }
 
 inline Vectorized<float> tanh_vec(Vectorized<float> v) { return tanh_rational(v); }
@@ -119,7 +138,11 @@ struct ExpSteps {
 inline Vectorized<float> sigmoid_inline(Vectorized<float> x) {
   using V = Vectorized<float>;
   using at::vec::fmadd;
+#if defined(CPU_CAPABILITY_AVX512)
+  const V y = clamp_keep_nan(V(0.0f) - x, ExpSteps::kLo, ExpSteps::kHi);
+#else
   const V y = at::vec::minimum(at::vec::maximum(V(0.0f) - x, V(ExpSteps::kLo)), V(ExpSteps::kHi));
+#endif
   const V n = (y * V(1.44269504088896341f)).round();
   V r = fmadd(n, V(-0.693359375f), y);
   r = fmadd(n, V(2.12194440e-4f), r);
@@ -131,7 +154,12 @@ inline Vectorized<float> sigmoid_inline(Vectorized<float> x) {
   p = fmadd(p, r, V(5.0000001201e-1f));
   p = fmadd(p, r * r, r);
   const V e = ExpSteps::times_pow2(p + V(1.0f), n);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.7228391f), _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(__mmask16(~under), ExpSteps::reciprocal(e + V(1.0f)));
+#else
   return V::blendv(ExpSteps::reciprocal(e + V(1.0f)), V(0.0f), x < V(-88.7228391f));
+#endif
 }
 inline Vectorized<float> sigmoid_vec(Vectorized<float> x) { return sigmoid_inline(x); }
 #else
