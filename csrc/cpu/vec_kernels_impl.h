@@ -49,24 +49,29 @@ struct Tiling {
 // Past |x| = 9.0109 (where tanh(x) rounds to +-1 in float32) the result is
 // exactly +-1, as ATen's tanh: a saturated unit must have act' = 1 - h^2 = 0,
 // or huge inputs leak huge gradients. NaN stays NaN.
-// With AVX-512 the clamps and the saturation are raw intrinsics: ATen's
-// minimum/maximum add a NaN test and an OR to each (max_ps(c, x) returns its
-// second operand x when either is NaN, so NaN passes with one instruction),
-// and its comparisons and blendv convert masks to vectors and back. Perf put
-// about a tenth of the LSTM's fused tile in those conversions (Zen 4).
+// The clamps (here and in the sigmoid below) are raw intrinsics with AVX2 and
+// AVX-512: ATen's minimum/maximum add a NaN test and an OR to each, where
+// max_ps(c, x) alone returns its second operand x when either is NaN, so NaN
+// passes with one instruction. With AVX-512 the saturation is a masked move
+// too: ATen's comparisons and blendv turn masks into vectors and back. Perf
+// put about a tenth of the LSTM's fused tile in those wrappers (Zen 4).
 #if defined(CPU_CAPABILITY_AVX512)
 inline __m512 clamp_keep_nan(__m512 x, float lo, float hi) {
   return _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), x));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 clamp_keep_nan(__m256 x, float lo, float hi) {
+  return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));
 }
 #endif
 
 inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
   using V = Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const V x = clamp_keep_nan(x_in, -7.90531110763549805f, 7.90531110763549805f);
 #else
-  const V lim(7.90531110763549805f), sat(9.01091289520263672f);
-  const V x = at::vec::minimum(at::vec::maximum(x_in, V(-7.90531110763549805f)), lim);
+  const V x = at::vec::minimum(at::vec::maximum(x_in, V(-7.90531110763549805f)),
+                               V(7.90531110763549805f));
 #endif
   const V x2 = x * x;
   V p(-2.76076847742355e-16f);
@@ -93,6 +98,7 @@ inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
                             _mm512_set1_ps(-1.0f));
 #else
   const V y = x * p / q;
+  const V sat(9.01091289520263672f);
   return V::blendv(V::blendv(y, V(1.0f), x_in >= sat), V(-1.0f), x_in <= V(-9.01091289520263672f));
 #endif
 }
@@ -138,7 +144,7 @@ struct ExpSteps {
 inline Vectorized<float> sigmoid_inline(Vectorized<float> x) {
   using V = Vectorized<float>;
   using at::vec::fmadd;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const V y = clamp_keep_nan(V(0.0f) - x, ExpSteps::kLo, ExpSteps::kHi);
 #else
   const V y = at::vec::minimum(at::vec::maximum(V(0.0f) - x, V(ExpSteps::kLo)), V(ExpSteps::kHi));
