@@ -24,7 +24,7 @@ from torch.fx import _symbolic_trace
 # also covers export, logs a warning at its first call). The modules ask it
 # before building module_node's arguments.
 tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing",
-                   lambda: _symbolic_trace._is_fx_tracing_flag)
+                  lambda: _symbolic_trace._is_fx_tracing_flag)
 
 
 def _proxy_in(value):

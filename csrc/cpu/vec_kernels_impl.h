@@ -55,24 +55,20 @@ struct Tiling {
 // passes with one instruction. With AVX-512 the saturation is a masked move
 // too: ATen's comparisons and blendv turn masks into vectors and back. Perf
 // put about a tenth of the LSTM's fused tile in those wrappers (Zen 4).
+inline Vectorized<float> clamp_keep_nan(Vectorized<float> x, float lo, float hi) {
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 clamp_keep_nan(__m512 x, float lo, float hi) {
   return _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), x));
-}
 #elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 clamp_keep_nan(__m256 x, float lo, float hi) {
   return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));
-}
+#else
+  using V = Vectorized<float>;
+  return at::vec::minimum(at::vec::maximum(x, V(lo)), V(hi));
 #endif
+}
 
 inline Vectorized<float> tanh_rational(Vectorized<float> x_in) {
   using V = Vectorized<float>;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const V x = clamp_keep_nan(x_in, -7.90531110763549805f, 7.90531110763549805f);
-#else
-  const V x = at::vec::minimum(at::vec::maximum(x_in, V(-7.90531110763549805f)),
-                               V(7.90531110763549805f));
-#endif
   const V x2 = x * x;
   V p(-2.76076847742355e-16f);
   p = at::vec::fmadd(p, x2, V(2.00018790482477e-13f));
@@ -144,11 +140,7 @@ struct ExpSteps {
 inline Vectorized<float> sigmoid_inline(Vectorized<float> x) {
   using V = Vectorized<float>;
   using at::vec::fmadd;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const V y = clamp_keep_nan(V(0.0f) - x, ExpSteps::kLo, ExpSteps::kHi);
-#else
-  const V y = at::vec::minimum(at::vec::maximum(V(0.0f) - x, V(ExpSteps::kLo)), V(ExpSteps::kHi));
-#endif
   const V n = (y * V(1.44269504088896341f)).round();
   V r = fmadd(n, V(-0.693359375f), y);
   r = fmadd(n, V(2.12194440e-4f), r);
